@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make extract` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A pinned torch is installed first: on a GPU box PyPI serves the CUDA build of this
+# release; on a CPU-only box with a local wheel (as in CI here) pip takes that one.
+TORCH ?= torch==2.13.0
+CONFIG ?= configs/default.yaml
+ARGS ?=
+
+.PHONY: extract test bench lint format verify clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+extract: $(VENV)/.installed
+	$(PY) -m jobs.extract --config $(CONFIG) $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) -m jobs.bench $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check lib jobs tests
+	$(VENV)/bin/ruff format --check lib jobs tests
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix lib jobs tests
+	$(VENV)/bin/ruff format lib jobs tests
+
+clean:
+	rm -rf $(VENV) build data/sample out

@@ -1,0 +1,216 @@
+"""Tokenize a unit's rows, bucket them by length under a token budget, and pad them into batches.
+
+A `Request` is one input row ready for the model. Its *scored sequence* is the one whose
+positions become output rows: the whole sequence for a causal model, the decoder input for a
+seq2seq model. `first` is the first scored position and `labels` the tokens each scored position
+predicts (-1 where there is none), so row p of the output predicts `labels[p - first]`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+PAD_MULTIPLE = 8
+NO_TOKEN = -1
+
+# What the job computes for each input row; chosen from the model family and the config.
+CAUSAL = "causal"  # every position of prefix + text
+CONTINUATION = "continuation"  # causal model, only the positions that predict the target
+START = "start"  # seq2seq, one decoder step from the start token
+TARGETS = "targets"  # seq2seq, teacher-forced on the target
+GENERATE = "generate"  # seq2seq, greedy decoding
+
+
+@dataclass
+class Request:
+    row: int
+    ids: list[int]
+    decoder_ids: list[int] | None = None
+    first: int = 0
+    labels: list[int] = field(default_factory=list)
+
+    @property
+    def scored_length(self) -> int:
+        return len(self.ids) if self.decoder_ids is None else len(self.decoder_ids)
+
+
+@dataclass
+class TokenizedUnit:
+    requests: list[Request]
+    skipped: list[tuple[int, str]]  # (row in unit, reason)
+    truncated: int
+
+
+@dataclass
+class Batch:
+    """Padded tensors for one forward pass, plus where each scored position goes."""
+
+    requests: list[Request]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    decoder_input_ids: torch.Tensor | None
+    decoder_attention_mask: torch.Tensor | None
+    select: torch.Tensor  # (N,) flat indices into the (B * T) scored positions
+    labels: torch.Tensor  # (N,) token each selected position predicts, -1 for none
+    row: np.ndarray  # (N,) row in the unit
+    position: np.ndarray  # (N,) position in the scored sequence
+    real_tokens: int
+    padded_tokens: int
+
+    def pin_memory(self) -> Batch:
+        """Page-lock the tensors so host-to-device copies can run asynchronously."""
+        for name in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
+                     "select", "labels"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.pin_memory())
+        return self
+
+
+def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    """Padded width: a multiple of 8 for tensor cores, but a single decoder step stays 1."""
+    return n if n <= 1 else -(-n // multiple) * multiple
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, target: bool = False,
+             **kwargs) -> tuple[list[list[int]], int]:
+    """`tokenizer(texts, truncation=True, max_length=...)` ids (`text_target=` for targets),
+    and how many were truncated."""
+    if not texts:
+        return [], 0
+
+    def encode(batch: list[str], limit: int) -> list[list[int]]:
+        text = {"text_target": batch} if target else {"text": batch}
+        return tokenizer(**text, truncation=True, max_length=limit, **kwargs)["input_ids"]
+
+    ids = encode(texts, max_length)
+    # Only a sequence that hit the limit can have been cut; re-check just those one token longer.
+    full = [i for i, seq in enumerate(ids) if len(seq) >= max_length]
+    truncated = sum(len(seq) > max_length for seq in encode([texts[i] for i in full], max_length + 1)) if full else 0
+    return ids, truncated
+
+
+def tokenize_unit(table: pa.Table, tokenizer, task: str, prefix: str, max_length: int,
+                  decoder_start_token_id: int | None = None) -> TokenizedUnit:
+    """Turn a unit's `text` (and `target`) columns into requests; unscorable rows are skipped."""
+    texts = table.column("text").to_pylist()
+    targets = table.column("target").to_pylist() if "target" in table.column_names else None
+    uses_targets = task in (CONTINUATION, TARGETS)
+    skipped: list[tuple[int, str]] = []
+    rows = []
+    for row, text in enumerate(texts):
+        if text is None:
+            skipped.append((row, "null_text"))
+        elif uses_targets and targets[row] is None:
+            skipped.append((row, "null_target"))
+        else:
+            rows.append(row)
+    ids, truncated = tokenize(tokenizer, [prefix + texts[r] for r in rows], max_length)
+    target_ids: list[list[int]] = []
+    if task == TARGETS:
+        target_ids, cut = tokenize(tokenizer, [targets[r] for r in rows], max_length, target=True)
+        truncated += cut
+    elif task == CONTINUATION:
+        target_ids, cut = tokenize(tokenizer, [targets[r] for r in rows], max_length,
+                                   add_special_tokens=False)
+        truncated += cut
+
+    requests = []
+    for i, row in enumerate(rows):
+        seq = ids[i]
+        if not seq:
+            skipped.append((row, "empty_text"))
+            continue
+        if task == CAUSAL:
+            requests.append(Request(row, seq, None, 0, seq[1:] + [NO_TOKEN]))
+        elif task == START:
+            requests.append(Request(row, seq, [decoder_start_token_id], 0, [NO_TOKEN]))
+        elif task == GENERATE:
+            requests.append(Request(row, seq))
+        elif not target_ids[i]:
+            skipped.append((row, "empty_target"))
+        elif task == TARGETS:
+            tgt = target_ids[i]
+            requests.append(Request(row, seq, [decoder_start_token_id] + tgt[:-1], 0, tgt))
+        else:  # CONTINUATION
+            tgt = target_ids[i]
+            requests.append(Request(row, seq + tgt, None, len(seq) - 1, tgt))
+    skipped.sort()
+    return TokenizedUnit(requests, skipped, truncated)
+
+
+def _cost(requests: list[Request], decoder_length: int) -> int:
+    """Padded tokens of a batch: encoder (or causal) plus decoder positions."""
+    enc = round_up(max(len(r.ids) for r in requests))
+    dec = decoder_length or max((len(r.decoder_ids or ()) for r in requests), default=0)
+    return len(requests) * (enc + round_up(dec) if dec else enc)
+
+
+def make_batches(requests: list[Request], max_tokens: int, decoder_length: int = 0) -> list[list[Request]]:
+    """Sort longest first (an OOM shows at once) and fill batches up to `max_tokens` padded tokens.
+
+    `decoder_length` is the fixed decoder budget per row in generate mode (0 otherwise).
+    A row longer than the budget on its own still gets a batch of one.
+    """
+    # Seq2seq rows pad two lengths; ordering by the longer one packs both best when they are
+    # unrelated (measured: 61% real tokens against 33% ordering by encoder length alone).
+    ordered = sorted(requests, key=lambda r: (max(len(r.ids), len(r.decoder_ids or ())), len(r.ids), -r.row),
+                     reverse=True)
+    batches: list[list[Request]] = []
+    current: list[Request] = []
+    for request in ordered:
+        if current and _cost(current + [request], decoder_length) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(request)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = round_up(max(len(s) for s in sequences))
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def collate(requests: list[Request], pad_id: int) -> Batch:
+    """Right-pad a batch to a multiple of 8 and index the positions that become output rows."""
+    input_ids, attention_mask = _pad([r.ids for r in requests], pad_id)
+    decoder_input_ids = decoder_attention_mask = None
+    if requests[0].decoder_ids is not None:
+        decoder_input_ids, decoder_attention_mask = _pad([r.decoder_ids for r in requests], pad_id)
+    width = (decoder_input_ids if decoder_input_ids is not None else input_ids).shape[1]
+
+    counts = np.array([len(r.labels) for r in requests], dtype=np.int64)
+    firsts = np.array([r.first for r in requests], dtype=np.int64)
+    batch_row = np.repeat(np.arange(len(requests)), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    position = np.repeat(firsts, counts) + np.arange(counts.sum()) - starts
+    labels = np.fromiter(itertools.chain.from_iterable(r.labels for r in requests), dtype=np.int64,
+                         count=int(counts.sum()))
+    rows = np.array([r.row for r in requests], dtype=np.int64)
+    real = int(attention_mask.sum()) + (int(decoder_attention_mask.sum()) if decoder_attention_mask is not None else 0)
+    padded = input_ids.numel() + (decoder_input_ids.numel() if decoder_input_ids is not None else 0)
+    return Batch(
+        requests=requests,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        decoder_input_ids=decoder_input_ids,
+        decoder_attention_mask=decoder_attention_mask,
+        select=torch.from_numpy(batch_row * width + position),
+        labels=torch.from_numpy(labels),
+        row=rows[batch_row].astype(np.int32),
+        position=position.astype(np.int32),
+        real_tokens=real,
+        padded_tokens=padded,
+    )

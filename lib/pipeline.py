@@ -1,0 +1,419 @@
+"""The job: corpus -> tokenize -> bucket -> forward -> reduce -> write, in three overlapping stages.
+
+A loader thread reads work units, tokenizes and pads batches ahead of the model; the main
+thread runs forward passes and the reduction on the device and starts asynchronous copies of
+the (small) results to pinned host memory; a writer thread turns them into Arrow and commits
+one shard per unit. Queues are bounded, so memory stays flat however large the corpus is.
+Ranks under `accelerate launch` take every world_size-th unit and meet only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lib import batching, corpus, models, reduce, resume, writer
+from lib.config import JobConfig
+from lib.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOADER_QUEUE = 8  # padded batches waiting for the model
+WRITER_QUEUE = 8  # reduced batches waiting to be written
+_DONE = object()
+
+
+@dataclass
+class UnitStart:
+    unit: corpus.WorkUnit
+    ids: pa.Array
+    skipped: list[tuple[int, str]]
+    truncated: int
+
+
+@dataclass
+class UnitEnd:
+    unit: corpus.WorkUnit
+
+
+@dataclass
+class Reduced:
+    """One batch's results on the host; `ready` is set when the device copies are done."""
+
+    unit: int
+    row: np.ndarray | torch.Tensor
+    position: np.ndarray | torch.Tensor
+    token_id: torch.Tensor
+    stats: dict[str, torch.Tensor]
+    ready: torch.cuda.Event | None
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+@dataclass
+class RunStats:
+    rows: int = 0
+    scored: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    output_rows: int = 0
+    units: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start a device-to-host copy into pinned memory (a no-op on CPU)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+class Extraction:
+    """One rank's share of the job; `run()` returns its statistics."""
+
+    def __init__(self, config: JobConfig, lm: models.LoadedModel, task: str, units: list[corpus.WorkUnit],
+                 out_dir: Path, schema: pa.Schema, rank: int, run_id: str, progress: bool):
+        self.config = config
+        self.lm = lm
+        self.task = task
+        self.units = units
+        self.out_dir = out_dir
+        self.schema = schema
+        self.rank = rank
+        self.run_id = run_id
+        self.progress = progress
+        self.full = config.output.logits == "full"
+        self.output_dtype = getattr(torch, config.output.dtype)
+        self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
+        self.stats = RunStats()
+        self.stop = threading.Event()
+
+    # -- stage 1: read, tokenize, bucket, pad (loader thread) --------------------------------
+    def _load(self, out: queue.Queue) -> None:
+        cfg = self.config
+        pin = self.lm.device.type == "cuda"
+        decoder_length = cfg.decoder.max_new_tokens if self.task == batching.GENERATE else 0
+        try:
+            for unit in self.units:
+                table = corpus.read_unit(unit, cfg.input)
+                tokenized = batching.tokenize_unit(table, self.lm.tokenizer, self.task, cfg.input.prefix,
+                                                   cfg.input.max_length, self.lm.decoder_start_token_id)
+                self._put(out, UnitStart(unit, table.column("id").combine_chunks(), tokenized.skipped,
+                                         tokenized.truncated))
+                for requests in batching.make_batches(tokenized.requests, cfg.batching.max_tokens,
+                                                      decoder_length):
+                    batch = batching.collate(requests, self.lm.pad_id)
+                    self._put(out, (unit.index, batch.pin_memory() if pin else batch))
+                self._put(out, UnitEnd(unit))
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self._put(out, _Failure(exc))
+        self._put(out, _DONE)
+
+    def _put(self, out: queue.Queue, item) -> None:
+        while not self.stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # -- stage 2: forward and reduce on the device (main thread) -----------------------------
+    def _compute(self, unit: int, batch: batching.Batch) -> Reduced:
+        lm, cfg = self.lm, self.config
+        device = lm.device
+        batch_ids = batch.input_ids.to(device, non_blocking=True)
+        mask = batch.attention_mask.to(device, non_blocking=True)
+        rows = torch.from_numpy(np.array([r.row for r in batch.requests], dtype=np.int32))
+        if self.task == batching.GENERATE:
+            device_batch = batching.Batch(batch.requests, batch_ids, mask, None, None, batch.select,
+                                          batch.labels, batch.row, batch.position, 0, 0)
+            logits, tokens, valid = models.generate(lm, device_batch, cfg.decoder.max_new_tokens)
+            chosen = valid.flatten().nonzero().squeeze(1)
+            states = logits.flatten(0, 1).index_select(0, chosen)
+            labels = tokens.flatten().index_select(0, chosen)
+            stats = reduce.reduce_states(lambda x: x, states, labels, cfg.output.k, self.output_dtype,
+                                         self.full, lm.vocab_size)
+            steps = logits.shape[1]
+            row = rows.to(device)[chosen // steps]
+            position = (chosen % steps).to(torch.int32)
+            token_id = labels.to(torch.int32)
+            self.stats.real_tokens += int(valid.sum())
+            self.stats.padded_tokens += valid.numel()
+        else:
+            device_batch = batching.Batch(
+                batch.requests, batch_ids, mask,
+                None if batch.decoder_input_ids is None else batch.decoder_input_ids.to(device, non_blocking=True),
+                None if batch.decoder_attention_mask is None else batch.decoder_attention_mask.to(device, non_blocking=True),
+                batch.select.to(device, non_blocking=True), None, batch.row, batch.position, 0, 0)
+            labels = batch.labels.to(device, non_blocking=True)
+            states = models.scored_states(lm, device_batch)
+            stats = reduce.reduce_states(lambda x: models.head_logits(lm, x), states, labels, cfg.output.k,
+                                         self.output_dtype, self.full, lm.vocab_size)
+            row, position, token_id = batch.row, batch.position, batch.labels.to(torch.int32)
+        host = {name: _to_host(value) for name, value in stats.items()}
+        if isinstance(row, torch.Tensor):
+            row, position, token_id = _to_host(row), _to_host(position), _to_host(token_id)
+        ready = None
+        if device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        self.stats.real_tokens += batch.real_tokens
+        self.stats.padded_tokens += batch.padded_tokens
+        return Reduced(unit, row, position, token_id, host, ready)
+
+    def _forward(self, unit: int, batch: batching.Batch) -> list[Reduced]:
+        """Run a batch; on device OOM split it in halves and remember the size that fits."""
+        width = batch.input_ids.shape[1]
+        cap = self.row_caps.get(width)
+        if cap is not None and len(batch.requests) > cap:
+            return [result for i in range(0, len(batch.requests), cap)
+                    for result in self._forward(unit, batching.collate(batch.requests[i : i + cap], self.lm.pad_id))]
+        try:
+            with torch.inference_mode():
+                return [self._compute(unit, batch)]
+        except torch.OutOfMemoryError:
+            pass  # leave the except block so the failed batch's tensors can be freed
+        if self.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+        requests = batch.requests
+        if len(requests) == 1:
+            raise UserError(f"row {requests[0].row} of the unit does not fit in device memory even alone "
+                            f"({len(requests[0].ids)} tokens); lower input.max_length")
+        half = len(requests) // 2
+        self.row_caps[width] = min(half, self.row_caps.get(width, half))
+        log.warning("out of memory on %d rows of %d tokens; retrying in halves", len(requests), width)
+        return (self._forward(unit, batching.collate(requests[:half], self.lm.pad_id))
+                + self._forward(unit, batching.collate(requests[half:], self.lm.pad_id)))
+
+    # -- stage 3: Arrow conversion and shard commits (writer thread) -------------------------
+    def _write(self, inbox: queue.Queue, failures: list) -> None:
+        open_units: dict[int, dict] = {}
+        try:
+            while True:
+                item = inbox.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, UnitStart):
+                    open_units[item.unit.index] = {
+                        "start": item,
+                        "writer": writer.ShardWriter(self.out_dir, item.unit.name, self.schema,
+                                                     self.config.output.format),
+                        "parts": [], "rows": [], "positions": [],
+                    }
+                elif isinstance(item, Reduced):
+                    self._write_batch(open_units[item.unit], item)
+                elif isinstance(item, UnitEnd):
+                    self._commit(open_units.pop(item.unit.index))
+        except BaseException as exc:
+            failures.append(exc)
+            self.stop.set()
+        finally:
+            for state in open_units.values():
+                state["writer"].abort()
+
+    def _write_batch(self, state: dict, item: Reduced) -> None:
+        if item.ready is not None:
+            item.ready.synchronize()
+        as_numpy = lambda x: x.numpy() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        stats = {name: as_numpy(value) for name, value in item.stats.items()}
+        row, position = as_numpy(item.row), as_numpy(item.position)
+        table = writer.to_table(self.schema, state["start"].ids, row, position, as_numpy(item.token_id), stats)
+        if self.full:  # full logits are large: stream them, never hold a unit of them
+            state["writer"].write(table)
+        else:  # top-k rows are small: keep the unit and write it in input order
+            state["parts"].append(table)
+            state["rows"].append(row)
+            state["positions"].append(position)
+
+    def _commit(self, state: dict) -> None:
+        start: UnitStart = state["start"]
+        shard = state["writer"]
+        if state["parts"]:
+            table = pa.concat_tables(state["parts"])
+            order = np.lexsort((np.concatenate(state["positions"]), np.concatenate(state["rows"])))
+            shard.write(table.take(pa.array(order)))
+        ids = start.ids
+        skipped = [[ids[row].as_py(), reason] for row, reason in start.skipped]
+        shard.commit({
+            "rank": self.rank,
+            "run_id": self.run_id,
+            "unit": {"index": start.unit.index, "file": start.unit.file, "start": start.unit.start,
+                     "stop": start.unit.stop},
+            "input_rows": start.unit.rows,
+            "scored_rows": start.unit.rows - len(skipped),
+            "skipped_rows": len(skipped),
+            "truncated_rows": start.truncated,
+            "skipped": skipped,
+        })
+        self.stats.output_rows += shard.rows
+        self.stats.units += 1
+
+    # -- the three stages together ------------------------------------------------------------
+    def run(self) -> RunStats:
+        from tqdm.auto import tqdm
+
+        loaded: queue.Queue = queue.Queue(maxsize=LOADER_QUEUE)
+        outbox: queue.Queue = queue.Queue(maxsize=WRITER_QUEUE)
+        failures: list[BaseException] = []
+        loader = threading.Thread(target=self._load, args=(loaded,), name="loader", daemon=True)
+        saver = threading.Thread(target=self._write, args=(outbox, failures), name="writer", daemon=True)
+        loader.start()
+        saver.start()
+        bar = tqdm(total=sum(u.rows for u in self.units), unit="rows", disable=not self.progress,
+                   dynamic_ncols=True, desc="extract")
+        started = time.perf_counter()
+        try:
+            while True:
+                item = loaded.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, _Failure):
+                    raise item.error
+                if isinstance(item, tuple):
+                    unit, batch = item
+                    for result in self._forward(unit, batch):
+                        self._put(outbox, result)
+                    bar.update(len(batch.requests))
+                    self.stats.scored += len(batch.requests)
+                else:
+                    if isinstance(item, UnitStart):
+                        bar.update(len(item.skipped))
+                        self.stats.rows += item.unit.rows
+                        self.stats.skipped += len(item.skipped)
+                        self.stats.truncated += item.truncated
+                    self._put(outbox, item)
+                if failures:
+                    break
+                elapsed = time.perf_counter() - started
+                bar.set_postfix_str(f"{self.stats.real_tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+        finally:
+            # The writer commits the units it has seen end and discards the one in progress.
+            while saver.is_alive():
+                try:
+                    outbox.put(_DONE, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            saver.join()
+            self.stop.set()
+            bar.close()
+        if failures:
+            raise failures[0]
+        return self.stats
+
+
+def finalize(out_dir: Path, units: list[corpus.WorkUnit], fmt: str, schema: pa.Schema, id_type: pa.DataType,
+             config: JobConfig, identity: dict, fp: str, run_id: str, wall: float, world_size: int) -> dict:
+    """After every rank is done (main process): write `_skipped.parquet`, the manifest, then `_SUCCESS`."""
+    shards, skipped_ids, skipped_reasons = [], [], []
+    totals = {"input_rows": 0, "scored_rows": 0, "skipped_rows": 0, "truncated_rows": 0, "output_rows": 0}
+    this_run = {"units": 0, "rows": 0}
+    for unit in units:
+        if not resume.committed(out_dir, unit, fmt):
+            raise UserError(f"output.dir {out_dir}: shard {unit.name} is missing after all ranks finished")
+        record = json.loads((out_dir / writer.UNITS_DIR / f"{unit.name}.json").read_text())
+        shards.append({"file": record["file"], "rows": record["rows"], "rank": record["rank"]})
+        for key in ("input_rows", "scored_rows", "skipped_rows", "truncated_rows"):
+            totals[key] += record[key]
+        totals["output_rows"] += record["rows"]
+        for item_id, reason in record["skipped"]:
+            skipped_ids.append(item_id)
+            skipped_reasons.append(reason)
+        if record["run_id"] == run_id:
+            this_run["units"] += 1
+            this_run["rows"] += record["input_rows"]
+    skipped = pa.table({"id": pa.array(skipped_ids, type=id_type), "reason": pa.array(skipped_reasons, pa.string())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(skipped, sink)
+    writer.write_atomic(out_dir / writer.SKIPPED, sink.getvalue().to_pybytes())
+    manifest = {
+        "format_version": 1,
+        "fingerprint": fp,
+        "config": config.to_dict(),
+        "model": identity,
+        "schema": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
+        "format": fmt,
+        "world_size": world_size,
+        "shards": shards,
+        "totals": totals,
+        "this_run": {**this_run, "wall_s": round(wall, 3)},
+    }
+    return manifest
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """The manifest, then `_SUCCESS` last: a directory with `_SUCCESS` is complete."""
+    writer.write_atomic(out_dir / writer.MANIFEST, json.dumps(manifest, indent=2).encode())
+    writer.crash_point("before_success")
+    writer.write_atomic(out_dir / writer.SUCCESS, b"")
+
+
+def run_job(config: JobConfig) -> dict:
+    """Run the whole job on this process's share and, on the main process, return the manifest."""
+    from accelerate import PartialState
+
+    started = time.perf_counter()
+    inputs = corpus.inspect_inputs(config.input)
+    corpus.check_unique_ids(inputs, config.input)
+    id_type = corpus.id_type(inputs, config.input)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    lm = models.load_model(config.model, state.device)
+    if config.output.k > lm.vocab_size:
+        raise UserError(f"config key output.k: {config.output.k} is larger than the vocabulary ({lm.vocab_size})")
+    if lm.is_seq2seq and config.decoder.mode == "targets" and not config.input.target_column:
+        raise UserError("config key input.target_column is required when decoder.mode=targets")
+    task = models.task_for(lm, config.decoder, has_targets=config.input.target_column is not None)
+    units = corpus.plan_units(inputs, config.output.shard_rows)
+    schema = writer.output_schema(id_type, config.output.k, lm.vocab_size, config.output.dtype,
+                                  config.output.logits == "full")
+    out_dir = Path(config.output.dir)
+    fp = resume.fingerprint(config, inputs, lm.identity)
+
+    record = {}
+    if state.is_main_process:
+        record = resume.prepare_output(out_dir, fp, config)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        record = json.loads((out_dir / writer.JOB).read_text())
+        record["complete"] = (out_dir / writer.SUCCESS).exists()
+    if record["complete"]:
+        manifest = json.loads((out_dir / writer.MANIFEST).read_text())
+        manifest["already_complete"] = True
+        return manifest
+
+    mine = [u for u in units if u.index % state.num_processes == state.process_index
+            and not resume.committed(out_dir, u, config.output.format)]
+    extraction = Extraction(config, lm, task, mine, out_dir, schema, state.process_index, record["run_id"],
+                            progress=state.is_main_process)
+    stats = extraction.run()
+    state.wait_for_everyone()
+    manifest = {}
+    if state.is_main_process:
+        wall = time.perf_counter() - started
+        manifest = finalize(out_dir, units, config.output.format, schema, id_type, config, lm.identity, fp,
+                            record["run_id"], wall, state.num_processes)
+        manifest["this_run"].update({
+            "main_process_tokens": stats.real_tokens,
+            "main_process_padded_tokens": stats.padded_tokens,
+            "padding_efficiency": round(stats.real_tokens / max(stats.padded_tokens, 1), 4),
+            "tokens_per_s": round(stats.real_tokens * state.num_processes / max(wall, 1e-9), 1),
+        })
+        write_manifest(out_dir, manifest)
+    state.wait_for_everyone()
+    return manifest

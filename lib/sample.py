@@ -1,0 +1,230 @@
+"""Offline sample data: a generated corpus and tiny random-weight models built from it.
+
+Nothing here is downloaded: the text is generated from a seeded syllable grammar, tokenizers
+are trained on that text, and models get random weights from a config. The default job,
+the tests and the benchmark all build what they need with these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "st", "kr", "pl"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+_CODAS = ["", "", "n", "s", "r", "l", "k", "m"]
+
+
+def _vocabulary(rng: random.Random, size: int) -> list[str]:
+    words: set[str] = set()
+    while len(words) < size:
+        syllables = rng.choice([1, 1, 2, 2, 3])
+        words.add(
+            "".join(
+                rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                for _ in range(syllables)
+            )
+        )
+    return sorted(words)
+
+
+def generate_texts(
+    rows: int, seed: int = 0, mean_words: float = 24.0, sigma: float = 0.9
+) -> list[str]:
+    """Return `rows` pseudo-sentences with log-normal word counts (a skewed, real-looking mix)."""
+    rng = random.Random(seed)
+    lengths = np.random.default_rng(seed).lognormal(np.log(mean_words), sigma, size=rows)
+    words = _vocabulary(rng, 2000)
+    # Zipf-like word frequencies, as in natural text.
+    weights = [1.0 / (rank + 1) for rank in range(len(words))]
+    texts = []
+    for n in lengths:
+        count = max(1, int(n))
+        sentence = rng.choices(words, weights=weights, k=count)
+        sentence[0] = sentence[0].capitalize()
+        texts.append(" ".join(sentence) + rng.choice([".", ".", "!", "?"]))
+    return texts
+
+
+def write_corpus(
+    path: str | Path,
+    rows: int,
+    seed: int = 0,
+    mean_words: float = 24.0,
+    with_targets: bool = True,
+    row_group_size: int = 1000,
+) -> Path:
+    """Write a Parquet corpus with columns `doc_id`, `text` and optionally `target`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = {
+        "doc_id": [f"doc-{seed}-{i:06d}" for i in range(rows)],
+        "text": generate_texts(rows, seed, mean_words),
+    }
+    if with_targets:
+        columns["target"] = generate_texts(rows, seed + 1000, mean_words=mean_words / 2)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def _train_sentencepiece(texts: list[str], model_prefix: Path, vocab_size: int) -> Path:
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
+    )
+    return model_prefix.with_suffix(".model")
+
+
+def build_t5(
+    out_dir: str | Path,
+    texts: list[str],
+    d_model: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Train a SentencePiece tokenizer on `texts` and save a random-weight T5 with it."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _train_sentencepiece(texts, out_dir / "spiece", vocab_size)
+    # from_pretrained converts spiece.model into a fast tokenizer; the bare constructor does not.
+    tokenizer = T5Tokenizer.from_pretrained(str(out_dir), extra_ids=0, legacy=False)
+    config = T5Config(
+        vocab_size=len(tokenizer) + 28,  # an output vocabulary larger than the tokenizer, as in t5
+        d_model=d_model,
+        d_kv=max(8, d_model // 4),
+        d_ff=d_model * 4,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=4,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _train_bpe(texts: list[str], vocab_size: int, bos_eos: tuple[str, str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(dict.fromkeys(bos_eos)),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def build_causal(
+    out_dir: str | Path,
+    texts: list[str],
+    family: str = "gpt2",
+    d_model: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Train a byte-level BPE on `texts` and save a random-weight GPT-2 or Llama with it."""
+    import torch
+    from tokenizers import processors
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        raw = _train_bpe(texts, vocab_size, ("<|endoftext|>", "<|endoftext|>"))
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=raw,
+            bos_token="<|endoftext|>",
+            eos_token="<|endoftext|>",
+            model_max_length=1024,
+        )
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=d_model,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=1024,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model = GPT2LMHeadModel(config)
+    elif family == "llama":
+        raw = _train_bpe(texts, vocab_size, ("<s>", "</s>"))
+        bos = raw.token_to_id("<s>")
+        # Llama tokenizers prepend BOS, so truncation has a special token to keep.
+        raw.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        )
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=raw, bos_token="<s>", eos_token="</s>", model_max_length=2048
+        )
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=d_model,
+            intermediate_size=d_model * 3,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=bos,
+            eos_token_id=raw.token_to_id("</s>"),
+            tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"unknown causal family {family!r}")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_default_sample(root: str | Path, rows: int = 2000, seed: int = 0) -> dict[str, str]:
+    """Build the corpus and tiny T5 that `configs/default.yaml` reads; skip what already exists."""
+    root = Path(root)
+    corpus = root / "corpus.parquet"
+    model_dir = root / "t5-tiny"
+    if not corpus.exists():
+        write_corpus(corpus, rows=rows, seed=seed)
+    if not (model_dir / "config.json").exists():
+        texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
+        build_t5(model_dir, texts, d_model=128, num_layers=2, vocab_size=2000, seed=seed)
+    info = {"corpus": str(corpus), "model": str(model_dir)}
+    (root / "sample.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
