@@ -17,7 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-extract: $(VENV)/.installed
+# The generated corpus and tiny T5 that the offline default reads (built once, about 5 s).
+data/sample/sample.json: $(VENV)/.installed lib/sample.py
+	$(PY) -m jobs.make_sample data/sample
+
+extract: data/sample/sample.json
 	$(PY) -m jobs.extract --config $(CONFIG) $(ARGS)
 
 test: $(VENV)/.installed

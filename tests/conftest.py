@@ -1,0 +1,64 @@
+"""Session fixtures: tiny models and corpora built once, offline, from generated text."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lib import sample
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Valid but awkward texts: the job must score all of them (and truncate the long one).
+AWKWARD = [
+    "",
+    "   ",
+    "Ünïcödé façade — naïve café",
+    "日本語のテキストと中文文本",
+    "emoji 🤖🚀✨ mixed in",
+    "x",
+    " ".join(sample.generate_texts(40, seed=99)),  # far beyond max_length
+]
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    return sample.generate_texts(300, seed=7, mean_words=12)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, texts) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "t5": str(sample.build_t5(root / "t5", texts, d_model=32, num_layers=2, vocab_size=300, seed=1)),
+        "gpt2": str(sample.build_causal(root / "gpt2", texts, "gpt2", d_model=32, vocab_size=300, seed=2)),
+        "llama": str(sample.build_causal(root / "llama", texts, "llama", d_model=32, vocab_size=300, seed=3)),
+    }
+
+
+def write_rows(path, texts: list, targets: list | None = None, ids: list | None = None) -> str:
+    """Write a small Parquet corpus with `text` (and `target`, `doc_id`) columns."""
+    columns = {"text": pa.array(texts, pa.string())}
+    if targets is not None:
+        columns["target"] = pa.array(targets, pa.string())
+    if ids is not None:
+        columns["doc_id"] = pa.array(ids)
+    pq.write_table(pa.table(columns), path, row_group_size=7)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, texts) -> str:
+    """60 generated rows plus the awkward ones, with targets and string ids, in two files."""
+    root = tmp_path_factory.mktemp("corpus")
+    body = sample.generate_texts(60, seed=11, mean_words=10) + AWKWARD
+    targets = sample.generate_texts(len(body), seed=12, mean_words=5)
+    ids = [f"row-{i:03d}" for i in range(len(body))]
+    half = len(body) // 2
+    write_rows(root / "a.parquet", body[:half], targets[:half], ids[:half])
+    write_rows(root / "b.parquet", body[half:], targets[half:], ids[half:])
+    return str(root)
