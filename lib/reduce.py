@@ -11,11 +11,13 @@ from collections.abc import Callable
 
 import torch
 
-# Float32 logits held at once per chunk of positions: bounds device memory for large vocabularies.
-CHUNK_BYTES = 256 * 2**20
+# Float32 logits held at once per chunk of positions. On a GPU the chunk bounds memory for
+# large vocabularies; on a CPU a small chunk stays in cache (measured on 2 cores, 32k vocab:
+# chunks of 64 positions reduce about 2x faster than chunks of 1,024).
+CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 8 * 2**20}
 
 
-def chunk_positions(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+def chunk_positions(vocab_size: int, chunk_bytes: int) -> int:
     """How many positions' float32 logits fit in `chunk_bytes`, at least one."""
     return max(1, chunk_bytes // (4 * vocab_size))
 
@@ -24,28 +26,34 @@ def reduce_logits(logits: torch.Tensor, labels: torch.Tensor, k: int, output_dty
                   full: bool) -> dict[str, torch.Tensor]:
     """Statistics for (n, V) logits and their (n,) next-token labels (-1: no token)."""
     logits = logits.float()
-    logsumexp = torch.logsumexp(logits, dim=-1)
+    # log_softmax is one fused pass on CPU and GPU, where torch.logsumexp is several (measured
+    # about 2x slower on CPU). logsumexp follows from any entry: logit - logprob, taken at the
+    # top-1 entry, where the difference loses least precision.
+    logprobs = torch.log_softmax(logits, dim=-1)
     has_token = labels >= 0
-    token_logit = logits.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-    out = {
-        "logsumexp": logsumexp,
-        "token_logprob": token_logit - logsumexp,
-        "token_rank": (logits > token_logit.unsqueeze(1)).sum(dim=1, dtype=torch.int32),
-        "has_token": has_token,
-    }
+    token_logprob = logprobs.gather(1, labels.clamp(min=0).unsqueeze(1))
+    out = {"has_token": has_token, "token_logprob": token_logprob.squeeze(1)}
     if full:
+        top1 = logits.argmax(dim=-1, keepdim=True)
         out["logits"] = logits.to(output_dtype)
     else:
         values, ids = logits.topk(k, dim=-1, largest=True, sorted=True)
+        top1 = ids[:, :1]
         out["topk_logits"] = values.to(output_dtype)
         out["topk_ids"] = ids.to(torch.int32)
+    out["logsumexp"] = (logits.gather(1, top1) - logprobs.gather(1, top1)).squeeze(1)
+    # (logprobs - t > 0) as float, summed: in place, and several times faster on CPU than
+    # summing a bool tensor; counts stay exact in float32 up to 2**24 entries.
+    out["token_rank"] = logprobs.sub_(token_logprob).gt_(0).sum(dim=1).to(torch.int32)
     return out
 
 
 def reduce_states(head: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor,
                   labels: torch.Tensor, k: int, output_dtype: torch.dtype, full: bool,
-                  vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
+                  vocab_size: int, chunk_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Run `head` and `reduce_logits` over `states` in chunks of positions and concatenate."""
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES["cuda" if states.device.type == "cuda" else "cpu"]
     step = chunk_positions(vocab_size, chunk_bytes)
     parts = [
         reduce_logits(head(states[i : i + step]), labels[i : i + step], k, output_dtype, full)

@@ -99,8 +99,13 @@ def build_t5(
     num_layers: int = 2,
     vocab_size: int = 1000,
     seed: int = 0,
+    model_vocab_size: int | None = None,
 ) -> Path:
-    """Train a SentencePiece tokenizer on `texts` and save a random-weight T5 with it."""
+    """Train a SentencePiece tokenizer on `texts` and save a random-weight T5 with it.
+
+    `model_vocab_size` sets the output vocabulary (default: the tokenizer's size + 28, as in t5);
+    a generated corpus cannot train a 32k tokenizer, but a benchmark needs a 32k LM head.
+    """
     import torch
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
@@ -110,7 +115,7 @@ def build_t5(
     # from_pretrained converts spiece.model into a fast tokenizer; the bare constructor does not.
     tokenizer = T5Tokenizer.from_pretrained(str(out_dir), extra_ids=0, legacy=False)
     config = T5Config(
-        vocab_size=len(tokenizer) + 28,  # an output vocabulary larger than the tokenizer, as in t5
+        vocab_size=model_vocab_size or len(tokenizer) + 28,
         d_model=d_model,
         d_kv=max(8, d_model // 4),
         d_ff=d_model * 4,
@@ -152,8 +157,12 @@ def build_causal(
     num_layers: int = 2,
     vocab_size: int = 1000,
     seed: int = 0,
+    model_vocab_size: int | None = None,
 ) -> Path:
-    """Train a byte-level BPE on `texts` and save a random-weight GPT-2 or Llama with it."""
+    """Train a byte-level BPE on `texts` and save a random-weight GPT-2 or Llama with it.
+
+    `model_vocab_size` sets the output vocabulary (default: the tokenizer's size).
+    """
     import torch
     from tokenizers import processors
     from transformers import (
@@ -176,7 +185,7 @@ def build_causal(
             model_max_length=1024,
         )
         config = GPT2Config(
-            vocab_size=len(tokenizer),
+            vocab_size=model_vocab_size or len(tokenizer),
             n_embd=d_model,
             n_layer=num_layers,
             n_head=4,
@@ -196,7 +205,7 @@ def build_causal(
             tokenizer_object=raw, bos_token="<s>", eos_token="</s>", model_max_length=2048
         )
         config = LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=model_vocab_size or len(tokenizer),
             hidden_size=d_model,
             intermediate_size=d_model * 3,
             num_hidden_layers=num_layers,

@@ -1,0 +1,269 @@
+"""Benchmark the job against the naive loop and the model's dense-batch speed: `make bench`.
+
+For each model, in one process and on the same machine, it measures
+  (a) the naive loop users write: 32 rows a batch in input order, padded to the longest,
+      float32, top-k with per-row Python output, one Parquet file at the end;
+  (b) the job (lib.pipeline.run_job), on N and 3N rows, so start-up cancels in the marginal rate;
+  (c) the model's dense throughput: equal-length batches of the corpus's mean length, same budget;
+and prints tokens/s, job/naive (steady state and end to end), efficiency = marginal job rate / (c),
+padding efficiency, and peak RSS of the job at N and 10N rows (separate processes).
+`--tiny` adds the same efficiency for a d_model 64, 2-layer model, where the pipeline's own costs show.
+
+    python -m jobs.bench                       # CPU preset: T5 start mode and GPT-2 causal
+    python -m jobs.bench --preset gpu          # t5-base and ~1B Llama shapes, bfloat16
+    python -m jobs.bench --quick               # a smoke run in well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from lib import sample
+from lib.config import JobConfig
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    family: str  # t5, gpt2 or llama
+    d_model: int
+    layers: int
+    vocab: int
+    mode: str  # start (T5) or causal
+
+
+PRESETS = {
+    "cpu": [ModelSpec("t5-d256", "t5", 256, 4, 32128, "start"), ModelSpec("gpt2-d256", "gpt2", 256, 4, 32000, "causal")],
+    "gpu": [ModelSpec("t5-base-shape", "t5", 768, 12, 32128, "start"),
+            ModelSpec("llama-1b-shape", "llama", 2048, 16, 32000, "causal")],
+}
+TINY = {"t5": ModelSpec("t5-tiny", "t5", 64, 2, 32128, "start"), "gpt2": ModelSpec("gpt2-tiny", "gpt2", 64, 2, 32000, "causal"),
+        "llama": ModelSpec("llama-tiny", "llama", 64, 2, 32000, "causal")}
+
+
+def build_model(spec: ModelSpec, root: Path, texts: list[str]) -> str:
+    out = root / spec.name
+    if (out / "config.json").exists():
+        return str(out)
+    if spec.family == "t5":
+        sample.build_t5(out, texts, d_model=spec.d_model, num_layers=spec.layers, vocab_size=2000,
+                        model_vocab_size=spec.vocab)
+    else:
+        sample.build_causal(out, texts, spec.family, d_model=spec.d_model, num_layers=spec.layers,
+                            vocab_size=2000, model_vocab_size=spec.vocab)
+    return str(out)
+
+
+def job_config(model: str, corpus: str, out: str, args) -> JobConfig:
+    config = JobConfig()
+    config.model.path, config.model.dtype = model, args.dtype
+    config.input.path, config.input.max_length = corpus, args.max_length
+    config.batching.max_tokens = args.max_tokens
+    config.output.dir, config.output.k, config.output.shard_rows = out, args.k, args.shard_rows
+    return config
+
+
+def run_job_timed(config: JobConfig) -> tuple[float, dict]:
+    from lib.pipeline import run_job
+
+    started = time.perf_counter()
+    manifest = run_job(config)
+    return time.perf_counter() - started, manifest
+
+
+def corpus_tokens(model: str, corpus: str, max_length: int) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    texts = pq.read_table(corpus, columns=["text"]).column(0).to_pylist()
+    return sum(len(x) for x in tok(texts, truncation=True, max_length=max_length)["input_ids"])
+
+
+@torch.inference_mode()
+def naive_loop(model_dir: str, corpus: str, out: str, k: int, max_length: int, device: str) -> float:
+    """What users write by hand; returns seconds including model loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    started = time.perf_counter()
+    seq2seq = AutoConfig.from_pretrained(model_dir).is_encoder_decoder
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = pq.read_table(corpus, columns=["text"]).column(0).to_pylist()
+    records = []
+    for i in range(0, len(texts), 32):
+        enc = tok(texts[i : i + 32], padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        if seq2seq:
+            start = torch.full((enc.input_ids.shape[0], 1), model.config.decoder_start_token_id, device=device)
+            logits = model(**enc, decoder_input_ids=start).logits.float()
+        else:
+            logits = model(**enc).logits.float()
+        lse = logits.logsumexp(-1)
+        values, ids = logits.topk(k, -1)
+        logprobs = logits.log_softmax(-1)
+        for b in range(logits.shape[0]):
+            length = 1 if seq2seq else int(enc.attention_mask[b].sum())
+            for p in range(length):
+                token = None if seq2seq or p + 1 >= length else int(enc.input_ids[b, p + 1])
+                records.append({"id": i + b, "position": p, "token_id": token,
+                                "token_logprob": None if token is None else float(logprobs[b, p, token]),
+                                "logsumexp": float(lse[b, p]), "topk_ids": ids[b, p].tolist(),
+                                "topk_logits": values[b, p].tolist()})
+    pd.DataFrame(records).to_parquet(out)
+    return time.perf_counter() - started
+
+
+@torch.inference_mode()
+def dense_rate(model_dir: str, mean_length: int, total_tokens: int, max_tokens: int, device: str, dtype: str) -> float:
+    """Tokens/s of plain forward passes on equal-length batches, no padding and no output."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from lib.models import resolve_dtype
+
+    seq2seq = AutoConfig.from_pretrained(model_dir).is_encoder_decoder
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = cls.from_pretrained(model_dir, dtype=resolve_dtype(dtype, torch.device(device)),
+                                attn_implementation="sdpa").to(device).eval()
+    rows = max(1, max_tokens // mean_length)
+    ids = torch.randint(3, 1000, (rows, mean_length), device=device)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if seq2seq:
+        kwargs["decoder_input_ids"] = torch.zeros((rows, 1), dtype=torch.long, device=device)
+    model(**kwargs)  # warm-up
+    batches = max(3, total_tokens // (rows * mean_length))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    for _ in range(batches):
+        model(**kwargs).logits.float()
+    sync()
+    return batches * rows * mean_length / (time.perf_counter() - started)
+
+
+def peak_rss_child(config: JobConfig) -> float:
+    """Peak RSS (MiB) of the job run in a fresh process."""
+    payload = json.dumps(config.to_dict())
+    result = subprocess.run([sys.executable, "-m", "jobs.bench", "--rss-child", payload], capture_output=True,
+                            text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def rss_child(payload: str) -> None:
+    from lib.config import load_config
+
+    data = json.loads(payload)
+    config = load_config(None, [f"{s}.{k}={json.dumps(v)}" for s, keys in data.items() for k, v in keys.items()])
+    run_job_timed(config)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full: bool) -> dict:
+    texts = pq.read_table(corpora["10N"], columns=["text"]).column(0).to_pylist()
+    model = build_model(spec, root / "models", texts)
+    result = {"model": spec.name, "mode": spec.mode, "d_model": spec.d_model, "layers": spec.layers, "vocab": spec.vocab}
+    tokens = {size: corpus_tokens(model, corpora[size], args.max_length) for size in ("N", "3N")}
+    times = {}
+    for size in ("N", "3N"):
+        times[size], manifest = run_job_timed(job_config(model, corpora[size], str(root / f"out-{spec.name}-{size}"), args))
+        result["padding_efficiency"] = manifest["this_run"]["padding_efficiency"]
+    marginal = (tokens["3N"] - tokens["N"]) / (times["3N"] - times["N"])
+    mean_length = max(1, round(tokens["3N"] / (3 * args.rows)))
+    dense = dense_rate(model, mean_length, tokens["N"], args.max_tokens, args.device, args.dtype)
+    result.update({"job_tok_s": round(tokens["3N"] / times["3N"]), "job_marginal_tok_s": round(marginal),
+                   "dense_tok_s": round(dense), "efficiency": round(marginal / dense, 3)})
+    if full:
+        naive = {size: naive_loop(model, corpora[size], str(root / f"naive-{spec.name}-{size}.parquet"), args.k,
+                                  args.max_length, args.device) for size in ("N", "3N")}
+        naive_marginal = (tokens["3N"] - tokens["N"]) / (naive["3N"] - naive["N"])
+        result.update({"naive_tok_s": round(tokens["3N"] / naive["3N"]), "naive_marginal_tok_s": round(naive_marginal),
+                       "steady_speedup": round(marginal / naive_marginal, 2)})
+        if spec.family == "t5":
+            e2e = args.e2e_rows
+            job_s, _ = run_job_timed(job_config(model, corpora["e2e"], str(root / f"out-{spec.name}-e2e"), args))
+            naive_s = naive_loop(model, corpora["e2e"], str(root / f"naive-{spec.name}-e2e.parquet"), args.k,
+                                 args.max_length, args.device)
+            result.update({"e2e_rows": e2e, "e2e_job_s": round(job_s, 2), "e2e_naive_s": round(naive_s, 2),
+                           "e2e_speedup": round(naive_s / job_s, 2)})
+        if args.rss:
+            rss = {size: peak_rss_child(job_config(model, corpora[size], str(root / f"rss-{spec.name}-{size}"), args))
+                   for size in ("N", "10N")}
+            result.update({"rss_N_mib": round(rss["N"]), "rss_10N_mib": round(rss["10N"]),
+                           "rss_ratio": round(rss["10N"] / rss["N"], 2)})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--rows", type=int, default=400, help="N: rows of the small run (3N and 10N follow)")
+    parser.add_argument("--e2e-rows", type=int, default=1200)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--shard-rows", type=int, default=2000)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-rss", dest="rss", action="store_false")
+    parser.add_argument("--no-tiny", dest="tiny", action="store_false")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
+    parser.add_argument("--work", default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(level=logging.ERROR)
+    if args.rss_child:
+        rss_child(args.rss_child)
+        return 0
+    specs = PRESETS[args.preset]
+    if args.quick:
+        args.rows, args.e2e_rows, args.rss, args.max_length = 40, 60, False, 128
+        specs = [TINY["t5"], TINY["gpt2"]]
+    root = Path(args.work or tempfile.mkdtemp(prefix="logit-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    corpora = {}
+    full_corpus = sample.write_corpus(root / "corpus-10N.parquet", rows=10 * args.rows, seed=123, mean_words=40,
+                                      with_targets=False)
+    table = pq.read_table(full_corpus)
+    for name, rows in (("N", args.rows), ("3N", 3 * args.rows), ("10N", 10 * args.rows),
+                       ("e2e", min(args.e2e_rows, 10 * args.rows))):
+        path = root / f"corpus-{name}.parquet"
+        pq.write_table(table.slice(0, rows), path)
+        corpora[name] = str(path)
+    print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
+          f"torch {torch.__version__}, N={args.rows}, max_tokens={args.max_tokens}, k={args.k}, work dir {root}")
+    results = []
+    for spec in specs:
+        results.append(bench_model(spec, root, corpora, args, full=True))
+        print(json.dumps(results[-1]), flush=True)
+    if args.tiny and not args.quick:
+        for spec in (TINY["t5"], TINY["gpt2"]):
+            results.append(bench_model(spec, root, corpora, args, full=False))
+            print(json.dumps(results[-1]), flush=True)
+    frame = pd.DataFrame(results).set_index("model")
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(frame.T.to_string())
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Reading a finished output directory back into pandas, numpy and torch.
+
+The data shards are `part-*.parquet` or `part-*.arrow` (the manifest's `format`, else the files
+present); bookkeeping files start with `_` or `.` and are never read as data. Only committed
+shards are visible, so a directory without `_SUCCESS` reads as the rows finished so far.
+
+Null conventions in `load_arrays` (numpy has no nullable integers): `token_id` and `token_rank`
+are -1 where the row has no next token, `token_logprob` is NaN there, and `has_token` says
+which rows have one. Logit arrays keep their storage dtype (float16 or float32).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from lib.corpus import find_input_files
+from lib.errors import UserError
+
+# Nullable columns and the value that stands for null in numpy.
+_NULL_FILL = {"token_id": -1, "token_rank": -1, "token_logprob": float("nan")}
+_LIST_COLUMNS = ("topk_ids", "topk_logits", "logits")
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    """The job's `_manifest.json`, or None while the job has not finished."""
+    path = Path(out_dir) / "_manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def output_format(out_dir: str | Path) -> str:
+    """`parquet` or `arrow`: the manifest says, else the shard files present do."""
+    manifest = read_manifest(out_dir)
+    if manifest is not None:
+        return manifest["format"]
+    present = {fmt for fmt in ("parquet", "arrow") if any(Path(out_dir).glob(f"part-*.{fmt}"))}
+    if len(present) != 1:
+        found = "both part-*.parquet and part-*.arrow" if present else "no part-* shards"
+        raise UserError(f"{out_dir}: cannot tell the output format, found {found}")
+    return present.pop()
+
+
+def open_dataset(out_dir: str | Path) -> ds.Dataset:
+    """The shards as one pyarrow dataset, in shard order (the order `pd.read_parquet` uses)."""
+    fmt = output_format(out_dir)
+    files = sorted(str(p) for p in Path(out_dir).glob(f"part-*.{fmt}"))
+    if not files:
+        raise UserError(f"{out_dir}: no part-*.{fmt} shards")
+    return ds.dataset(files, format="ipc" if fmt == "arrow" else "parquet")
+
+
+def load_table(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All rows as one Arrow table."""
+    return open_dataset(out_dir).to_table(columns=columns)
+
+
+def load_frame(out_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """All rows as a DataFrame, the same as `pd.read_parquet(out_dir)` gives for Parquet."""
+    return load_table(out_dir, columns).to_pandas()
+
+
+def _ids_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """int64 ids as they are; string ids as a fixed-width numpy str array built per example."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column.to_numpy()
+    # One Python string per distinct id (an example), not per row; rows index into them.
+    encoded = pc.dictionary_encode(column).combine_chunks()
+    names = np.asarray(encoded.dictionary.to_pylist(), dtype=str)
+    return names[encoded.indices.to_numpy()]
+
+
+def _fixed_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """(N, width) array from a fixed-size list column by flattening each chunk's child array."""
+    width = column.type.list_size
+    value_type = column.type.value_type.to_pandas_dtype()
+    parts = [chunk.flatten().to_numpy().reshape(-1, width) for chunk in column.chunks]
+    if not parts:
+        return np.empty((0, width), dtype=value_type)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def table_to_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """Output rows as numpy arrays, with no per-row Python objects (see the module docstring)."""
+    arrays = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name == "id":
+            arrays[name] = _ids_to_numpy(column)
+        elif name in _LIST_COLUMNS:
+            arrays[name] = _fixed_list_to_numpy(column)
+        elif name in _NULL_FILL:
+            if name == "token_id":
+                arrays["has_token"] = pc.is_valid(column).to_numpy(zero_copy_only=False)
+            filled = pc.fill_null(column, pa.scalar(_NULL_FILL[name], column.type))
+            arrays[name] = filled.to_numpy()
+        else:
+            arrays[name] = column.to_numpy()
+    return arrays
+
+
+def load_arrays(out_dir: str | Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """All rows as numpy arrays: 1-D per scalar column, (N, k) or (N, V) per list column."""
+    return table_to_arrays(load_table(out_dir, columns))
+
+
+def iter_examples(out_dir: str | Path) -> Iterator[tuple[object, dict[str, np.ndarray]]]:
+    """Yield (id, arrays of that example's rows sorted by position), one shard in memory at a time.
+
+    Every input row lands in exactly one shard, so grouping shard by shard is complete. Within a
+    shard, examples come in order of first appearance: input order in top-k mode.
+    """
+    for fragment in open_dataset(out_dir).get_fragments():
+        table = fragment.to_table()
+        if table.num_rows == 0:
+            continue
+        # Codes in order of first appearance; sorting by (code, position) groups each example.
+        codes = pc.dictionary_encode(table.column("id")).combine_chunks()
+        ids = codes.dictionary.to_pylist()
+        arrays = table_to_arrays(table.drop_columns(["id"]))
+        order = np.lexsort((arrays["position"], codes.indices.to_numpy()))
+        arrays = {name: values[order] for name, values in arrays.items()}
+        sorted_codes = codes.indices.to_numpy()[order]
+        starts = np.flatnonzero(np.diff(sorted_codes, prepend=-1))
+        stops = np.append(starts[1:], len(sorted_codes))
+        for start, stop in zip(starts, stops, strict=True):
+            yield (
+                ids[sorted_codes[start]],
+                {name: values[start:stop] for name, values in arrays.items()},
+            )
+
+
+def topk_logprobs(topk_logits, logsumexp):
+    """Exact log-probabilities of the top-k entries: logits minus the full-vocabulary logsumexp.
+
+    Works on numpy arrays or torch tensors, (N, k) and (N,), and computes in float32.
+    """
+    if isinstance(topk_logits, np.ndarray):
+        return topk_logits.astype(np.float32) - np.asarray(logsumexp, dtype=np.float32)[..., None]
+    return topk_logits.float() - logsumexp.float().unsqueeze(-1)
+
+
+def to_torch(source: str | Path | dict[str, np.ndarray]) -> dict:
+    """Tensors for a distillation loss from an output directory or `load_arrays` output.
+
+    `topk_ids` and `token_id` are int64 (-1 where `token_mask` is False), logits and `logsumexp`
+    float32, `topk_logprobs` the exact top-k log-probabilities. String ids have no tensor form
+    and are left out; integer ids come as int64 `id`.
+    """
+    import torch
+
+    arrays = source if isinstance(source, dict) else load_arrays(source)
+    out = {}
+    if "id" in arrays and arrays["id"].dtype.kind in "iu":
+        out["id"] = torch.from_numpy(arrays["id"].astype(np.int64))
+    for name in ("position", "token_id", "token_rank", "topk_ids"):
+        if name in arrays:
+            out[name] = torch.from_numpy(arrays[name].astype(np.int64))
+    for name in ("token_logprob", "logsumexp", "topk_logits", "logits"):
+        if name in arrays:
+            out[name] = torch.from_numpy(arrays[name].astype(np.float32))
+    if "has_token" in arrays:
+        out["token_mask"] = torch.from_numpy(arrays["has_token"].astype(bool))
+    if "topk_logits" in out and "logsumexp" in out:
+        out["topk_logprobs"] = topk_logprobs(out["topk_logits"], out["logsumexp"])
+    return out
+
+
+def input_frame(
+    input_path: str, id_column: str | None = None, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """The input corpus with the job's `id` column: `id_column` values, else the global row index.
+
+    The row index counts rows over the input files in sorted path order, as the job does.
+    """
+    wanted = columns
+    if columns is not None and id_column is not None:
+        wanted = list(dict.fromkeys([*columns, id_column]))
+    tables = [pq.read_table(path, columns=wanted) for path in find_input_files(input_path)]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    if id_column is None:
+        ids = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    else:
+        ids = table.column(id_column)
+        string = pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
+        ids = ids.cast(pa.string() if string else pa.int64())  # the job's id types
+        if columns is not None and id_column not in columns:
+            table = table.drop_columns([id_column])
+    if "id" in table.column_names:
+        table = table.drop_columns(["id"])
+    return table.add_column(0, "id", ids).to_pandas()
+
+
+def join_input(
+    out_dir: str | Path,
+    input_path: str | None = None,
+    id_column: str | None = None,
+    columns: list[str] | None = None,
+) -> pd.DataFrame:
+    """Result rows with the input columns of their example, matched by id (result row order kept).
+
+    `input_path` and `id_column` default to the job's own (from the manifest); `columns` are the
+    input columns to attach, by default the text column (and the target column if the job had one).
+    """
+    manifest = read_manifest(out_dir)
+    job_input = manifest["config"]["input"] if manifest else {}
+    if input_path is None:
+        if not job_input:
+            raise UserError(f"{out_dir}: no _manifest.json, so pass input_path (and id_column)")
+        input_path = job_input["path"]
+    id_column = id_column or job_input.get("id_column")
+    if columns is None:
+        columns = [job_input.get("text_column", "text")]
+        if job_input.get("target_column"):
+            columns.append(job_input["target_column"])
+    inputs = input_frame(input_path, id_column, columns)
+    return load_frame(out_dir).merge(inputs, on="id", how="left", validate="many_to_one")
