@@ -73,7 +73,7 @@ class Batch:
 
 
 def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
-    """Padded width: a multiple of 8 for tensor cores, but a single decoder step stays 1."""
+    """Padded width: a multiple of 8 for tensor cores; a width of 1 (a single decoder step) stays 1."""
     return n if n <= 1 else -(-n // multiple) * multiple
 
 

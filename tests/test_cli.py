@@ -1,0 +1,245 @@
+"""End to end through the real command line: `python -m jobs.extract --config FILE ...`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from transformers import AutoTokenizer
+
+from lib import sample
+from tests.reference import read_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = ROOT / "configs" / "default.yaml"
+COLUMNS = [
+    "id",
+    "position",
+    "token_id",
+    "token_logprob",
+    "token_rank",
+    "logsumexp",
+    "topk_ids",
+    "topk_logits",
+]
+MANIFEST_KEYS = {
+    "fingerprint",
+    "config",
+    "model",
+    "schema",
+    "format",
+    "world_size",
+    "shards",
+    "totals",
+    "this_run",
+}
+
+
+def contract_schema(id_type: pa.DataType, k: int, value_type: pa.DataType) -> pa.Schema:
+    """The row schema of issue 2, written out independently of lib/writer.py."""
+    return pa.schema(
+        [
+            pa.field("id", id_type, nullable=False),
+            pa.field("position", pa.int32(), nullable=False),
+            pa.field("token_id", pa.int32()),
+            pa.field("token_logprob", pa.float32()),
+            pa.field("token_rank", pa.int32()),
+            pa.field("logsumexp", pa.float32(), nullable=False),
+            pa.field("topk_ids", pa.list_(pa.int32(), k), nullable=False),
+            pa.field("topk_logits", pa.list_(value_type, k), nullable=False),
+        ]
+    )
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def summary_fields(stdout: str) -> dict[str, str]:
+    """The summary's `  label   value` lines as {label: value}."""
+    fields = {}
+    for line in stdout.splitlines():
+        match = re.fullmatch(r"  (\S.*?)\s{2,}(\S.*)", line)
+        if match:
+            fields[match.group(1)] = match.group(2)
+    return fields
+
+
+def check_output_dir(out: Path, stdout: str) -> tuple[pd.DataFrame, dict]:
+    """What every finished run guarantees: the files, the manifest, the summary and the schema."""
+    assert (out / "_SUCCESS").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert MANIFEST_KEYS <= manifest.keys()
+    shards = manifest["shards"]
+    assert sorted(p.name for p in out.glob("part-*")) == sorted(s["file"] for s in shards)
+    for shard in shards:
+        assert set(shard) == {"file", "rows", "rank"} and shard["rank"] == 0
+        assert pq.ParquetFile(out / shard["file"]).metadata.num_rows == shard["rows"]
+    totals = manifest["totals"]
+    assert totals["input_rows"] == totals["scored_rows"] + totals["skipped_rows"]
+    assert totals["output_rows"] == sum(s["rows"] for s in shards)
+    assert pq.read_table(out / "_skipped.parquet").num_rows == totals["skipped_rows"]
+
+    fields = summary_fields(stdout)
+    run = manifest["this_run"]
+    assert fields["rows"] == (
+        f"{totals['input_rows']:,} input = {totals['scored_rows']:,} scored + "
+        f"{totals['skipped_rows']:,} skipped ({totals['truncated_rows']:,} truncated)"
+    )
+    assert fields["output rows"] == f"{totals['output_rows']:,} in {len(shards)} shards"
+    assert (
+        fields["tokens (main rank)"] == f"{run['main_process_tokens']:,}"
+        and run["main_process_tokens"] > 0
+    )
+    assert re.fullmatch(r"\d{1,3}\.\d%", fields["padding efficiency"])
+    assert 0 < run["padding_efficiency"] <= 1
+    assert re.fullmatch(r"[\d,]+ tokens/s", fields["throughput"]) and run["tokens_per_s"] > 0
+    assert re.fullmatch(r"\d+\.\d s", fields["wall time"]) and run["wall_s"] > 0
+    assert fields["output"] == str(out)
+
+    frame = pd.read_parquet(out)
+    assert list(frame.columns) == COLUMNS
+    assert len(frame) == totals["output_rows"]
+    return frame, manifest
+
+
+def check_dtypes(frame: pd.DataFrame, k: int) -> None:
+    """pandas dtypes of the contract when no token is null (targets mode), and the list elements."""
+    assert pd.api.types.is_string_dtype(frame["id"])
+    got = {name: str(frame[name].dtype) for name in COLUMNS[1:6]}
+    assert got == {
+        "position": "int32",
+        "token_id": "int32",
+        "token_logprob": "float32",
+        "token_rank": "int32",
+        "logsumexp": "float32",
+    }
+    first = frame.iloc[0]
+    assert first["topk_ids"].dtype == "int32" and first["topk_ids"].shape == (k,)
+    assert first["topk_logits"].dtype == "float16" and first["topk_logits"].shape == (k,)
+
+
+def test_default_config_on_the_fixtures(tmp_path, model_dirs, corpus):
+    """configs/default.yaml as shipped (T5, `targets`, top-20, float16), only paths overridden."""
+    out = tmp_path / "out"
+    result = run_cli(
+        "jobs.extract",
+        "--config",
+        "configs/default.yaml",
+        f"model.path={model_dirs['t5']}",
+        f"input.path={corpus}",
+        f"output.dir={out}",
+    )
+    frame, manifest = check_output_dir(out, result.stdout)
+    config = yaml.safe_load(DEFAULT.read_text())
+    k, prefix, max_length = (
+        config["output"]["k"],
+        config["input"]["prefix"],
+        config["input"]["max_length"],
+    )
+    assert (
+        config["decoder"]["mode"] == "targets"
+        and manifest["config"]["decoder"]["mode"] == "targets"
+    )
+    check_dtypes(frame, k)
+    for shard in manifest["shards"]:
+        assert pq.read_schema(out / shard["file"]).remove_metadata() == contract_schema(
+            pa.string(), k, pa.float16()
+        )
+
+    # The counts follow from the tokenizer alone: one row per target token, every input row scored.
+    rows = read_corpus(corpus)
+    tok = AutoTokenizer.from_pretrained(model_dirs["t5"])
+    targets = [
+        tok(text_target=t, truncation=True, max_length=max_length)["input_ids"]
+        for t in rows["target"]
+    ]
+    truncated = sum(len(tok(prefix + t)["input_ids"]) > max_length for t in rows["text"])
+    truncated += sum(len(tok(text_target=t)["input_ids"]) > max_length for t in rows["target"])
+    assert truncated >= 1  # the corpus has a text far beyond max_length
+    assert manifest["totals"] == {
+        "input_rows": len(rows),
+        "scored_rows": len(rows),
+        "skipped_rows": 0,
+        "truncated_rows": truncated,
+        "output_rows": sum(map(len, targets)),
+    }
+    # One shard per input file: each holds fewer than output.shard_rows rows.
+    assert len(manifest["shards"]) == 2
+    assert set(frame["id"]) == set(rows["doc_id"])
+    assert not frame.duplicated(["id", "position"]).any()
+    want_tokens = {
+        (i, p): token
+        for i, tgt in zip(rows["doc_id"], targets, strict=True)
+        for p, token in enumerate(tgt)
+    }
+    assert (
+        dict(zip(zip(frame["id"], frame["position"], strict=True), frame["token_id"], strict=True))
+        == want_tokens
+    )
+
+    # Values are consistent with each other: descending top-k, logsumexp above the best logit.
+    topk = pd.DataFrame(frame["topk_logits"].tolist()).to_numpy("float32")
+    assert (topk[:, :-1] >= topk[:, 1:]).all()
+    assert (frame["logsumexp"].to_numpy() >= topk[:, 0] - 1e-2).all()
+    assert (frame["token_logprob"] <= 0).all() and (frame["token_rank"] >= 0).all()
+    # In top-k mode a shard's rows are in input order.
+    first = pd.read_parquet(out / manifest["shards"][0]["file"])
+    order = {doc_id: i for i, doc_id in enumerate(rows["doc_id"])}
+    keys = list(zip(first["id"].map(order), first["position"], strict=True))
+    assert keys == sorted(keys)
+
+
+def test_make_sample_then_default_config(tmp_path):
+    """What `make extract` does: build the offline sample, then run the default config on it."""
+    root = tmp_path / "sample"
+    result = run_cli("jobs.make_sample", str(root))
+    info = json.loads((root / "sample.json").read_text())
+    assert result.stdout.strip() == f"sample corpus {info['corpus']}, model {info['model']}"
+    # The sample has the layout that configs/default.yaml expects under data/sample/.
+    config = yaml.safe_load(DEFAULT.read_text())
+    assert Path(info["model"]) == root / Path(config["model"]["path"]).relative_to("data/sample")
+    assert Path(info["corpus"]) == root / Path(config["input"]["path"]).relative_to("data/sample")
+    assert (Path(info["model"]) / "model.safetensors").is_file()
+    table = pq.read_table(info["corpus"])
+    for key in ("text_column", "id_column", "target_column"):
+        assert config["input"][key] in table.column_names, key
+
+    # Built once: a second call reuses what exists.
+    stamps = {
+        p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != "sample.json"
+    }
+    assert sample.build_default_sample(root) == info
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # The default config on the first 60 rows of the generated corpus (all 2,000 take ~30 s).
+    head = tmp_path / "head.parquet"
+    pq.write_table(table.slice(0, 60), head)
+    out = tmp_path / "out"
+    result = run_cli(
+        "jobs.extract",
+        "--config",
+        "configs/default.yaml",
+        f"model.path={info['model']}",
+        f"input.path={head}",
+        f"output.dir={out}",
+    )
+    frame, manifest = check_output_dir(out, result.stdout)
+    check_dtypes(frame, config["output"]["k"])
+    assert manifest["totals"]["input_rows"] == manifest["totals"]["scored_rows"] == 60
+    assert set(frame["id"]) == set(table.column("doc_id").to_pylist()[:60])
+    assert manifest["model"]["vocab_size"] > manifest["model"]["tokenizer_size"]
+    assert max(frame["topk_ids"].map(max)) < manifest["model"]["vocab_size"]

@@ -1,0 +1,217 @@
+"""lib/reduce.py against straightforward numpy: logsumexp, top-k, token log-probability and rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lib import reduce
+
+VOCAB = 101
+K = 7
+
+
+def random_case(n: int = 37, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, VOCAB) float32 logits with no ties, and labels with some -1 (no token)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, VOCAB, generator=gen) * 4
+    labels = torch.randint(0, VOCAB, (n,), generator=gen)
+    labels[::5] = -1
+    return logits, labels
+
+
+def numpy_stats(logits: np.ndarray, labels: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """The same statistics computed the obvious way, in float64."""
+    x = logits.astype(np.float64)
+    peak = x.max(axis=1, keepdims=True)
+    lse = (peak + np.log(np.exp(x - peak).sum(axis=1, keepdims=True)))[:, 0]
+    order = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    safe = np.where(labels >= 0, labels, 0)
+    token = x[np.arange(len(x)), safe]
+    return {
+        "logsumexp": lse,
+        "topk_ids": order,
+        "topk_logits": np.take_along_axis(x, order, axis=1),
+        "token_logprob": token - lse,
+        "token_rank": (x > token[:, None]).sum(axis=1),
+        "has_token": labels >= 0,
+    }
+
+
+def test_topk_mode_matches_numpy():
+    logits, labels = random_case()
+    out = reduce.reduce_logits(logits, labels, K, torch.float32, full=False)
+    want = numpy_stats(logits.numpy(), labels.numpy(), K)
+    np.testing.assert_allclose(out["logsumexp"].numpy(), want["logsumexp"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(out["topk_ids"].numpy(), want["topk_ids"])
+    np.testing.assert_allclose(out["topk_logits"].numpy(), want["topk_logits"], rtol=0, atol=1e-6)
+    assert (np.diff(out["topk_logits"].numpy(), axis=1) < 0).all(), (
+        "top-k must be strictly descending here"
+    )
+    np.testing.assert_array_equal(out["has_token"].numpy(), want["has_token"])
+    has = want["has_token"]
+    np.testing.assert_allclose(
+        out["token_logprob"].numpy()[has], want["token_logprob"][has], rtol=0, atol=1e-5
+    )
+    np.testing.assert_array_equal(out["token_rank"].numpy()[has], want["token_rank"][has])
+    assert {name: value.dtype for name, value in out.items()} == {
+        "logsumexp": torch.float32,
+        "token_logprob": torch.float32,
+        "token_rank": torch.int32,
+        "has_token": torch.bool,
+        "topk_logits": torch.float32,
+        "topk_ids": torch.int32,
+    }
+    assert "logits" not in out
+
+
+def test_token_rank_counts_only_strictly_greater_entries():
+    logits = torch.zeros(4, 10)
+    # Token 1 ties with 2 and 3; only 0 and 9 beat it.
+    logits[0] = torch.tensor([5.0, 1, 1, 1, 0, 0, 0, 0, 0, 2])
+    logits[1] = torch.tensor([3.0, 3, 3, 1, 0, 0, 0, 0, 0, 0])  # token 2 ties the maximum: rank 0
+    logits[2] = torch.full((10,), 7.0)  # every entry equal: rank 0, log-probability log(1/10)
+    logits[3] = torch.arange(10.0)  # token 0 is the smallest: 9 entries above it
+    labels = torch.tensor([1, 2, 5, 0])
+    out = reduce.reduce_logits(logits, labels, 3, torch.float32, full=False)
+    assert out["token_rank"].tolist() == [2, 0, 0, 9]
+    assert out["token_logprob"][2].item() == pytest.approx(np.log(0.1), abs=1e-6)
+    # A tie in the top-k keeps the value order exact even where the ids among equals are arbitrary.
+    assert out["topk_logits"][1].tolist() == [3.0, 3.0, 3.0]
+    assert sorted(out["topk_ids"][1].tolist()) == [0, 1, 2]
+
+
+def test_no_token_rows_are_flagged():
+    logits, _ = random_case(n=6)
+    labels = torch.tensor([-1, 3, -1, -1, 0, VOCAB - 1])
+    out = reduce.reduce_logits(logits, labels, K, torch.float16, full=False)
+    assert out["has_token"].tolist() == [False, True, False, False, True, True]
+    # Labels of rows with a token are still computed correctly next to -1 rows.
+    want = numpy_stats(logits.numpy(), labels.numpy(), K)
+    np.testing.assert_allclose(
+        out["token_logprob"].numpy()[[1, 4, 5]], want["token_logprob"][[1, 4, 5]], atol=1e-5
+    )
+    assert out["topk_logits"].dtype == torch.float16
+
+
+def test_masked_vocabulary_entries():
+    """-inf logits (masked vocabulary entries) neither count in the rank nor break logsumexp."""
+    logits = torch.tensor([[2.0, -torch.inf, 1.0, -torch.inf], [-torch.inf, 0.5, 0.5, 3.0]])
+    out = reduce.reduce_logits(logits, torch.tensor([2, 1]), 2, torch.float32, full=False)
+    assert out["token_rank"].tolist() == [1, 1]
+    lse = [np.log(np.exp(2.0) + np.exp(1.0)), np.log(2 * np.exp(0.5) + np.exp(3.0))]
+    np.testing.assert_allclose(out["logsumexp"].numpy(), lse, rtol=1e-6)
+    np.testing.assert_allclose(
+        out["token_logprob"].numpy(), [1.0 - lse[0], 0.5 - lse[1]], rtol=1e-6
+    )
+    assert out["topk_ids"].tolist() == [[0, 2], [3, 1]] or out["topk_ids"].tolist() == [
+        [0, 2],
+        [3, 2],
+    ]
+
+
+class CountingHead(torch.nn.Module):
+    """A linear head that counts its calls, to prove the chunked path really ran in chunks."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, vocab, bias=False)
+        self.calls: list[int] = []
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        self.calls.append(states.shape[0])
+        return self.linear(states)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["topk", "full"])
+def test_chunked_reduce_equals_one_chunk(full):
+    torch.manual_seed(0)
+    head = CountingHead(16, VOCAB)
+    states = torch.randn(50, 16)
+    labels = torch.randint(0, VOCAB, (50,))
+    labels[7] = -1
+    with torch.inference_mode():
+        whole = reduce.reduce_states(
+            head, states, labels, K, torch.float32, full, VOCAB, chunk_bytes=2**30
+        )
+        assert head.calls == [50]
+        head.calls.clear()
+        # Room for 3 positions' float32 logits per chunk: 17 chunks, the last one of 2 positions.
+        chunked = reduce.reduce_states(
+            head, states, labels, K, torch.float32, full, VOCAB, chunk_bytes=3 * 4 * VOCAB
+        )
+    assert head.calls == [3] * 16 + [2]
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        assert chunked[name].shape == whole[name].shape, name
+        assert chunked[name].dtype == whole[name].dtype, name
+        if whole[name].is_floating_point():
+            torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(chunked[name], whole[name]), name
+
+
+def test_chunk_positions():
+    assert reduce.chunk_positions(1000, chunk_bytes=4 * 1000 * 5) == 5
+    assert reduce.chunk_positions(1000, chunk_bytes=4 * 1000 * 5 + 3999) == 5
+    assert reduce.chunk_positions(128_000, chunk_bytes=1000) == 1  # never zero positions
+    assert reduce.chunk_positions(32_000, chunk_bytes=2**20) == 8
+
+
+def test_bfloat16_logits_give_float32_statistics():
+    logits, labels = random_case(n=20, seed=1)
+    # Large values, where bfloat16 arithmetic would be coarse.
+    low = (logits * 10).to(torch.bfloat16)
+    out = reduce.reduce_logits(low, labels, K, torch.float32, full=False)
+    exact = numpy_stats(low.float().numpy(), labels.numpy(), K)
+    assert out["logsumexp"].dtype == torch.float32 and out["token_logprob"].dtype == torch.float32
+    np.testing.assert_allclose(out["logsumexp"].numpy(), exact["logsumexp"], rtol=0, atol=1e-4)
+    has = exact["has_token"]
+    np.testing.assert_allclose(
+        out["token_logprob"].numpy()[has], exact["token_logprob"][has], rtol=0, atol=1e-4
+    )
+    # The top-k values are the bfloat16 logits themselves, upcast without rounding.
+    np.testing.assert_array_equal(
+        out["topk_logits"].numpy(), exact["topk_logits"].astype(np.float32)
+    )
+    # bfloat16 logsumexp would be off by far more than float32 rounding.
+    coarse = torch.logsumexp(low, dim=-1).float().numpy()
+    assert np.abs(coarse - exact["logsumexp"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("output_dtype", [torch.float16, torch.float32])
+def test_full_mode_returns_logits_in_output_dtype(output_dtype):
+    logits, labels = random_case(n=9, seed=2)
+    low = logits.to(torch.bfloat16)
+    out = reduce.reduce_logits(low, labels, K, output_dtype, full=True)
+    assert out["logits"].dtype == output_dtype
+    assert out["logits"].shape == (9, VOCAB)
+    assert torch.equal(out["logits"], low.float().to(output_dtype))
+    assert "topk_ids" not in out and "topk_logits" not in out
+    assert out["logsumexp"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["topk", "full"])
+def test_empty_input(full):
+    head = torch.nn.Linear(16, VOCAB, bias=False)
+    with torch.inference_mode():
+        out = reduce.reduce_states(
+            head,
+            torch.zeros(0, 16),
+            torch.zeros(0, dtype=torch.long),
+            K,
+            torch.float16,
+            full,
+            VOCAB,
+            chunk_bytes=4 * VOCAB,
+        )
+    assert (
+        out["logsumexp"].shape == (0,)
+        and out["token_rank"].shape == (0,)
+        and out["has_token"].shape == (0,)
+    )
+    if full:
+        assert out["logits"].shape == (0, VOCAB) and out["logits"].dtype == torch.float16
+    else:
+        assert out["topk_ids"].shape == (0, K) and out["topk_logits"].shape == (0, K)
