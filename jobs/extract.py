@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from lib.config import load_config
@@ -11,19 +12,31 @@ from lib.errors import UserError
 from lib.summary import print_summary
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is a UserError like any other, not usage text plus a line."""
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{message} (usage: {self.prog} --config FILE [section.key=value ...])")
+
+
+def one_line(error: UserError) -> str:
+    """The message as a single `error: ...` line, however the text was built."""
+    return "error: " + re.sub(r"\s*[\r\n]+\s*", " ", str(error).strip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.extract", description=__doc__)
+    parser = _Parser(prog="python -m jobs.extract", description=__doc__)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        args = parser.parse_args(argv)
         config = load_config(args.config, args.overrides)
         from lib.pipeline import run_job  # torch and transformers load only for a valid config
 
         manifest = run_job(config)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(one_line(exc), file=sys.stderr)
         return 2
     if manifest:
         print_summary(manifest, config.output.dir)

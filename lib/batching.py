@@ -81,18 +81,26 @@ def tokenize(tokenizer, texts: list[str], max_length: int, target: bool = False,
              **kwargs) -> tuple[list[list[int]], int]:
     """`tokenizer(texts, truncation=True, max_length=...)` ids (`text_target=` for targets),
     and how many were truncated."""
+    ids, cut = _tokenize(tokenizer, texts, max_length, target, **kwargs)
+    return ids, len(cut)
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int, target: bool = False,
+              **kwargs) -> tuple[list[list[int]], set[int]]:
+    """As `tokenize`, with the indices of the truncated texts."""
     if not texts:
-        return [], 0
+        return [], set()
 
     def encode(batch: list[str], limit: int) -> list[list[int]]:
         text = {"text_target": batch} if target else {"text": batch}
-        return tokenizer(**text, truncation=True, max_length=limit, **kwargs)["input_ids"]
+        return tokenizer(**text, truncation=True, max_length=limit, return_attention_mask=False,
+                         return_token_type_ids=False, **kwargs)["input_ids"]
 
     ids = encode(texts, max_length)
     # Only a sequence that hit the limit can have been cut; re-check just those one token longer.
     full = [i for i, seq in enumerate(ids) if len(seq) >= max_length]
-    truncated = sum(len(seq) > max_length for seq in encode([texts[i] for i in full], max_length + 1)) if full else 0
-    return ids, truncated
+    longer = encode([texts[i] for i in full], max_length + 1) if full else []
+    return ids, {i for i, seq in zip(full, longer, strict=True) if len(seq) > max_length}
 
 
 def tokenize_unit(table: pa.Table, tokenizer, task: str, prefix: str, max_length: int,
@@ -110,15 +118,16 @@ def tokenize_unit(table: pa.Table, tokenizer, task: str, prefix: str, max_length
             skipped.append((row, "null_target"))
         else:
             rows.append(row)
-    ids, truncated = tokenize(tokenizer, [prefix + texts[r] for r in rows], max_length)
+    ids, cut = _tokenize(tokenizer, [prefix + texts[r] for r in rows], max_length)
     target_ids: list[list[int]] = []
     if task == TARGETS:
-        target_ids, cut = tokenize(tokenizer, [targets[r] for r in rows], max_length, target=True)
-        truncated += cut
+        target_ids, target_cut = _tokenize(tokenizer, [targets[r] for r in rows], max_length,
+                                           target=True)
+        cut |= target_cut
     elif task == CONTINUATION:
-        target_ids, cut = tokenize(tokenizer, [targets[r] for r in rows], max_length,
-                                   add_special_tokens=False)
-        truncated += cut
+        target_ids, target_cut = _tokenize(tokenizer, [targets[r] for r in rows], max_length,
+                                           add_special_tokens=False)
+        cut |= target_cut
 
     requests = []
     for i, row in enumerate(rows):
@@ -141,6 +150,9 @@ def tokenize_unit(table: pa.Table, tokenizer, task: str, prefix: str, max_length
             tgt = target_ids[i]
             requests.append(Request(row, seq + tgt, None, len(seq) - 1, tgt))
     skipped.sort()
+    # A row counts once however many of its sequences were cut, and only if it is scored.
+    scored = {request.row for request in requests}
+    truncated = sum(rows[i] in scored for i in cut)
     return TokenizedUnit(requests, skipped, truncated)
 
 
@@ -174,13 +186,13 @@ def make_batches(requests: list[Request], max_tokens: int, decoder_length: int =
 
 
 def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = round_up(max(len(s) for s in sequences))
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    width = round_up(int(lengths.max()))
+    mask = np.arange(width) < lengths[:, None]
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), width), dtype=np.int64)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = seq
-        mask[i, : len(seq)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+    # Row-major boolean assignment fills each row's first `length` slots in order.
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
 def collate(requests: list[Request], pad_id: int) -> Batch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,18 +78,43 @@ CHOICES = {
     "output.format": ("parquet", "arrow"),
 }
 POSITIVE = ("input.max_length", "decoder.max_new_tokens", "output.k", "output.shard_rows")
+# What each required key expects, so the message for a missing one says what to give.
+REQUIRED_HELP = {
+    "model.path": "a checkpoint directory or a hub id",
+    "input.path": "a Parquet file, a directory of them or a glob",
+    "output.dir": "the directory to write the results to",
+}
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    type(None): "null",
+}
 
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(t) for t in typing.get_args(tp))
-    return "null" if tp is type(None) else tp.__name__
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML: null, true, 'text', 3."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]
+    return repr(value)
+
+
+def _options(tp: Any) -> tuple:
+    return (
+        typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    )
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the field type `tp`; ints are accepted where floats are."""
-    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    for option in options:
+    for option in _options(tp):
         if option is type(None) and value is None:
             return None
         if option is bool and isinstance(value, bool):
@@ -99,42 +125,88 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-    raise UserError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    raise UserError(f"config key {key}: expected {_type_name(tp)}, got {_show(value)}")
 
 
-def _set(config: JobConfig, key: str, value: Any) -> None:
+def _suggest(name: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(JobConfig)]
+
+
+def _set(config: JobConfig, key: str, value: Any, raw: str | None = None) -> None:
+    """Set one `section.key`; `raw` is the override's text, kept as is for string keys."""
     section_name, _, name = key.partition(".")
-    sections = {f.name: f for f in dataclasses.fields(JobConfig)}
-    if section_name not in sections or not name:
-        raise UserError(f"unknown config key {key!r}; sections are {', '.join(sections)}")
+    sections = _section_names()
+    if section_name not in sections:
+        raise UserError(
+            f"unknown config section {section_name!r} in {key!r}"
+            f"{_suggest(section_name, sections)}; sections are {', '.join(sections)}"
+        )
     section = getattr(config, section_name)
     hints = typing.get_type_hints(type(section))
     if name not in hints:
         raise UserError(
-            f"unknown config key {key!r}; {section_name} has {', '.join(hints)}"
+            f"unknown config key {key!r}{_suggest(name, list(hints), section_name + '.')}; "
+            f"{section_name} has {', '.join(hints)}"
         )
-    setattr(section, name, _coerce(key, value, hints[name]))
+    tp = hints[name]
+    if raw is not None and value is not None and str in _options(tp):
+        # A string key keeps the text typed on the command line: `input.prefix=yes` is "yes",
+        # not true, and `input.prefix=say: ` keeps its space; quotes ('say: ') are YAML's.
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        value = value if quoted and isinstance(value, str) else raw
+    setattr(section, name, _coerce(key, value, tp))
 
 
 def _flatten(data: Any, where: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+        raise UserError(
+            f"{where}: expected a mapping of sections ({', '.join(_section_names())}), "
+            f"got {type(data).__name__}"
+        )
     flat = {}
     for section, values in data.items():
+        if section not in _section_names():
+            names = _section_names()
+            raise UserError(
+                f"{where}: unknown config section {section!r}{_suggest(str(section), names)}; "
+                f"sections are {', '.join(names)}"
+            )
+        if values is None:  # `output:` with nothing under it
+            continue
         if not isinstance(values, dict):
-            raise UserError(f"{where}: section {section!r} must be a mapping of keys")
+            raise UserError(
+                f"{where}: section {section!r} must be a mapping of keys, got {_show(values)}"
+            )
         for name, value in values.items():
             flat[f"{section}.{name}"] = value
     return flat
+
+
+def _bare_key_hint(key: str, raw: str) -> str:
+    """For `k=5`: ' (did you mean output.k=5?)', naming every section that has such a key."""
+    owners = [
+        s for s in _section_names() if key in typing.get_type_hints(type(getattr(JobConfig(), s)))
+    ]
+    return f" (did you mean {' or '.join(f'{s}.{key}={raw}' for s in owners)}?)" if owners else ""
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `section.key=value`; the value is read as YAML, so `k=5` is an int, `x=null` None."""
     key, sep, raw = text.partition("=")
     if not sep or "." not in key:
-        raise UserError(f"override {text!r} must look like section.key=value")
+        if not sep and text.endswith((".yaml", ".yml")):
+            raise UserError(
+                f"argument {text!r} looks like a config file; pass it as --config {text}"
+            )
+        hint = (_bare_key_hint(key.strip(), raw) if sep else "") or ", e.g. output.k=5"
+        raise UserError(f"override {text!r} must look like section.key=value{hint}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -145,21 +217,37 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`problem (line L, column C)` from a YAML error, on one line."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return (
+        f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+        if mark is not None
+        else problem
+    )
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Load a YAML config, apply `section.key=value` overrides, and validate the result."""
     config = JobConfig()
     if path is not None:
         path = Path(path)
+        if not path.exists():
+            raise UserError(f"config file {path} does not exist")
         if not path.is_file():
-            raise UserError(f"config file not found: {path}")
+            raise UserError(f"config file {path} is not a file")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
-        for key, value in _flatten(data, str(path)).items():
+            raise UserError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"config file {path} cannot be read: {exc}") from None
+        for key, value in _flatten(data, f"config file {path}").items():
             _set(config, key, value)
     for text in overrides:
-        _set(config, *parse_override(text))
+        key, value = parse_override(text)
+        _set(config, key, value, raw=text.partition("=")[2])
     validate(config)
     return config
 
@@ -170,13 +258,19 @@ def validate(config: JobConfig) -> None:
     for section, values in data.items():
         for name, value in values.items():
             key = f"{section}.{name}"
-            if value == REQUIRED:
-                raise UserError(f"config key {key} is required")
+            if key in REQUIRED_HELP and (value == REQUIRED or not str(value).strip()):
+                raise UserError(
+                    f"config key {key} is required: {REQUIRED_HELP[key]}; "
+                    f"set it in the config file or as {key}=..."
+                )
             if key in CHOICES and value not in CHOICES[key]:
-                raise UserError(f"config key {key}: expected one of {'|'.join(CHOICES[key])}, got {value!r}")
+                expected = ", ".join(CHOICES[key])
+                raise UserError(f"config key {key}: expected one of {expected}, got {_show(value)}")
             if key in POSITIVE and value < 1:
                 raise UserError(f"config key {key}: must be at least 1, got {value}")
     if config.batching.max_tokens < 8:
-        raise UserError(f"config key batching.max_tokens: must be at least 8, got {config.batching.max_tokens}")
+        raise UserError(
+            f"config key batching.max_tokens: must be at least 8, got {config.batching.max_tokens}"
+        )
     if config.decoder.mode == "targets" and not config.input.target_column:
         raise UserError("config key input.target_column is required when decoder.mode=targets")

@@ -42,8 +42,12 @@ class WorkUnit:
         return f"part-{self.index:05d}"
 
 
+_GLOB_CHARS = frozenset("*?[")
+
+
 def find_input_files(pattern: str) -> list[str]:
     """Resolve a Parquet file, a directory of them (recursively) or a glob, in sorted path order."""
+    pattern = os.path.expanduser(pattern)
     path = Path(pattern)
     if path.is_file():
         return [str(path)]
@@ -51,41 +55,57 @@ def find_input_files(pattern: str) -> list[str]:
         files = sorted(
             str(p)
             for p in path.rglob("*.parquet")
-            if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+            if p.is_file()
+            and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
         )
         if not files:
             raise UserError(f"input.path {pattern}: directory holds no *.parquet files")
         return files
+    if not _GLOB_CHARS & set(pattern):
+        raise UserError(f"input.path {pattern}: no such file or directory")
     files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
-        raise UserError(f"input.path {pattern}: no file matches")
+        raise UserError(f"input.path {pattern}: no file matches this pattern")
     return files
 
 
 def _is_string(tp: pa.DataType) -> bool:
+    """Plain, large, view or dictionary-encoded (pandas categorical) strings."""
+    if pa.types.is_dictionary(tp):
+        tp = tp.value_type
     return pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp)
 
 
 def _check_columns(path: str, schema: pa.Schema, cfg: InputConfig) -> None:
     names = schema.names
-    wanted = [("input.text_column", cfg.text_column), ("input.id_column", cfg.id_column),
-              ("input.target_column", cfg.target_column)]
+    wanted = [
+        ("input.text_column", cfg.text_column),
+        ("input.id_column", cfg.id_column),
+        ("input.target_column", cfg.target_column),
+    ]
     for key, column in wanted:
         if column is not None and column not in names:
-            raise UserError(
-                f"{key}: column {column!r} not in {path}; columns are {', '.join(names)}"
-            )
-    for key, column in (("input.text_column", cfg.text_column), ("input.target_column", cfg.target_column)):
+            existing = ", ".join(names) or "none"
+            raise UserError(f"{key}: no column {column!r} in {path}; its columns are {existing}")
+    for key, column in (
+        ("input.text_column", cfg.text_column),
+        ("input.target_column", cfg.target_column),
+    ):
         if column is not None and not _is_string(schema.field(column).type):
-            raise UserError(
-                f"{key}: column {column!r} in {path} has type {schema.field(column).type}, expected string"
-            )
+            tp = schema.field(column).type
+            raise UserError(f"{key}: column {column!r} in {path} has type {tp}; expected strings")
     if cfg.id_column is not None:
         tp = schema.field(cfg.id_column).type
         if not (pa.types.is_integer(tp) or _is_string(tp)):
             raise UserError(
-                f"input.id_column: column {cfg.id_column!r} in {path} has type {tp}, expected integer or string"
+                f"input.id_column: column {cfg.id_column!r} in {path} has type {tp}; "
+                "expected integers or strings"
             )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
@@ -95,15 +115,17 @@ def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
     for path in find_input_files(cfg.path):
         try:
             meta = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise UserError(f"input file {path} is not valid Parquet: {str(exc).splitlines()[0]}") from None
-        schema = meta.schema_arrow
+            schema = meta.schema_arrow
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"input file {path} is not valid Parquet: {_first_line(exc)}") from None
         _check_columns(path, schema, cfg)
         if cfg.id_column is not None:
             tp = schema.field(cfg.id_column).type
             if id_type is not None and _is_string(tp) != _is_string(id_type):
-                raise UserError(f"input.id_column: column {cfg.id_column!r} in {path} has type {tp}, "
-                                f"other files have {id_type}")
+                raise UserError(
+                    f"input.id_column: column {cfg.id_column!r} in {path} has type {tp}, "
+                    f"other files have {id_type}"
+                )
             id_type = id_type or tp
         inputs.append(InputFile(path, meta.metadata.num_rows, os.path.getsize(path)))
     return inputs
@@ -117,21 +139,53 @@ def id_type(inputs: list[InputFile], cfg: InputConfig) -> pa.DataType:
     return pa.string() if _is_string(tp) else pa.int64()
 
 
+def _read_column(path: str, column: str) -> pa.ChunkedArray:
+    try:
+        return pq.read_table(path, columns=[column]).column(0)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(
+            f"input file {path}: cannot read column {column!r}: {_first_line(exc)}"
+        ) from None
+
+
+def _as_id(column: pa.ChunkedArray | pa.Array, path: str, name: str) -> pa.ChunkedArray | pa.Array:
+    """Ids as string or int64, the two types the output's `id` column can have."""
+    try:
+        return column.cast(pa.string()) if _is_string(column.type) else column.cast(pa.int64())
+    except pa.ArrowInvalid as exc:  # e.g. a uint64 id beyond int64
+        raise UserError(
+            f"input.id_column: column {name!r} in {path} does not fit int64 ids: {_first_line(exc)}"
+        ) from None
+
+
 def check_unique_ids(inputs: list[InputFile], cfg: InputConfig) -> None:
-    """Refuse duplicate ids, naming one, since results are joined back to the input by id."""
+    """Refuse null or duplicate ids, naming one and its files, since results join back by id."""
     if cfg.id_column is None:
         return
-    chunks = []
+    columns = []
     for item in inputs:
-        column = pq.read_table(item.path, columns=[cfg.id_column]).column(0)
+        column = _read_column(item.path, cfg.id_column)
         if column.null_count:
-            raise UserError(f"input.id_column: column {cfg.id_column!r} in {item.path} has null ids")
-        chunks.append(column.cast(pa.string()) if _is_string(column.type) else column.cast(pa.int64()))
-    ids = pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=chunks[0].type)
+            raise UserError(
+                f"input.id_column: column {cfg.id_column!r} in {item.path} has "
+                f"{column.null_count} null id(s); every row needs an id"
+            )
+        columns.append(_as_id(column, item.path, cfg.id_column))
+    chunks = [chunk for column in columns for chunk in column.chunks]
+    ids = pa.chunked_array(chunks, type=columns[0].type)
     counts = pc.value_counts(ids)
-    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
     if len(repeated):
-        raise UserError(f"input.id_column: id {repeated[0].as_py()!r} occurs more than once")
+        value, times = repeated[0]["values"].as_py(), repeated[0]["counts"].as_py()
+        where = [
+            Path(item.path).name
+            for item, column in zip(inputs, columns, strict=True)
+            if pc.any(pc.equal(column, value)).as_py()
+        ]
+        raise UserError(
+            f"input.id_column: id {value!r} occurs {times} times (in {', '.join(where)}); "
+            f"ids in column {cfg.id_column!r} must be unique"
+        )
 
 
 def plan_units(inputs: list[InputFile], shard_rows: int) -> list[WorkUnit]:
@@ -149,22 +203,37 @@ def plan_units(inputs: list[InputFile], shard_rows: int) -> list[WorkUnit]:
 def read_unit(unit: WorkUnit, cfg: InputConfig) -> pa.Table:
     """Read the unit's rows (only the row groups that overlap it) with an `id` column first."""
     columns = [c for c in (cfg.id_column, cfg.text_column, cfg.target_column) if c is not None]
-    parquet = pq.ParquetFile(unit.file)
-    groups, first_row, row = [], None, 0
-    for index in range(parquet.metadata.num_row_groups):
-        count = parquet.metadata.row_group(index).num_rows
-        if row < unit.stop and row + count > unit.start:
-            groups.append(index)
-            first_row = row if first_row is None else first_row
-        row += count
-    table = parquet.read_row_groups(groups, columns=list(dict.fromkeys(columns)))
+    try:
+        parquet = pq.ParquetFile(unit.file)
+        groups, first_row, row = [], 0, 0
+        for index in range(parquet.metadata.num_row_groups):
+            count = parquet.metadata.row_group(index).num_rows
+            if row < unit.stop and row + count > unit.start:
+                first_row = row if not groups else first_row
+                groups.append(index)
+            row += count
+        table = parquet.read_row_groups(groups, columns=list(dict.fromkeys(columns)))
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(
+            f"input file {unit.file}: cannot read rows {unit.start}-{unit.stop - 1}: "
+            f"{_first_line(exc)}"
+        ) from None
     table = table.slice(unit.start - first_row, unit.rows)
+    if table.num_rows != unit.rows:  # the file shrank after the job planned its units
+        raise UserError(
+            f"input file {unit.file} changed while the job ran: rows {unit.start}-{unit.stop - 1} "
+            f"were planned but only {table.num_rows} could be read"
+        )
     if cfg.id_column is None:
         ids = pa.array(np.arange(unit.row_offset, unit.row_offset + unit.rows, dtype=np.int64))
     else:
-        ids = table.column(cfg.id_column).combine_chunks()
-        ids = ids.cast(pa.string()) if _is_string(ids.type) else ids.cast(pa.int64())
-    out = {"id": ids, "text": table.column(cfg.text_column)}
+        ids = _as_id(table.column(cfg.id_column).combine_chunks(), unit.file, cfg.id_column)
+    out = {"id": ids, "text": _plain_strings(table.column(cfg.text_column))}
     if cfg.target_column is not None:
-        out["target"] = table.column(cfg.target_column)
+        out["target"] = _plain_strings(table.column(cfg.target_column))
     return pa.table(out)
+
+
+def _plain_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Decode a dictionary-encoded (categorical) string column; other string types pass through."""
+    return column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column

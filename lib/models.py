@@ -54,35 +54,93 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+# Class-name endings of the heads this job can use; older checkpoints name e.g. T5WithLMHeadModel.
+_LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "WithLMHead")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    # OSError and ValueError carry a readable message; anything else needs its type to make sense.
+    if isinstance(exc, OSError | ValueError) and line:
+        return line
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 def _load_error(path: str, exc: Exception) -> UserError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
-    where = "a local directory" if os.path.isdir(path) else "a hub id"
-    hint = ""
-    if not os.path.exists(path):
-        hint = (" (no such local directory; offline mode is on, so the hub was not asked)" if offline
-                else " (no such local directory, and the hub could not provide it)")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UserError(f"model.path {path}: cannot load it as {where}{hint}: {first}")
+    """Say why `path` did not load: a file, a broken directory, no such directory, or the hub."""
+    log.debug("loading %s failed", path, exc_info=exc)
+    offline = [name for name in _OFFLINE_VARIABLES
+               if os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")]
+    if os.path.isfile(path):
+        return UserError(f"model.path {path} is a file; expected a checkpoint directory "
+                         "or a hub id")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            return UserError(f"model.path {path}: the directory has no config.json, so it is not a "
+                             "Hugging Face checkpoint")
+        return UserError(f"model.path {path}: cannot load the checkpoint in this directory: "
+                         f"{_first_line(exc)}")
+    # `org/name` or `name` is a hub id; anything else that does not exist is a mistyped local path.
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
+        return UserError(f"model.path {path}: no such directory")
+    if offline:
+        return UserError(f"model.path {path}: no such local directory, and the hub id is not in "
+                         "the local cache; the hub was not asked because offline mode is on "
+                         f"({offline[0]}=1)")
+    return UserError(f"model.path {path}: no such local directory, and the hub could not provide "
+                     f"it: {_first_line(exc)}")
+
+
+def _remote_code_error(path: str, exc: Exception) -> UserError | None:
+    if "trust_remote_code" in str(exc):
+        return UserError(f"model.path {path}: the checkpoint needs its own Python code to load; "
+                         "set model.trust_remote_code=true only if you trust that code")
+    return None
+
+
+def _may_have_pickled_weights(path: str) -> bool:
+    """False for a local directory without .bin/.pt files: its weights are missing, not refused."""
+    if not os.path.isdir(path):
+        return True  # a hub id: it cannot be listed offline, so assume the refusal is the reason
+    return any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in os.listdir(path))
 
 
 def _task_kind(config) -> bool:
     """True for seq2seq, False for causal; a UserError for anything else."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     )
 
     model_type = getattr(config, "model_type", None)
     auto_map = getattr(config, "auto_map", None) or {}
+    path = getattr(config, "name_or_path", "") or "?"
+    neither = f"model.path {path}: the checkpoint (model type {model_type!r}"
+    # The saved architecture says which head the weights are for: a BertModel or a
+    # BertForMaskedLM checkpoint would load as BertLMHeadModel with a random or bidirectional head.
+    architectures = getattr(config, "architectures", None) or []
+    mappings = (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    known = {name for mapping in mappings for names in mapping.values()
+             for name in ([names] if isinstance(names, str) else names)}
+    if architectures and not any(a in known or a.endswith(_LM_HEAD_SUFFIXES)
+                                 for a in architectures):
+        raise UserError(f"{neither}, architecture {', '.join(architectures)}) is neither a "
+                        "seq2seq LM nor a causal LM; this job needs one of the two")
     if getattr(config, "is_encoder_decoder", False) and (
-        model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or "AutoModelForSeq2SeqLM" in auto_map
+        model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+        or "AutoModelForSeq2SeqLM" in auto_map
     ):
         return True
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map:
+        encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        if encoder and getattr(config, "is_decoder", None) is False:
+            raise UserError(f"{neither}) is an encoder that attends in both directions "
+                            "(is_decoder is false), not a causal LM")
         return False
-    raise UserError(
-        f"model.path: checkpoint of type {model_type!r} is neither a seq2seq LM nor a causal LM"
-    )
+    raise UserError(f"{neither}) is neither a seq2seq LM nor a causal LM")
 
 
 def _head_attr(model: nn.Module) -> str | None:
@@ -129,45 +187,65 @@ def _split_head_is_exact(lm: LoadedModel) -> bool:
 
 
 def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
-    """Load tokenizer and model from a hub id or a local directory, pick the family, move to `device`."""
+    """Load tokenizer and model from a hub id or a local directory, pick the family, move it."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    # A progress bar on stderr would turn a later one-line error into several lines.
+    transformers.utils.logging.disable_progress_bar()
+    # Whatever from_pretrained raises (missing files, bad JSON, corrupt weights, hub errors) is
+    # about the checkpoint the user named, so each becomes a one-line UserError naming it.
     try:
         config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise UserError(f"model.path {cfg.path}: the checkpoint needs custom code; "
-                            "set model.trust_remote_code=true only if you trust it") from None
-        raise _load_error(cfg.path, exc) from None
-    except (OSError, KeyError) as exc:
-        raise _load_error(cfg.path, exc) from None
+    except Exception as exc:
+        raise _remote_code_error(cfg.path, exc) or _load_error(cfg.path, exc) from None
     is_seq2seq = _task_kind(config)
     dtype = resolve_dtype(cfg.dtype, device)
-    if dtype == torch.float16 and getattr(config, "model_type", "") in ("t5", "mt5", "umt5", "longt5"):
-        warnings.warn("model.dtype=float16 with a T5-family model overflows to inf/nan; use bfloat16",
-                      stacklevel=2)
+    if dtype == torch.float16 and config.model_type in ("t5", "mt5", "umt5", "longt5"):
+        warnings.warn("model.dtype=float16 with a T5-family model overflows to inf/nan; "
+                      "use bfloat16", stacklevel=2)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise _load_error(cfg.path, exc) from None
+    except Exception as exc:
+        raise _remote_code_error(cfg.path, exc) or _load_error(cfg.path, exc) from None
+    if len(tokenizer) < 4:  # transformers builds an empty tokenizer when the files are missing
+        raise UserError(f"model.path {cfg.path}: no usable tokenizer (the one found has "
+                        f"{len(tokenizer)} token(s)); the checkpoint needs its tokenizer files, "
+                        "e.g. tokenizer.json")
     model_class = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
     kwargs = dict(config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                  use_safetensors=None if cfg.allow_pickle else True)
+                  use_safetensors=None if cfg.allow_pickle else True, output_loading_info=True)
+    verbosity = transformers.utils.logging.get_verbosity()
+    # Its multi-line load report is about missing weights, which are an error below.
+    transformers.utils.logging.set_verbosity_error()
     try:
         try:
-            model = model_class.from_pretrained(cfg.path, attn_implementation="sdpa", **kwargs)
+            model, info = model_class.from_pretrained(cfg.path, attn_implementation="sdpa",
+                                                      **kwargs)
         except ValueError as exc:
             if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
                 raise
-            model = model_class.from_pretrained(cfg.path, **kwargs)
-    except OSError as exc:
-        if not cfg.allow_pickle and "safetensors" in str(exc).lower():
-            raise UserError(f"model.path {cfg.path}: no safetensors weights; pickled weights can run "
-                            "code when loaded, so they need model.allow_pickle=true") from None
-        raise _load_error(cfg.path, exc) from None
+            model, info = model_class.from_pretrained(cfg.path, **kwargs)
+    except Exception as exc:
+        refused = isinstance(exc, OSError) and "safetensors" in str(exc).lower()
+        if not cfg.allow_pickle and refused and _may_have_pickled_weights(cfg.path):
+            raise UserError(f"model.path {cfg.path}: no safetensors weights; pickled weights can "
+                            "run code when loaded, so they need model.allow_pickle=true") from None
+        raise _remote_code_error(cfg.path, exc) or _load_error(cfg.path, exc) from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise UserError(f"model.path {cfg.path}: the checkpoint lacks {len(missing)} weight(s) of "
+                        f"{type(model).__name__} (e.g. {missing[0]}); they would be random, so the "
+                        "logits would mean nothing")
+    if info.get("unexpected_keys"):
+        log.info("ignored %d checkpoint weight(s) that %s does not use",
+                 len(info["unexpected_keys"]), type(model).__name__)
     model.eval().requires_grad_(False).to(device)
 
-    vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else config.vocab_size
+    head = model.get_output_embeddings()
+    vocab_size = head.weight.shape[0] if head is not None else config.vocab_size
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # causal tokenizers often have none; padded positions are masked anyway
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

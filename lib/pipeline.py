@@ -101,6 +101,7 @@ class Extraction:
         self.full = config.output.logits == "full"
         self.output_dtype = getattr(torch, config.output.dtype)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
+        self.unit_ids: dict[int, pa.Array] = {}  # ids of the units in flight, to name a row
         self.stats = RunStats()
         self.stop = threading.Event()
 
@@ -193,7 +194,8 @@ class Extraction:
             torch.cuda.empty_cache()
         requests = batch.requests
         if len(requests) == 1:
-            raise UserError(f"row {requests[0].row} of the unit does not fit in device memory even alone "
+            row_id = self.unit_ids[unit][requests[0].row].as_py()
+            raise UserError(f"input id {row_id!r} does not fit in device memory even alone "
                             f"({len(requests[0].ids)} tokens); lower input.max_length")
         half = len(requests) // 2
         self.row_caps[width] = min(half, self.row_caps.get(width, half))
@@ -292,7 +294,10 @@ class Extraction:
                     bar.update(len(batch.requests))
                     self.stats.scored += len(batch.requests)
                 else:
+                    if isinstance(item, UnitEnd):
+                        self.unit_ids.pop(item.unit.index, None)
                     if isinstance(item, UnitStart):
+                        self.unit_ids[item.unit.index] = item.ids
                         bar.update(len(item.skipped))
                         self.stats.rows += item.unit.rows
                         self.stats.skipped += len(item.skipped)

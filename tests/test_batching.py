@@ -166,8 +166,9 @@ def test_targets_requests(tokenizers, sample_texts):
         decoder_start_token_id=START_ID,
     )
     assert unit.skipped == []  # T5 targets always hold EOS, even for ""
-    want_truncated = sum(len(encode(tok, t)) > 9 for t in sample_texts) + sum(
-        len(tok(text_target=t)["input_ids"]) > 9 for t in targets
+    want_truncated = sum(
+        len(encode(tok, s)) > 9 or len(tok(text_target=t)["input_ids"]) > 9
+        for s, t in zip(sample_texts, targets, strict=True)
     )
     assert unit.truncated == want_truncated
     for request, text, target in zip(unit.requests, sample_texts, targets, strict=True):
