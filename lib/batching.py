@@ -156,33 +156,53 @@ def tokenize_unit(table: pa.Table, tokenizer, task: str, prefix: str, max_length
     return TokenizedUnit(requests, skipped, truncated)
 
 
-def _cost(requests: list[Request], decoder_length: int) -> int:
-    """Padded tokens of a batch: encoder (or causal) plus decoder positions."""
-    enc = round_up(max(len(r.ids) for r in requests))
-    dec = decoder_length or max((len(r.decoder_ids or ()) for r in requests), default=0)
-    return len(requests) * (enc + round_up(dec) if dec else enc)
+def _padded_width(lengths: np.ndarray) -> np.ndarray:
+    """`round_up` over an array."""
+    return np.where(lengths <= 1, lengths, -(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
-def make_batches(requests: list[Request], max_tokens: int, decoder_length: int = 0) -> list[list[Request]]:
-    """Sort longest first (an OOM shows at once) and fill batches up to `max_tokens` padded tokens.
+def make_batches(requests: list[Request], max_tokens: int, decoder_length: int = 0,
+                 batch_cost: float | None = None) -> list[list[Request]]:
+    """Split requests into batches of at most `max_tokens` padded tokens with little padding.
 
-    `decoder_length` is the fixed decoder budget per row in generate mode (0 otherwise).
-    A row longer than the budget on its own still gets a batch of one.
+    Rows are sorted longest first (an OOM shows at once), then cut into consecutive batches by
+    dynamic programming that minimises padded tokens plus `batch_cost` tokens per batch (default
+    max_tokens / 32, which stands for a batch's fixed overhead). Filling each batch greedily
+    instead wastes a quarter of the compute on a log-normal length mix when a unit holds only a
+    few batches' worth of rows (measured: 75% real tokens greedy, 93% with this cut).
+    A seq2seq batch counts encoder plus decoder positions; `decoder_length` is the fixed decoder
+    budget per row in generate mode (0 otherwise). A row over the budget gets a batch of one.
     """
     # Seq2seq rows pad two lengths; ordering by the longer one packs both best when they are
     # unrelated (measured: 61% real tokens against 33% ordering by encoder length alone).
     ordered = sorted(requests, key=lambda r: (max(len(r.ids), len(r.decoder_ids or ())), len(r.ids), -r.row),
                      reverse=True)
-    batches: list[list[Request]] = []
-    current: list[Request] = []
-    for request in ordered:
-        if current and _cost(current + [request], decoder_length) > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(request)
-    if current:
-        batches.append(current)
-    return batches
+    n = len(ordered)
+    if n == 0:
+        return []
+    overhead = max_tokens / 32 if batch_cost is None else batch_cost
+    enc = np.array([len(r.ids) for r in ordered], dtype=np.int64)
+    dec = np.array([decoder_length or len(r.decoder_ids or ()) for r in ordered], dtype=np.int64)
+    own = _padded_width(enc) + _padded_width(dec)
+    best = np.zeros(n + 1)  # best[i]: least cost of batching ordered[:i]
+    cut = np.zeros(n + 1, dtype=np.int64)  # the last batch of that solution starts here
+    for i in range(1, n + 1):
+        # A batch ordered[j:i] is at least as wide as its last row, which bounds how far back j goes.
+        window = max(1, min(i, max_tokens // max(1, int(own[i - 1]))))
+        starts = np.arange(i - window, i)
+        widest_enc = np.maximum.accumulate(enc[starts][::-1])[::-1]
+        widest_dec = np.maximum.accumulate(dec[starts][::-1])[::-1]
+        padded = (i - starts) * (_padded_width(widest_enc) + _padded_width(widest_dec))
+        total = np.where(padded <= max_tokens, best[starts] + padded + overhead, np.inf)
+        total[-1] = best[i - 1] + padded[-1] + overhead  # a single row always fits
+        pick = int(np.argmin(total))
+        best[i], cut[i] = total[pick], starts[pick]
+    bounds = []
+    i = n
+    while i > 0:
+        bounds.append((int(cut[i]), i))
+        i = int(cut[i])
+    return [ordered[a:b] for a, b in reversed(bounds)]
 
 
 def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

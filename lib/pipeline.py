@@ -307,6 +307,9 @@ class Extraction:
                     break
                 elapsed = time.perf_counter() - started
                 bar.set_postfix_str(f"{self.stats.real_tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+        except BaseException:
+            bar.leave = False  # erase the bar, so that an error is the last line on the terminal
+            raise
         finally:
             # The writer commits the units it has seen end and discards the one in progress.
             while saver.is_alive():
@@ -375,6 +378,10 @@ def run_job(config: JobConfig) -> dict:
 
     started = time.perf_counter()
     inputs = corpus.inspect_inputs(config.input)
+    out_dir = Path(config.output.dir)
+    inside = [f.path for f in inputs if Path(f.path).resolve().is_relative_to(out_dir.resolve())]
+    if inside:  # output.overwrite would delete them as the job's own part-* files
+        raise UserError(f"output.dir {out_dir} holds input file {inside[0]}; choose another output.dir")
     corpus.check_unique_ids(inputs, config.input)
     id_type = corpus.id_type(inputs, config.input)
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -387,7 +394,6 @@ def run_job(config: JobConfig) -> dict:
     units = corpus.plan_units(inputs, config.output.shard_rows)
     schema = writer.output_schema(id_type, config.output.k, lm.vocab_size, config.output.dtype,
                                   config.output.logits == "full")
-    out_dir = Path(config.output.dir)
     fp = resume.fingerprint(config, inputs, lm.identity)
 
     record = {}

@@ -275,8 +275,17 @@ def test_make_batches(kind, max_tokens, decoder_length):
     for i, batch in enumerate(batches):
         cost = padded_cost(batch, decoder_length)
         assert cost <= max_tokens or len(batch) == 1, (i, cost)
-        if i + 1 < len(batches):  # greedy fill: the next request would not have fitted
-            assert padded_cost(batch + [batches[i + 1][0]], decoder_length) > max_tokens, i
+    # Never worse than filling each batch greedily, on the objective the cut minimises.
+    overhead = max_tokens / 32
+    greedy, current = [], []
+    for request in flat:
+        if current and padded_cost(current + [request], decoder_length) > max_tokens:
+            greedy.append(current)
+            current = []
+        current.append(request)
+    greedy.append(current)
+    ours = sum(padded_cost(b, decoder_length) + overhead for b in batches)
+    assert ours <= sum(padded_cost(b, decoder_length) + overhead for b in greedy)
     # Longest first: the length that sets the padding never grows along the batches.
     key = [max(len(r.ids), len(r.decoder_ids or ())) for r in flat]
     assert key == sorted(key, reverse=True)
@@ -294,8 +303,34 @@ def test_row_over_budget_gets_a_batch_of_its_own():
         Request(1, [1] * 100, None, 0, []),
         Request(2, [1] * 20, None, 0, []),
     ]
-    batches = batching.make_batches(requests, max_tokens=64, decoder_length=0)
+    batches = batching.make_batches(requests, max_tokens=64, decoder_length=0, batch_cost=100)
     assert [[r.row for r in b] for b in batches] == [[1], [0, 2]]
+
+
+def test_make_batches_is_optimal_on_small_inputs():
+    """Brute force over every cut of the sorted rows: the dynamic program finds the cheapest."""
+    rng = random.Random(5)
+    for trial in range(30):
+        lengths = [rng.choice([1, 3, 9, 17, 30, 33, 60]) for _ in range(rng.randint(1, 8))]
+        requests = [Request(i, [1] * n, None, 0, []) for i, n in enumerate(lengths)]
+        budget, overhead = rng.choice([64, 128, 256]), rng.choice([0, 8, 40])
+        batches = batching.make_batches(requests, budget, batch_cost=overhead)
+        flat = [r for b in batches for r in b]
+
+        def cost(batch):
+            return len(batch) * batching.round_up(max(len(r.ids) for r in batch)) + overhead
+
+        def feasible(batch):
+            return len(batch) == 1 or cost(batch) - overhead <= budget
+
+        best = min(
+            sum(cost(flat[a:b]) for a, b in zip((0, *cuts), (*cuts, len(flat)), strict=True))
+            for mask in range(2 ** (len(flat) - 1))
+            for cuts in [tuple(i + 1 for i in range(len(flat) - 1) if mask >> i & 1)]
+            if all(feasible(flat[a:b]) for a, b in zip((0, *cuts), (*cuts, len(flat)), strict=True))
+        )
+        assert all(feasible(b) for b in batches), trial
+        assert sum(cost(b) for b in batches) == best, (trial, lengths, budget, overhead)
 
 
 # -- collate ----------------------------------------------------------------------------------
