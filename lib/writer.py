@@ -25,7 +25,9 @@ JOB = "_job.json"
 EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
 
 
-def output_schema(id_type: pa.DataType, k: int, vocab_size: int, logits_dtype: str, full: bool) -> pa.Schema:
+def output_schema(
+    id_type: pa.DataType, k: int, vocab_size: int, logits_dtype: str, full: bool
+) -> pa.Schema:
     """One row per scored position; top-k columns, or a `logits` column in full mode."""
     value_type = pa.float16() if logits_dtype == "float16" else pa.float32()
     fields = [
@@ -50,8 +52,14 @@ def _fixed_list(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, width)
 
 
-def to_table(schema: pa.Schema, ids: pa.Array, row: np.ndarray, position: np.ndarray,
-             token_id: np.ndarray, stats: dict[str, np.ndarray]) -> pa.Table:
+def to_table(
+    schema: pa.Schema,
+    ids: pa.Array,
+    row: np.ndarray,
+    position: np.ndarray,
+    token_id: np.ndarray,
+    stats: dict[str, np.ndarray],
+) -> pa.Table:
     """Build output rows from numpy arrays with no per-row Python objects."""
     no_token = ~stats["has_token"]
     columns = {
@@ -117,12 +125,22 @@ class ShardWriter:
         self.final = shard_path(out_dir, name, fmt)
         self.tmp = out_dir / f".{self.final.name}.tmp"
         self.rows = 0
+        self._writer = None
         self._sink = pa.OSFile(str(self.tmp), "wb")
-        if fmt == "parquet":
-            self._writer = pq.ParquetWriter(self._sink, schema, compression="zstd",
-                                            use_dictionary=["id"], write_statistics=["id", "position"])
-        else:
-            self._writer = pa.ipc.new_file(self._sink, schema)
+        try:
+            if fmt == "parquet":
+                self._writer = pq.ParquetWriter(
+                    self._sink,
+                    schema,
+                    compression="zstd",
+                    use_dictionary=["id"],
+                    write_statistics=["id", "position"],
+                )
+            else:
+                self._writer = pa.ipc.new_file(self._sink, schema)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -131,24 +149,37 @@ class ShardWriter:
             crash_point("shard_write")
 
     def commit(self, record: dict) -> None:
-        """Close and fsync the shard, write its record, then make it visible under its final name."""
-        self._writer.close()
-        self._sink.close()
-        fd = os.open(self.tmp, os.O_RDONLY)
+        """Close and fsync the shard, write its record, then make it visible under its name."""
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        crash_point("before_rename")
-        write_atomic(self.out_dir / UNITS_DIR / f"{self.name}.json",
-                     json.dumps({"file": self.final.name, "rows": self.rows, **record}).encode())
-        crash_point("between_record_and_shard")
+            self._writer.close()
+            self._sink.close()
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            crash_point("before_rename")
+            write_atomic(
+                self.out_dir / UNITS_DIR / f"{self.name}.json",
+                json.dumps({"file": self.final.name, "rows": self.rows, **record}).encode(),
+            )
+            crash_point("between_record_and_shard")
+        except BaseException:
+            self.abort()  # e.g. a full disk while closing: never rename a file that may be short
+            raise
         os.replace(self.tmp, self.final)
         fsync_dir(self.out_dir)
 
     def abort(self) -> None:
         """Discard the temporary file; a writer closed by an exception would leave partial rows."""
         try:
+            # Close the format writer first (its footer goes to a file we delete): left open,
+            # a ParquetWriter closes itself when garbage-collected and writes to a closed sink.
+            if self._writer is not None:
+                try:
+                    self._writer.close()
+                except Exception:
+                    pass
             self._sink.close()
         finally:
             self.tmp.unlink(missing_ok=True)

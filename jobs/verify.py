@@ -1,0 +1,55 @@
+"""Check an output directory: `python -m jobs.verify OUT_DIR [--input [PATH] [--id-column COL]]`.
+
+Prints one line per problem and exits 1, or prints one OK line and exits 0. `--input` also checks
+that every input id is scored or skipped, exactly once; without a PATH it takes the input path
+and id column from the manifest's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lib.verify import verify
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.verify",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("out_dir", help="the job's output.dir")
+    parser.add_argument(
+        "--input",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="input Parquet file, directory or glob (default: the manifest's input.path)",
+    )
+    parser.add_argument(
+        "--id-column",
+        default=None,
+        help="input id column (default: the manifest's input.id_column)",
+    )
+    args = parser.parse_args(argv)
+    report = verify(
+        args.out_dir,
+        input_path=args.input or None,
+        id_column=args.id_column,
+        check_input=args.input is not None or args.id_column is not None,
+    )
+    for problem in report.problems:
+        print(f"{args.out_dir}: {problem}", file=sys.stderr)
+    if report.problems:
+        return 1
+    checked = (
+        f", {report.input_rows:,} input ids accounted for" if report.input_rows is not None else ""
+    )
+    print(f"OK {args.out_dir}: {report.shards} shards, {report.output_rows:,} rows{checked}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Check a finished output directory: every shard readable and as the manifest says, no row twice,
+no temporary file left, and (given the input) every input id scored or skipped, exactly once.
+
+Only the `id` and `position` columns are read, one shard at a time, so memory grows with the
+number of input rows, not with the number of output rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lib import corpus, writer
+from lib.errors import UserError
+
+EXAMPLES = 3  # ids quoted in a problem line
+
+
+@dataclass
+class Report:
+    problems: list[str]
+    shards: int = 0
+    output_rows: int = 0
+    input_rows: int | None = None  # set when the input was checked
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _examples(values: pa.Array) -> str:
+    return ", ".join(repr(v) for v in values.slice(0, EXAMPLES).to_pylist())
+
+
+def _type_text(text: str) -> str:
+    """A type's text without list child names, which Parquet renames (`item` -> `element`)."""
+    return re.sub(r"<\w+: ", "<", text)
+
+
+def _schema_difference(actual: pa.Schema, expected: list[dict]) -> str | None:
+    """The first difference between a shard's schema and the manifest's, None when they agree."""
+    got = [(f.name, _type_text(str(f.type)), f.nullable) for f in actual]
+    want = [(f["name"], _type_text(f["type"]), f["nullable"]) for f in expected]
+    if [g[0] for g in got] != [w[0] for w in want]:
+        names = ", ".join(g[0] for g in got)
+        return f"columns {names}; the manifest has {', '.join(w[0] for w in want)}"
+    for (name, tp, nullable), (_, want_tp, want_nullable) in zip(got, want, strict=True):
+        if tp != want_tp or nullable != want_nullable:
+            return (
+                f"column {name} is {tp}{'' if nullable else ' not null'}, the manifest says "
+                f"{want_tp}{'' if want_nullable else ' not null'}"
+            )
+    return None
+
+
+def _read_keys(path: Path, fmt: str) -> tuple[pa.Schema, pa.Table]:
+    """A shard's schema and its (id, position) columns; raises on an unreadable file."""
+    if fmt == "arrow":
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))  # zero-copy: other columns stay on disk
+        schema = reader.schema
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    else:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+    missing = [name for name in ("id", "position") if name not in schema.names]
+    if missing:
+        raise ValueError(f"no {' or '.join(missing)} column")
+    key_schema = pa.schema([schema.field("id"), schema.field("position")])
+    if fmt == "arrow":
+        for batch in batches:
+            batch.validate()
+        return schema, pa.Table.from_batches(
+            [b.select(["id", "position"]) for b in batches], key_schema
+        )
+    with parquet:
+        keys = parquet.read(columns=["id", "position"])
+        if keys.num_rows != parquet.metadata.num_rows:
+            raise ValueError(
+                f"footer says {parquet.metadata.num_rows} rows, the columns hold {keys.num_rows}"
+            )
+    return schema, keys
+
+
+def _check_manifest(manifest: object) -> str | None:
+    """What is missing from a manifest, None when it has every key this check reads."""
+    if not isinstance(manifest, dict):
+        return "is not a JSON object"
+    for key, kind in (("schema", list), ("shards", list), ("totals", dict), ("format", str)):
+        if not isinstance(manifest.get(key), kind):
+            return f"has no valid {key!r}"
+    if manifest["format"] not in writer.EXTENSIONS:
+        return f"names an unknown format {manifest['format']!r}"
+    for shard in manifest["shards"]:
+        if not (
+            isinstance(shard, dict)
+            and isinstance(shard.get("file"), str)
+            and isinstance(shard.get("rows"), int)
+        ):
+            return f"has a malformed shard entry {shard!r}"
+    for key in ("input_rows", "scored_rows", "skipped_rows", "output_rows"):
+        if not isinstance(manifest["totals"].get(key), int):
+            return f"has no totals.{key}"
+    return None
+
+
+def _temporaries(out_dir: Path) -> list[Path]:
+    found = [p for p in out_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    units = out_dir / writer.UNITS_DIR
+    if units.is_dir():
+        found += [p for p in units.iterdir() if p.name.endswith(".tmp")]
+    return sorted(found)
+
+
+def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[pa.Array, int, bool]:
+    """Check every shard against the manifest.
+
+    Returns the distinct output ids, the row count and whether every listed shard was read.
+    """
+    fmt = manifest["format"]
+    listed = {s["file"]: s["rows"] for s in manifest["shards"]}
+    if len(listed) != len(manifest["shards"]):
+        problems.append("the manifest lists a shard more than once")
+    on_disk = sorted(
+        p.name for p in out_dir.iterdir() if p.name.startswith("part-") and p.is_file()
+    )
+    for name in sorted(set(listed) - set(on_disk)):
+        problems.append(f"shard {name} is listed in the manifest but missing")
+    for name in sorted(set(on_disk) - set(listed)):
+        problems.append(f"shard {name} is not listed in the manifest")
+
+    unique_ids, owners, readable, rows = [], [], [], 0
+    for name in on_disk:
+        fmt_here = (
+            "arrow" if name.endswith(".arrow") else "parquet" if name.endswith(".parquet") else fmt
+        )
+        try:
+            schema, keys = _read_keys(out_dir / name, fmt_here)
+        except Exception as exc:  # any failure to read is the finding, whatever pyarrow raises
+            problems.append(f"shard {name} is not readable: {_first_line(exc)}")
+            continue
+        rows += keys.num_rows
+        difference = _schema_difference(schema, manifest["schema"])
+        if difference:
+            problems.append(f"shard {name}: schema differs from the manifest: {difference}")
+        if name in listed and listed[name] != keys.num_rows:
+            problems.append(
+                f"shard {name} has {keys.num_rows} rows, the manifest says {listed[name]}"
+            )
+        counts = keys.group_by(["id", "position"]).aggregate([([], "count_all")])
+        if counts.num_rows != keys.num_rows:
+            repeated = counts.filter(pc.greater(counts["count_all"], 1))
+            extra = keys.num_rows - counts.num_rows
+            problems.append(
+                f"shard {name} has {extra} duplicate (id, position) rows, "
+                f"e.g. id {repeated['id'][0].as_py()!r} "
+                f"position {repeated['position'][0].as_py()}"
+            )
+        ids = pc.unique(keys.column("id").combine_chunks())
+        unique_ids.append(ids)
+        owners.append(np.full(len(ids), len(readable), dtype=np.int64))
+        readable.append(name)
+    all_read = set(listed) <= set(readable)
+    if not unique_ids:
+        return pa.array([], pa.string()), rows, all_read
+    all_ids = pa.concat_arrays(unique_ids)
+    # Each input row belongs to one unit, so an id in two shards is a duplicated row.
+    counts = pc.value_counts(all_ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = repeated[0]
+        where = np.concatenate(owners)[pc.equal(all_ids, first).to_numpy(zero_copy_only=False)]
+        problems.append(
+            f"{len(repeated)} ids have rows in more than one shard, e.g. {first.as_py()!r} in "
+            f"{', '.join(readable[i] for i in where)}"
+        )
+    return counts.field("values"), rows, all_read
+
+
+def _read_skipped(out_dir: Path, problems: list[str]) -> pa.Array | None:
+    path = out_dir / writer.SKIPPED
+    if not path.exists():
+        problems.append(f"{writer.SKIPPED} is missing")
+        return None
+    try:
+        table = pq.read_table(path, columns=["id", "reason"])
+    except Exception as exc:
+        problems.append(f"{writer.SKIPPED} is not readable: {_first_line(exc)}")
+        return None
+    ids = table.column("id").combine_chunks()
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        problems.append(
+            f"{writer.SKIPPED} lists {len(repeated)} ids more than once, e.g. {_examples(repeated)}"
+        )
+    return ids
+
+
+def input_ids(path: str, id_column: str | None) -> pa.Array:
+    """Each input row's id as the job assigns it: its id column value, else its global row index."""
+    files = corpus.find_input_files(path)
+    if id_column is None:
+        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        return pa.array(np.arange(total, dtype=np.int64))
+    chunks = []
+    for file in files:
+        schema = pq.ParquetFile(file).schema_arrow
+        if id_column not in schema.names:
+            raise UserError(
+                f"id column {id_column!r} not in {file}; columns are {', '.join(schema.names)}"
+            )
+        column = pq.read_table(file, columns=[id_column]).column(0)
+        column = column.cast(pa.string() if _is_string(column.type) else pa.int64())
+        chunks.extend(column.chunks)
+    if not chunks:
+        return pa.array([], pa.string())
+    return pa.concat_arrays(chunks)
+
+
+def _is_string(tp: pa.DataType) -> bool:
+    return pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp)
+
+
+def _same_type(values: pa.Array, like: pa.DataType) -> pa.Array:
+    return values if values.type == like else values.cast(like)
+
+
+def _check_input(
+    ids_in: pa.Array, scored: pa.Array, skipped: pa.Array | None, totals: dict, problems: list[str]
+) -> None:
+    """Every input id is in exactly one of output and skipped, and nothing else is."""
+    skipped = pa.array([], ids_in.type) if skipped is None else skipped
+    try:
+        scored, skipped = _same_type(scored, ids_in.type), _same_type(skipped, ids_in.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        problems.append(f"output ids have type {scored.type}, the input ids {ids_in.type}")
+        return
+    if totals["input_rows"] != len(ids_in):
+        problems.append(
+            f"manifest totals.input_rows is {totals['input_rows']}, "
+            f"the input has {len(ids_in)} rows"
+        )
+    in_scored = pc.is_in(ids_in, value_set=scored)
+    in_skipped = pc.is_in(ids_in, value_set=skipped)
+    both = ids_in.filter(pc.and_(in_scored, in_skipped))
+    if len(both):
+        problems.append(
+            f"{len(both)} input ids are both in the output and in {writer.SKIPPED}, "
+            f"e.g. {_examples(both)}"
+        )
+    neither = ids_in.filter(pc.invert(pc.or_(in_scored, in_skipped)))
+    if len(neither):
+        problems.append(
+            f"{len(neither)} input ids are neither in the output nor in {writer.SKIPPED}, "
+            f"e.g. {_examples(neither)}"
+        )
+    for where, values in (("the output", scored), (writer.SKIPPED, skipped)):
+        extra = values.filter(pc.invert(pc.is_in(values, value_set=ids_in)))
+        if len(extra):
+            problems.append(
+                f"{len(extra)} ids in {where} are not input ids, e.g. {_examples(extra)}"
+            )
+
+
+def verify(
+    out_dir: str | Path,
+    input_path: str | None = None,
+    id_column: str | None = None,
+    check_input: bool = False,
+) -> Report:
+    """Check `out_dir`; with `check_input`, account for every input id (path and id column default
+    to the manifest's config)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return Report([f"{out_dir} is not a directory"])
+    problems: list[str] = []
+    if not (out_dir / writer.SUCCESS).exists():
+        problems.append(f"{writer.SUCCESS} is missing: the job has not finished")
+    for path in _temporaries(out_dir):
+        problems.append(f"temporary file {path.relative_to(out_dir)} left behind")
+    try:
+        manifest = json.loads((out_dir / writer.MANIFEST).read_text())
+    except FileNotFoundError:
+        return Report(problems + [f"{writer.MANIFEST} is missing"])
+    except (OSError, ValueError) as exc:
+        return Report(problems + [f"{writer.MANIFEST} is not readable: {_first_line(exc)}"])
+    malformed = _check_manifest(manifest)
+    if malformed:
+        return Report(problems + [f"{writer.MANIFEST} {malformed}"])
+
+    scored, rows, all_read = _check_shards(out_dir, manifest, problems)
+    report = Report(problems, len(manifest["shards"]), rows)
+    totals = manifest["totals"]
+    if totals["output_rows"] != sum(s["rows"] for s in manifest["shards"]):
+        problems.append(
+            f"manifest totals.output_rows is {totals['output_rows']}, its shards hold "
+            f"{sum(s['rows'] for s in manifest['shards'])}"
+        )
+    if totals["input_rows"] != totals["scored_rows"] + totals["skipped_rows"]:
+        problems.append(
+            f"manifest totals: input_rows {totals['input_rows']} != scored_rows "
+            f"{totals['scored_rows']} + skipped_rows {totals['skipped_rows']}"
+        )
+    # Every scored row has at least one output row (a row with none is skipped), so the
+    # shards must hold exactly scored_rows distinct ids (when all of them could be read).
+    if all_read and len(scored) != totals["scored_rows"]:
+        problems.append(
+            f"manifest totals.scored_rows is {totals['scored_rows']}, the shards hold rows of "
+            f"{len(scored)} ids"
+        )
+    skipped = _read_skipped(out_dir, problems)
+    if skipped is not None:
+        if len(skipped) != totals["skipped_rows"]:
+            problems.append(
+                f"manifest totals.skipped_rows is {totals['skipped_rows']}, {writer.SKIPPED} "
+                f"has {len(skipped)} rows"
+            )
+        if not check_input and len(scored) and len(skipped):
+            try:
+                both = skipped.filter(pc.is_in(skipped, value_set=_same_type(scored, skipped.type)))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                both = pa.array([])
+            if len(both):
+                problems.append(
+                    f"{len(both)} ids are both in the output and in {writer.SKIPPED}, "
+                    f"e.g. {_examples(both)}"
+                )
+    if check_input:
+        config_input = (manifest.get("config") or {}).get("input") or {}
+        path = input_path or config_input.get("path")
+        column = id_column if id_column is not None else config_input.get("id_column")
+        if not path:
+            problems.append("no input to check: give --input PATH (the manifest names none)")
+            return report
+        try:
+            ids_in = input_ids(path, column)
+        except UserError as exc:
+            problems.append(f"input: {exc}")
+            return report
+        except Exception as exc:  # an unreadable input file is a finding, not a crash
+            problems.append(f"input {path} is not readable: {_first_line(exc)}")
+            return report
+        report.input_rows = len(ids_in)
+        _check_input(ids_in, scored, skipped, totals, problems)
+    return report

@@ -1,0 +1,120 @@
+"""Two CPU processes under `accelerate launch --multi_gpu` produce exactly the single-process rows.
+
+`--multi_gpu` starts the ranks through torchrun; with no GPU, PartialState(cpu=True) joins them
+over gloo. (`--cpu` would start a single process unless MPI is installed.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+
+from jobs import extract
+from lib import sample
+from lib.verify import verify
+from tests.conftest import write_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _read(out: Path):
+    table = ds.dataset(out, format="parquet").to_table()
+    return table.sort_by([("id", "ascending"), ("position", "ascending")]).combine_chunks()
+
+
+def test_two_processes_equal_one(model_dirs, tmp_path):
+    texts = sample.generate_texts(45, seed=91, mean_words=8)
+    targets = sample.generate_texts(45, seed=92, mean_words=4)
+    texts[7], targets[30] = None, None  # skipped by whichever rank owns the unit
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    ids = [f"q{i}" for i in range(45)]
+    write_rows(corpus / "a.parquet", texts[:20], targets[:20], ids[:20])
+    write_rows(corpus / "b.parquet", texts[20:], targets[20:], ids[20:])
+    settings = [
+        f"model.path={model_dirs['t5']}",
+        f"input.path={corpus}",
+        "input.id_column=doc_id",
+        "input.target_column=target",
+        "decoder.mode=targets",
+        "output.k=6",
+        "output.shard_rows=7",
+        "model.dtype=float32",
+        "input.max_length=32",
+    ]
+
+    single = tmp_path / "single"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun gives each rank (OMP_NUM_THREADS=1)
+    try:
+        assert extract.main([*settings, f"output.dir={single}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    double = tmp_path / "double"
+    env = {key: value for key, value in os.environ.items() if key != "LOGIT_EXTRACT_CRASH_AT"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",  # a free port: other jobs on this machine may hold 29500
+        "-m",
+        "jobs.extract",
+        *settings,
+        f"output.dir={double}",
+    ]
+    # A session of its own, so a hung run's torchrun workers can be killed with the launcher.
+    process = subprocess.Popen(
+        launch,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    assert stdout.count("output rows") == 1  # only the main process prints the summary
+
+    assert _read(double).equals(_read(single))  # every column, exactly
+    manifest = json.loads((double / "_manifest.json").read_text())
+    reference = json.loads((single / "_manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    # Ranks take every other unit; both ranks' shards are listed, with the rows of the single run.
+    assert [s["rank"] for s in manifest["shards"]] == [
+        i % 2 for i in range(len(manifest["shards"]))
+    ]
+    assert len(manifest["shards"]) == 7
+    assert [(s["file"], s["rows"]) for s in manifest["shards"]] == [
+        (s["file"], s["rows"]) for s in reference["shards"]
+    ]
+    assert manifest["totals"] == reference["totals"]
+    assert manifest["totals"]["skipped_rows"] == 2
+    skipped = pq.read_table(double / "_skipped.parquet").sort_by("id")
+    assert skipped.equals(pq.read_table(single / "_skipped.parquet").sort_by("id"))
+    assert verify(double, check_input=True).problems == []
