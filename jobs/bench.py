@@ -6,7 +6,10 @@ For each model, in one process and on the same machine, it measures
   (b) the job (lib.pipeline.run_job), on N and 3N rows, so start-up cancels in the marginal rate;
   (c) the model's dense throughput: equal-length batches of the corpus's mean length, same budget;
 and prints tokens/s, job/naive (steady state and end to end), efficiency = marginal job rate / (c),
-padding efficiency, and peak RSS of the job at N and 10N rows (separate processes).
+padding efficiency, and peak RSS of the job at N and 10N rows (separate processes). It also
+times the model's forward passes alone on exactly the job's batches: pipeline_efficiency is that
+time over the job's, so it shows what the pipeline adds; efficiency also includes what the length
+mix itself costs the model (attention on the long tail) against equal-length batches.
 `--tiny` adds the same efficiency for a d_model 64, 2-layer model, where the pipeline's own costs show.
 
     python -m jobs.bench                       # CPU preset: T5 start mode and GPT-2 causal
@@ -28,7 +31,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
@@ -48,12 +50,20 @@ class ModelSpec:
 
 
 PRESETS = {
-    "cpu": [ModelSpec("t5-d256", "t5", 256, 4, 32128, "start"), ModelSpec("gpt2-d256", "gpt2", 256, 4, 32000, "causal")],
-    "gpu": [ModelSpec("t5-base-shape", "t5", 768, 12, 32128, "start"),
-            ModelSpec("llama-1b-shape", "llama", 2048, 16, 32000, "causal")],
+    "cpu": [
+        ModelSpec("t5-d256", "t5", 256, 4, 32128, "start"),
+        ModelSpec("gpt2-d256", "gpt2", 256, 4, 32000, "causal"),
+    ],
+    "gpu": [
+        ModelSpec("t5-base-shape", "t5", 768, 12, 32128, "start"),
+        ModelSpec("llama-1b-shape", "llama", 2048, 16, 32000, "causal"),
+    ],
 }
-TINY = {"t5": ModelSpec("t5-tiny", "t5", 64, 2, 32128, "start"), "gpt2": ModelSpec("gpt2-tiny", "gpt2", 64, 2, 32000, "causal"),
-        "llama": ModelSpec("llama-tiny", "llama", 64, 2, 32000, "causal")}
+TINY = {
+    "t5": ModelSpec("t5-tiny", "t5", 64, 2, 32128, "start"),
+    "gpt2": ModelSpec("gpt2-tiny", "gpt2", 64, 2, 32000, "causal"),
+    "llama": ModelSpec("llama-tiny", "llama", 64, 2, 32000, "causal"),
+}
 
 
 def build_model(spec: ModelSpec, root: Path, texts: list[str]) -> str:
@@ -61,11 +71,24 @@ def build_model(spec: ModelSpec, root: Path, texts: list[str]) -> str:
     if (out / "config.json").exists():
         return str(out)
     if spec.family == "t5":
-        sample.build_t5(out, texts, d_model=spec.d_model, num_layers=spec.layers, vocab_size=2000,
-                        model_vocab_size=spec.vocab)
+        sample.build_t5(
+            out,
+            texts,
+            d_model=spec.d_model,
+            num_layers=spec.layers,
+            vocab_size=2000,
+            model_vocab_size=spec.vocab,
+        )
     else:
-        sample.build_causal(out, texts, spec.family, d_model=spec.d_model, num_layers=spec.layers,
-                            vocab_size=2000, model_vocab_size=spec.vocab)
+        sample.build_causal(
+            out,
+            texts,
+            spec.family,
+            d_model=spec.d_model,
+            num_layers=spec.layers,
+            vocab_size=2000,
+            model_vocab_size=spec.vocab,
+        )
     return str(out)
 
 
@@ -95,7 +118,9 @@ def corpus_tokens(model: str, corpus: str, max_length: int) -> int:
 
 
 @torch.inference_mode()
-def naive_loop(model_dir: str, corpus: str, out: str, k: int, max_length: int, device: str) -> float:
+def naive_loop(
+    model_dir: str, corpus: str, out: str, k: int, max_length: int, device: str
+) -> float:
     """What users write by hand; returns seconds including model loading."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -109,9 +134,17 @@ def naive_loop(model_dir: str, corpus: str, out: str, k: int, max_length: int, d
     texts = pq.read_table(corpus, columns=["text"]).column(0).to_pylist()
     records = []
     for i in range(0, len(texts), 32):
-        enc = tok(texts[i : i + 32], padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        enc = tok(
+            texts[i : i + 32],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
         if seq2seq:
-            start = torch.full((enc.input_ids.shape[0], 1), model.config.decoder_start_token_id, device=device)
+            start = torch.full(
+                (enc.input_ids.shape[0], 1), model.config.decoder_start_token_id, device=device
+            )
             logits = model(**enc, decoder_input_ids=start).logits.float()
         else:
             logits = model(**enc).logits.float()
@@ -122,16 +155,25 @@ def naive_loop(model_dir: str, corpus: str, out: str, k: int, max_length: int, d
             length = 1 if seq2seq else int(enc.attention_mask[b].sum())
             for p in range(length):
                 token = None if seq2seq or p + 1 >= length else int(enc.input_ids[b, p + 1])
-                records.append({"id": i + b, "position": p, "token_id": token,
-                                "token_logprob": None if token is None else float(logprobs[b, p, token]),
-                                "logsumexp": float(lse[b, p]), "topk_ids": ids[b, p].tolist(),
-                                "topk_logits": values[b, p].tolist()})
+                records.append(
+                    {
+                        "id": i + b,
+                        "position": p,
+                        "token_id": token,
+                        "token_logprob": None if token is None else float(logprobs[b, p, token]),
+                        "logsumexp": float(lse[b, p]),
+                        "topk_ids": ids[b, p].tolist(),
+                        "topk_logits": values[b, p].tolist(),
+                    }
+                )
     pd.DataFrame(records).to_parquet(out)
     return time.perf_counter() - started
 
 
 @torch.inference_mode()
-def dense_rate(model_dir: str, mean_length: int, total_tokens: int, max_tokens: int, device: str, dtype: str) -> float:
+def dense_rate(
+    model_dir: str, mean_length: int, total_tokens: int, max_tokens: int, device: str, dtype: str
+) -> float:
     """Tokens/s of plain forward passes on equal-length batches, no padding and no output."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -139,8 +181,13 @@ def dense_rate(model_dir: str, mean_length: int, total_tokens: int, max_tokens: 
 
     seq2seq = AutoConfig.from_pretrained(model_dir).is_encoder_decoder
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = cls.from_pretrained(model_dir, dtype=resolve_dtype(dtype, torch.device(device)),
-                                attn_implementation="sdpa").to(device).eval()
+    model = (
+        cls.from_pretrained(
+            model_dir, dtype=resolve_dtype(dtype, torch.device(device)), attn_implementation="sdpa"
+        )
+        .to(device)
+        .eval()
+    )
     rows = max(1, max_tokens // mean_length)
     ids = torch.randint(3, 1000, (rows, mean_length), device=device)
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -157,11 +204,54 @@ def dense_rate(model_dir: str, mean_length: int, total_tokens: int, max_tokens: 
     return batches * rows * mean_length / (time.perf_counter() - started)
 
 
+@torch.inference_mode()
+def model_only_seconds(model_dir: str, corpus: str, args) -> float:
+    """Seconds of the model's own forward passes on exactly the job's batches of `corpus`.
+
+    Job time over this is the pipeline's own overhead: tokenization, bucketing, the reduction,
+    Arrow conversion and writing, to the extent they are not hidden behind the model.
+    """
+    from lib import batching, models
+    from lib import corpus as corpus_lib
+
+    config = job_config(model_dir, corpus, "unused", args)
+    lm = models.load_model(config.model, torch.device(args.device))
+    task = models.task_for(lm, config.decoder, has_targets=False)
+    table = corpus_lib.read_unit(
+        corpus_lib.plan_units(corpus_lib.inspect_inputs(config.input), 10**9)[0], config.input
+    )
+    requests = batching.tokenize_unit(
+        table, lm.tokenizer, task, "", args.max_length, lm.decoder_start_token_id
+    ).requests
+    batches = [
+        batching.collate(b, lm.pad_id) for b in batching.make_batches(requests, args.max_tokens)
+    ]
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    device = lm.device
+    sync()
+    started = time.perf_counter()
+    for batch in batches:
+        kwargs = {
+            "input_ids": batch.input_ids.to(device),
+            "attention_mask": batch.attention_mask.to(device),
+        }
+        if batch.decoder_input_ids is not None:
+            kwargs["decoder_input_ids"] = batch.decoder_input_ids.to(device)
+        lm.model(**kwargs, use_cache=False).logits.float()
+    sync()
+    return time.perf_counter() - started
+
+
 def peak_rss_child(config: JobConfig) -> float:
     """Peak RSS (MiB) of the job run in a fresh process."""
     payload = json.dumps(config.to_dict())
-    result = subprocess.run([sys.executable, "-m", "jobs.bench", "--rss-child", payload], capture_output=True,
-                            text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.bench", "--rss-child", payload],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
@@ -169,50 +259,123 @@ def rss_child(payload: str) -> None:
     from lib.config import load_config
 
     data = json.loads(payload)
-    config = load_config(None, [f"{s}.{k}={json.dumps(v)}" for s, keys in data.items() for k, v in keys.items()])
+    config = load_config(
+        None, [f"{s}.{k}={json.dumps(v)}" for s, keys in data.items() for k, v in keys.items()]
+    )
     run_job_timed(config)
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full: bool) -> dict:
+    if (
+        not full
+    ):  # tiny models run fast: time 3N and 10N rows, or start-up noise swamps the difference
+        corpora = {**corpora, "N": corpora["3N"], "3N": corpora["10N"]}
     texts = pq.read_table(corpora["10N"], columns=["text"]).column(0).to_pylist()
     model = build_model(spec, root / "models", texts)
-    result = {"model": spec.name, "mode": spec.mode, "d_model": spec.d_model, "layers": spec.layers, "vocab": spec.vocab}
+    result = {
+        "model": spec.name,
+        "mode": spec.mode,
+        "d_model": spec.d_model,
+        "layers": spec.layers,
+        "vocab": spec.vocab,
+    }
     tokens = {size: corpus_tokens(model, corpora[size], args.max_length) for size in ("N", "3N")}
     times = {}
+    # A first run pays one-time costs (lazy imports, allocator and thread-pool warm-up) that
+    # would otherwise land in the N run and inflate the marginal rate.
+    run_job_timed(job_config(model, corpora["N"], str(root / f"out-{spec.name}-warmup"), args))
     for size in ("N", "3N"):
-        times[size], manifest = run_job_timed(job_config(model, corpora[size], str(root / f"out-{spec.name}-{size}"), args))
+        times[size], manifest = run_job_timed(
+            job_config(model, corpora[size], str(root / f"out-{spec.name}-{size}"), args)
+        )
         result["padding_efficiency"] = manifest["this_run"]["padding_efficiency"]
     marginal = (tokens["3N"] - tokens["N"]) / (times["3N"] - times["N"])
-    mean_length = max(1, round(tokens["3N"] / (3 * args.rows)))
-    dense = dense_rate(model, mean_length, tokens["N"], args.max_tokens, args.device, args.dtype)
-    result.update({"job_tok_s": round(tokens["3N"] / times["3N"]), "job_marginal_tok_s": round(marginal),
-                   "dense_tok_s": round(dense), "efficiency": round(marginal / dense, 3)})
+    mean_length = max(1, round(tokens["3N"] / pq.ParquetFile(corpora["3N"]).metadata.num_rows))
+    dense = dense_rate(
+        model, mean_length, tokens["3N"] - tokens["N"], args.max_tokens, args.device, args.dtype
+    )
+    model_only = {size: model_only_seconds(model, corpora[size], args) for size in ("N", "3N")}
+    result.update(
+        {
+            "job_tok_s": round(tokens["3N"] / times["3N"]),
+            "job_marginal_tok_s": round(marginal),
+            "dense_tok_s": round(dense),
+            "efficiency": round(marginal / dense, 3),
+            "model_on_job_batches_tok_s": round(
+                (tokens["3N"] - tokens["N"]) / (model_only["3N"] - model_only["N"])
+            ),
+            "pipeline_efficiency": round(
+                (model_only["3N"] - model_only["N"]) / (times["3N"] - times["N"]), 3
+            ),
+        }
+    )
     if full:
-        naive = {size: naive_loop(model, corpora[size], str(root / f"naive-{spec.name}-{size}.parquet"), args.k,
-                                  args.max_length, args.device) for size in ("N", "3N")}
+        naive = {
+            size: naive_loop(
+                model,
+                corpora[size],
+                str(root / f"naive-{spec.name}-{size}.parquet"),
+                args.k,
+                args.max_length,
+                args.device,
+            )
+            for size in ("N", "3N")
+        }
         naive_marginal = (tokens["3N"] - tokens["N"]) / (naive["3N"] - naive["N"])
-        result.update({"naive_tok_s": round(tokens["3N"] / naive["3N"]), "naive_marginal_tok_s": round(naive_marginal),
-                       "steady_speedup": round(marginal / naive_marginal, 2)})
+        result.update(
+            {
+                "naive_tok_s": round(tokens["3N"] / naive["3N"]),
+                "naive_marginal_tok_s": round(naive_marginal),
+                "steady_speedup": round(marginal / naive_marginal, 2),
+            }
+        )
         if spec.family == "t5":
             e2e = args.e2e_rows
-            job_s, _ = run_job_timed(job_config(model, corpora["e2e"], str(root / f"out-{spec.name}-e2e"), args))
-            naive_s = naive_loop(model, corpora["e2e"], str(root / f"naive-{spec.name}-e2e.parquet"), args.k,
-                                 args.max_length, args.device)
-            result.update({"e2e_rows": e2e, "e2e_job_s": round(job_s, 2), "e2e_naive_s": round(naive_s, 2),
-                           "e2e_speedup": round(naive_s / job_s, 2)})
+            job_s, _ = run_job_timed(
+                job_config(model, corpora["e2e"], str(root / f"out-{spec.name}-e2e"), args)
+            )
+            naive_s = naive_loop(
+                model,
+                corpora["e2e"],
+                str(root / f"naive-{spec.name}-e2e.parquet"),
+                args.k,
+                args.max_length,
+                args.device,
+            )
+            result.update(
+                {
+                    "e2e_rows": e2e,
+                    "e2e_job_s": round(job_s, 2),
+                    "e2e_naive_s": round(naive_s, 2),
+                    "e2e_speedup": round(naive_s / job_s, 2),
+                }
+            )
         if args.rss:
-            rss = {size: peak_rss_child(job_config(model, corpora[size], str(root / f"rss-{spec.name}-{size}"), args))
-                   for size in ("N", "10N")}
-            result.update({"rss_N_mib": round(rss["N"]), "rss_10N_mib": round(rss["10N"]),
-                           "rss_ratio": round(rss["10N"] / rss["N"], 2)})
+            rss = {
+                size: peak_rss_child(
+                    job_config(model, corpora[size], str(root / f"rss-{spec.name}-{size}"), args)
+                )
+                for size in ("N", "10N")
+            }
+            result.update(
+                {
+                    "rss_N_mib": round(rss["N"]),
+                    "rss_10N_mib": round(rss["10N"]),
+                    "rss_ratio": round(rss["10N"] / rss["N"], 2),
+                }
+            )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.bench", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--rows", type=int, default=400, help="N: rows of the small run (3N and 10N follow)")
+    parser.add_argument(
+        "--rows", type=int, default=400, help="N: rows of the small run (3N and 10N follow)"
+    )
     parser.add_argument("--e2e-rows", type=int, default=1200)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=512)
@@ -222,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-rss", dest="rss", action="store_false")
     parser.add_argument("--no-tiny", dest="tiny", action="store_false")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: a smoke run, not a measurement"
+    )
     parser.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -239,16 +404,27 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.work or tempfile.mkdtemp(prefix="logit-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     corpora = {}
-    full_corpus = sample.write_corpus(root / "corpus-10N.parquet", rows=10 * args.rows, seed=123, mean_words=40,
-                                      with_targets=False)
+    full_corpus = sample.write_corpus(
+        root / "corpus-10N.parquet",
+        rows=10 * args.rows,
+        seed=123,
+        mean_words=40,
+        with_targets=False,
+    )
     table = pq.read_table(full_corpus)
-    for name, rows in (("N", args.rows), ("3N", 3 * args.rows), ("10N", 10 * args.rows),
-                       ("e2e", min(args.e2e_rows, 10 * args.rows))):
+    for name, rows in (
+        ("N", args.rows),
+        ("3N", 3 * args.rows),
+        ("10N", 10 * args.rows),
+        ("e2e", min(args.e2e_rows, 10 * args.rows)),
+    ):
         path = root / f"corpus-{name}.parquet"
         pq.write_table(table.slice(0, rows), path)
         corpora[name] = str(path)
-    print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
-          f"torch {torch.__version__}, N={args.rows}, max_tokens={args.max_tokens}, k={args.k}, work dir {root}")
+    print(
+        f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
+        f"torch {torch.__version__}, N={args.rows}, max_tokens={args.max_tokens}, k={args.k}, work dir {root}"
+    )
     results = []
     for spec in specs:
         results.append(bench_model(spec, root, corpora, args, full=True))

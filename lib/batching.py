@@ -64,8 +64,14 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Page-lock the tensors so host-to-device copies can run asynchronously."""
-        for name in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
-                     "select", "labels"):
+        for name in (
+            "input_ids",
+            "attention_mask",
+            "decoder_input_ids",
+            "decoder_attention_mask",
+            "select",
+            "labels",
+        ):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.pin_memory())
@@ -77,24 +83,32 @@ def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
     return n if n <= 1 else -(-n // multiple) * multiple
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int, target: bool = False,
-             **kwargs) -> tuple[list[list[int]], int]:
+def tokenize(
+    tokenizer, texts: list[str], max_length: int, target: bool = False, **kwargs
+) -> tuple[list[list[int]], int]:
     """`tokenizer(texts, truncation=True, max_length=...)` ids (`text_target=` for targets),
     and how many were truncated."""
     ids, cut = _tokenize(tokenizer, texts, max_length, target, **kwargs)
     return ids, len(cut)
 
 
-def _tokenize(tokenizer, texts: list[str], max_length: int, target: bool = False,
-              **kwargs) -> tuple[list[list[int]], set[int]]:
+def _tokenize(
+    tokenizer, texts: list[str], max_length: int, target: bool = False, **kwargs
+) -> tuple[list[list[int]], set[int]]:
     """As `tokenize`, with the indices of the truncated texts."""
     if not texts:
         return [], set()
 
     def encode(batch: list[str], limit: int) -> list[list[int]]:
         text = {"text_target": batch} if target else {"text": batch}
-        return tokenizer(**text, truncation=True, max_length=limit, return_attention_mask=False,
-                         return_token_type_ids=False, **kwargs)["input_ids"]
+        return tokenizer(
+            **text,
+            truncation=True,
+            max_length=limit,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            **kwargs,
+        )["input_ids"]
 
     ids = encode(texts, max_length)
     # Only a sequence that hit the limit can have been cut; re-check just those one token longer.
@@ -103,8 +117,14 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, target: bool = False
     return ids, {i for i, seq in zip(full, longer, strict=True) if len(seq) > max_length}
 
 
-def tokenize_unit(table: pa.Table, tokenizer, task: str, prefix: str, max_length: int,
-                  decoder_start_token_id: int | None = None) -> TokenizedUnit:
+def tokenize_unit(
+    table: pa.Table,
+    tokenizer,
+    task: str,
+    prefix: str,
+    max_length: int,
+    decoder_start_token_id: int | None = None,
+) -> TokenizedUnit:
     """Turn a unit's `text` (and `target`) columns into requests; unscorable rows are skipped."""
     texts = table.column("text").to_pylist()
     targets = table.column("target").to_pylist() if "target" in table.column_names else None
@@ -121,12 +141,14 @@ def tokenize_unit(table: pa.Table, tokenizer, task: str, prefix: str, max_length
     ids, cut = _tokenize(tokenizer, [prefix + texts[r] for r in rows], max_length)
     target_ids: list[list[int]] = []
     if task == TARGETS:
-        target_ids, target_cut = _tokenize(tokenizer, [targets[r] for r in rows], max_length,
-                                           target=True)
+        target_ids, target_cut = _tokenize(
+            tokenizer, [targets[r] for r in rows], max_length, target=True
+        )
         cut |= target_cut
     elif task == CONTINUATION:
-        target_ids, target_cut = _tokenize(tokenizer, [targets[r] for r in rows], max_length,
-                                           add_special_tokens=False)
+        target_ids, target_cut = _tokenize(
+            tokenizer, [targets[r] for r in rows], max_length, add_special_tokens=False
+        )
         cut |= target_cut
 
     requests = []
@@ -161,8 +183,12 @@ def _padded_width(lengths: np.ndarray) -> np.ndarray:
     return np.where(lengths <= 1, lengths, -(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
-def make_batches(requests: list[Request], max_tokens: int, decoder_length: int = 0,
-                 batch_cost: float | None = None) -> list[list[Request]]:
+def make_batches(
+    requests: list[Request],
+    max_tokens: int,
+    decoder_length: int = 0,
+    batch_cost: float | None = None,
+) -> list[list[Request]]:
     """Split requests into batches of at most `max_tokens` padded tokens with little padding.
 
     Rows are sorted longest first (an OOM shows at once), then cut into consecutive batches by
@@ -175,8 +201,11 @@ def make_batches(requests: list[Request], max_tokens: int, decoder_length: int =
     """
     # Seq2seq rows pad two lengths; ordering by the longer one packs both best when they are
     # unrelated (measured: 61% real tokens against 33% ordering by encoder length alone).
-    ordered = sorted(requests, key=lambda r: (max(len(r.ids), len(r.decoder_ids or ())), len(r.ids), -r.row),
-                     reverse=True)
+    ordered = sorted(
+        requests,
+        key=lambda r: (max(len(r.ids), len(r.decoder_ids or ())), len(r.ids), -r.row),
+        reverse=True,
+    )
     n = len(ordered)
     if n == 0:
         return []
@@ -211,7 +240,9 @@ def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     mask = np.arange(width) < lengths[:, None]
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     # Row-major boolean assignment fills each row's first `length` slots in order.
-    ids[mask] = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+    ids[mask] = np.fromiter(
+        itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum())
+    )
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
@@ -228,10 +259,15 @@ def collate(requests: list[Request], pad_id: int) -> Batch:
     batch_row = np.repeat(np.arange(len(requests)), counts)
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     position = np.repeat(firsts, counts) + np.arange(counts.sum()) - starts
-    labels = np.fromiter(itertools.chain.from_iterable(r.labels for r in requests), dtype=np.int64,
-                         count=int(counts.sum()))
+    labels = np.fromiter(
+        itertools.chain.from_iterable(r.labels for r in requests),
+        dtype=np.int64,
+        count=int(counts.sum()),
+    )
     rows = np.array([r.row for r in requests], dtype=np.int64)
-    real = int(attention_mask.sum()) + (int(decoder_attention_mask.sum()) if decoder_attention_mask is not None else 0)
+    real = int(attention_mask.sum()) + (
+        int(decoder_attention_mask.sum()) if decoder_attention_mask is not None else 0
+    )
     padded = input_ids.numel() + (decoder_input_ids.numel() if decoder_input_ids is not None else 0)
     return Batch(
         requests=requests,

@@ -26,7 +26,12 @@ from lib.errors import UserError
 log = logging.getLogger(__name__)
 
 # Config attributes that mean the logits are post-processed after the output projection.
-_POST_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_POST_HEAD_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
 
 
 @dataclass
@@ -71,32 +76,45 @@ def _first_line(exc: BaseException) -> str:
 def _load_error(path: str, exc: Exception) -> UserError:
     """Say why `path` did not load: a file, a broken directory, no such directory, or the hub."""
     log.debug("loading %s failed", path, exc_info=exc)
-    offline = [name for name in _OFFLINE_VARIABLES
-               if os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")]
+    offline = [
+        name
+        for name in _OFFLINE_VARIABLES
+        if os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+    ]
     if os.path.isfile(path):
-        return UserError(f"model.path {path} is a file; expected a checkpoint directory "
-                         "or a hub id")
+        return UserError(
+            f"model.path {path} is a file; expected a checkpoint directory or a hub id"
+        )
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
-            return UserError(f"model.path {path}: the directory has no config.json, so it is not a "
-                             "Hugging Face checkpoint")
-        return UserError(f"model.path {path}: cannot load the checkpoint in this directory: "
-                         f"{_first_line(exc)}")
+            return UserError(
+                f"model.path {path}: the directory has no config.json, so it is not a "
+                "Hugging Face checkpoint"
+            )
+        return UserError(
+            f"model.path {path}: cannot load the checkpoint in this directory: {_first_line(exc)}"
+        )
     # `org/name` or `name` is a hub id; anything else that does not exist is a mistyped local path.
     if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
         return UserError(f"model.path {path}: no such directory")
     if offline:
-        return UserError(f"model.path {path}: no such local directory, and the hub id is not in "
-                         "the local cache; the hub was not asked because offline mode is on "
-                         f"({offline[0]}=1)")
-    return UserError(f"model.path {path}: no such local directory, and the hub could not provide "
-                     f"it: {_first_line(exc)}")
+        return UserError(
+            f"model.path {path}: no such local directory, and the hub id is not in "
+            "the local cache; the hub was not asked because offline mode is on "
+            f"({offline[0]}=1)"
+        )
+    return UserError(
+        f"model.path {path}: no such local directory, and the hub could not provide "
+        f"it: {_first_line(exc)}"
+    )
 
 
 def _remote_code_error(path: str, exc: Exception) -> UserError | None:
     if "trust_remote_code" in str(exc):
-        return UserError(f"model.path {path}: the checkpoint needs its own Python code to load; "
-                         "set model.trust_remote_code=true only if you trust that code")
+        return UserError(
+            f"model.path {path}: the checkpoint needs its own Python code to load; "
+            "set model.trust_remote_code=true only if you trust that code"
+        )
     return None
 
 
@@ -123,12 +141,19 @@ def _task_kind(config) -> bool:
     # BertForMaskedLM checkpoint would load as BertLMHeadModel with a random or bidirectional head.
     architectures = getattr(config, "architectures", None) or []
     mappings = (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
-    known = {name for mapping in mappings for names in mapping.values()
-             for name in ([names] if isinstance(names, str) else names)}
-    if architectures and not any(a in known or a.endswith(_LM_HEAD_SUFFIXES)
-                                 for a in architectures):
-        raise UserError(f"{neither}, architecture {', '.join(architectures)}) is neither a "
-                        "seq2seq LM nor a causal LM; this job needs one of the two")
+    known = {
+        name
+        for mapping in mappings
+        for names in mapping.values()
+        for name in ([names] if isinstance(names, str) else names)
+    }
+    if architectures and not any(
+        a in known or a.endswith(_LM_HEAD_SUFFIXES) for a in architectures
+    ):
+        raise UserError(
+            f"{neither}, architecture {', '.join(architectures)}) is neither a "
+            "seq2seq LM nor a causal LM; this job needs one of the two"
+        )
     if getattr(config, "is_encoder_decoder", False) and (
         model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
         or "AutoModelForSeq2SeqLM" in auto_map
@@ -137,8 +162,10 @@ def _task_kind(config) -> bool:
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map:
         encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
         if encoder and getattr(config, "is_decoder", None) is False:
-            raise UserError(f"{neither}) is an encoder that attends in both directions "
-                            "(is_decoder is false), not a causal LM")
+            raise UserError(
+                f"{neither}) is an encoder that attends in both directions "
+                "(is_decoder is false), not a causal LM"
+            )
         return False
     raise UserError(f"{neither}) is neither a seq2seq LM nor a causal LM")
 
@@ -202,26 +229,36 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     is_seq2seq = _task_kind(config)
     dtype = resolve_dtype(cfg.dtype, device)
     if dtype == torch.float16 and config.model_type in ("t5", "mt5", "umt5", "longt5"):
-        warnings.warn("model.dtype=float16 with a T5-family model overflows to inf/nan; "
-                      "use bfloat16", stacklevel=2)
+        warnings.warn(
+            "model.dtype=float16 with a T5-family model overflows to inf/nan; use bfloat16",
+            stacklevel=2,
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:
         raise _remote_code_error(cfg.path, exc) or _load_error(cfg.path, exc) from None
     if len(tokenizer) < 4:  # transformers builds an empty tokenizer when the files are missing
-        raise UserError(f"model.path {cfg.path}: no usable tokenizer (the one found has "
-                        f"{len(tokenizer)} token(s)); the checkpoint needs its tokenizer files, "
-                        "e.g. tokenizer.json")
+        raise UserError(
+            f"model.path {cfg.path}: no usable tokenizer (the one found has "
+            f"{len(tokenizer)} token(s)); the checkpoint needs its tokenizer files, "
+            "e.g. tokenizer.json"
+        )
     model_class = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
-    kwargs = dict(config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                  use_safetensors=None if cfg.allow_pickle else True, output_loading_info=True)
+    kwargs = dict(
+        config=config,
+        dtype=dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=None if cfg.allow_pickle else True,
+        output_loading_info=True,
+    )
     verbosity = transformers.utils.logging.get_verbosity()
     # Its multi-line load report is about missing weights, which are an error below.
     transformers.utils.logging.set_verbosity_error()
     try:
         try:
-            model, info = model_class.from_pretrained(cfg.path, attn_implementation="sdpa",
-                                                      **kwargs)
+            model, info = model_class.from_pretrained(
+                cfg.path, attn_implementation="sdpa", **kwargs
+            )
         except ValueError as exc:
             if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
                 raise
@@ -229,19 +266,26 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     except Exception as exc:
         refused = isinstance(exc, OSError) and "safetensors" in str(exc).lower()
         if not cfg.allow_pickle and refused and _may_have_pickled_weights(cfg.path):
-            raise UserError(f"model.path {cfg.path}: no safetensors weights; pickled weights can "
-                            "run code when loaded, so they need model.allow_pickle=true") from None
+            raise UserError(
+                f"model.path {cfg.path}: no safetensors weights; pickled weights can "
+                "run code when loaded, so they need model.allow_pickle=true"
+            ) from None
         raise _remote_code_error(cfg.path, exc) or _load_error(cfg.path, exc) from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or ())
     if missing:
-        raise UserError(f"model.path {cfg.path}: the checkpoint lacks {len(missing)} weight(s) of "
-                        f"{type(model).__name__} (e.g. {missing[0]}); they would be random, so the "
-                        "logits would mean nothing")
+        raise UserError(
+            f"model.path {cfg.path}: the checkpoint lacks {len(missing)} weight(s) of "
+            f"{type(model).__name__} (e.g. {missing[0]}); they would be random, so the "
+            "logits would mean nothing"
+        )
     if info.get("unexpected_keys"):
-        log.info("ignored %d checkpoint weight(s) that %s does not use",
-                 len(info["unexpected_keys"]), type(model).__name__)
+        log.info(
+            "ignored %d checkpoint weight(s) that %s does not use",
+            len(info["unexpected_keys"]),
+            type(model).__name__,
+        )
     model.eval().requires_grad_(False).to(device)
 
     head = model.get_output_embeddings()
@@ -293,7 +337,9 @@ def task_for(lm: LoadedModel, decoder: DecoderConfig, has_targets: bool) -> str:
     """The task the job runs: causal or continuation for causal LMs, the decoder mode for seq2seq."""
     if not lm.is_seq2seq:
         return batching.CONTINUATION if has_targets else batching.CAUSAL
-    return {"start": batching.START, "targets": batching.TARGETS, "generate": batching.GENERATE}[decoder.mode]
+    return {"start": batching.START, "targets": batching.TARGETS, "generate": batching.GENERATE}[
+        decoder.mode
+    ]
 
 
 def scored_states(lm: LoadedModel, batch: Batch) -> torch.Tensor:
@@ -312,7 +358,9 @@ def head_logits(lm: LoadedModel, states: torch.Tensor) -> torch.Tensor:
     return states if lm.head is None else lm.head(states)
 
 
-def generate(lm: LoadedModel, batch: Batch, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def generate(
+    lm: LoadedModel, batch: Batch, max_new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy decoding; returns raw per-step logits (B, S, V), tokens (B, S), and which steps count.
 
     A step counts up to and including the row's first EOS, as `generate` pads finished rows.
@@ -327,7 +375,7 @@ def generate(lm: LoadedModel, batch: Batch, max_new_tokens: int) -> tuple[torch.
         return_dict_in_generate=True,
     )
     logits = torch.stack(out.logits, dim=1)
-    tokens = out.sequences[:, -logits.shape[1]:]
+    tokens = out.sequences[:, -logits.shape[1] :]
     if lm.eos_token_ids:
         is_eos = torch.isin(tokens, torch.tensor(lm.eos_token_ids, device=tokens.device))
         valid = (is_eos.cumsum(1) - is_eos.long()) == 0

@@ -87,8 +87,18 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 class Extraction:
     """One rank's share of the job; `run()` returns its statistics."""
 
-    def __init__(self, config: JobConfig, lm: models.LoadedModel, task: str, units: list[corpus.WorkUnit],
-                 out_dir: Path, schema: pa.Schema, rank: int, run_id: str, progress: bool):
+    def __init__(
+        self,
+        config: JobConfig,
+        lm: models.LoadedModel,
+        task: str,
+        units: list[corpus.WorkUnit],
+        out_dir: Path,
+        schema: pa.Schema,
+        rank: int,
+        run_id: str,
+        progress: bool,
+    ):
         self.config = config
         self.lm = lm
         self.task = task
@@ -113,12 +123,26 @@ class Extraction:
         try:
             for unit in self.units:
                 table = corpus.read_unit(unit, cfg.input)
-                tokenized = batching.tokenize_unit(table, self.lm.tokenizer, self.task, cfg.input.prefix,
-                                                   cfg.input.max_length, self.lm.decoder_start_token_id)
-                self._put(out, UnitStart(unit, table.column("id").combine_chunks(), tokenized.skipped,
-                                         tokenized.truncated))
-                for requests in batching.make_batches(tokenized.requests, cfg.batching.max_tokens,
-                                                      decoder_length):
+                tokenized = batching.tokenize_unit(
+                    table,
+                    self.lm.tokenizer,
+                    self.task,
+                    cfg.input.prefix,
+                    cfg.input.max_length,
+                    self.lm.decoder_start_token_id,
+                )
+                self._put(
+                    out,
+                    UnitStart(
+                        unit,
+                        table.column("id").combine_chunks(),
+                        tokenized.skipped,
+                        tokenized.truncated,
+                    ),
+                )
+                for requests in batching.make_batches(
+                    tokenized.requests, cfg.batching.max_tokens, decoder_length
+                ):
                     batch = batching.collate(requests, self.lm.pad_id)
                     self._put(out, (unit.index, batch.pin_memory() if pin else batch))
                 self._put(out, UnitEnd(unit))
@@ -142,14 +166,32 @@ class Extraction:
         mask = batch.attention_mask.to(device, non_blocking=True)
         rows = torch.from_numpy(np.array([r.row for r in batch.requests], dtype=np.int32))
         if self.task == batching.GENERATE:
-            device_batch = batching.Batch(batch.requests, batch_ids, mask, None, None, batch.select,
-                                          batch.labels, batch.row, batch.position, 0, 0)
+            device_batch = batching.Batch(
+                batch.requests,
+                batch_ids,
+                mask,
+                None,
+                None,
+                batch.select,
+                batch.labels,
+                batch.row,
+                batch.position,
+                0,
+                0,
+            )
             logits, tokens, valid = models.generate(lm, device_batch, cfg.decoder.max_new_tokens)
             chosen = valid.flatten().nonzero().squeeze(1)
             states = logits.flatten(0, 1).index_select(0, chosen)
             labels = tokens.flatten().index_select(0, chosen)
-            stats = reduce.reduce_states(lambda x: x, states, labels, cfg.output.k, self.output_dtype,
-                                         self.full, lm.vocab_size)
+            stats = reduce.reduce_states(
+                lambda x: x,
+                states,
+                labels,
+                cfg.output.k,
+                self.output_dtype,
+                self.full,
+                lm.vocab_size,
+            )
             steps = logits.shape[1]
             row = rows.to(device)[chosen // steps]
             position = (chosen % steps).to(torch.int32)
@@ -158,14 +200,33 @@ class Extraction:
             self.stats.padded_tokens += valid.numel()
         else:
             device_batch = batching.Batch(
-                batch.requests, batch_ids, mask,
-                None if batch.decoder_input_ids is None else batch.decoder_input_ids.to(device, non_blocking=True),
-                None if batch.decoder_attention_mask is None else batch.decoder_attention_mask.to(device, non_blocking=True),
-                batch.select.to(device, non_blocking=True), None, batch.row, batch.position, 0, 0)
+                batch.requests,
+                batch_ids,
+                mask,
+                None
+                if batch.decoder_input_ids is None
+                else batch.decoder_input_ids.to(device, non_blocking=True),
+                None
+                if batch.decoder_attention_mask is None
+                else batch.decoder_attention_mask.to(device, non_blocking=True),
+                batch.select.to(device, non_blocking=True),
+                None,
+                batch.row,
+                batch.position,
+                0,
+                0,
+            )
             labels = batch.labels.to(device, non_blocking=True)
             states = models.scored_states(lm, device_batch)
-            stats = reduce.reduce_states(lambda x: models.head_logits(lm, x), states, labels, cfg.output.k,
-                                         self.output_dtype, self.full, lm.vocab_size)
+            stats = reduce.reduce_states(
+                lambda x: models.head_logits(lm, x),
+                states,
+                labels,
+                cfg.output.k,
+                self.output_dtype,
+                self.full,
+                lm.vocab_size,
+            )
             row, position, token_id = batch.row, batch.position, batch.labels.to(torch.int32)
         host = {name: _to_host(value) for name, value in stats.items()}
         if isinstance(row, torch.Tensor):
@@ -183,8 +244,13 @@ class Extraction:
         width = batch.input_ids.shape[1]
         cap = self.row_caps.get(width)
         if cap is not None and len(batch.requests) > cap:
-            return [result for i in range(0, len(batch.requests), cap)
-                    for result in self._forward(unit, batching.collate(batch.requests[i : i + cap], self.lm.pad_id))]
+            return [
+                result
+                for i in range(0, len(batch.requests), cap)
+                for result in self._forward(
+                    unit, batching.collate(batch.requests[i : i + cap], self.lm.pad_id)
+                )
+            ]
         try:
             with torch.inference_mode():
                 return [self._compute(unit, batch)]
@@ -195,13 +261,18 @@ class Extraction:
         requests = batch.requests
         if len(requests) == 1:
             row_id = self.unit_ids[unit][requests[0].row].as_py()
-            raise UserError(f"input id {row_id!r} does not fit in device memory even alone "
-                            f"({len(requests[0].ids)} tokens); lower input.max_length")
+            raise UserError(
+                f"input id {row_id!r} does not fit in device memory even alone "
+                f"({len(requests[0].ids)} tokens); lower input.max_length"
+            )
         half = len(requests) // 2
         self.row_caps[width] = min(half, self.row_caps.get(width, half))
-        log.warning("out of memory on %d rows of %d tokens; retrying in halves", len(requests), width)
-        return (self._forward(unit, batching.collate(requests[:half], self.lm.pad_id))
-                + self._forward(unit, batching.collate(requests[half:], self.lm.pad_id)))
+        log.warning(
+            "out of memory on %d rows of %d tokens; retrying in halves", len(requests), width
+        )
+        return self._forward(
+            unit, batching.collate(requests[:half], self.lm.pad_id)
+        ) + self._forward(unit, batching.collate(requests[half:], self.lm.pad_id))
 
     # -- stage 3: Arrow conversion and shard commits (writer thread) -------------------------
     def _write(self, inbox: queue.Queue, failures: list) -> None:
@@ -214,9 +285,12 @@ class Extraction:
                 if isinstance(item, UnitStart):
                     open_units[item.unit.index] = {
                         "start": item,
-                        "writer": writer.ShardWriter(self.out_dir, item.unit.name, self.schema,
-                                                     self.config.output.format),
-                        "parts": [], "rows": [], "positions": [],
+                        "writer": writer.ShardWriter(
+                            self.out_dir, item.unit.name, self.schema, self.config.output.format
+                        ),
+                        "parts": [],
+                        "rows": [],
+                        "positions": [],
                     }
                 elif isinstance(item, Reduced):
                     self._write_batch(open_units[item.unit], item)
@@ -235,7 +309,9 @@ class Extraction:
         as_numpy = lambda x: x.numpy() if isinstance(x, torch.Tensor) else x  # noqa: E731
         stats = {name: as_numpy(value) for name, value in item.stats.items()}
         row, position = as_numpy(item.row), as_numpy(item.position)
-        table = writer.to_table(self.schema, state["start"].ids, row, position, as_numpy(item.token_id), stats)
+        table = writer.to_table(
+            self.schema, state["start"].ids, row, position, as_numpy(item.token_id), stats
+        )
         if self.full:  # full logits are large: stream them, never hold a unit of them
             state["writer"].write(table)
         else:  # top-k rows are small: keep the unit and write it in input order
@@ -252,17 +328,23 @@ class Extraction:
             shard.write(table.take(pa.array(order)))
         ids = start.ids
         skipped = [[ids[row].as_py(), reason] for row, reason in start.skipped]
-        shard.commit({
-            "rank": self.rank,
-            "run_id": self.run_id,
-            "unit": {"index": start.unit.index, "file": start.unit.file, "start": start.unit.start,
-                     "stop": start.unit.stop},
-            "input_rows": start.unit.rows,
-            "scored_rows": start.unit.rows - len(skipped),
-            "skipped_rows": len(skipped),
-            "truncated_rows": start.truncated,
-            "skipped": skipped,
-        })
+        shard.commit(
+            {
+                "rank": self.rank,
+                "run_id": self.run_id,
+                "unit": {
+                    "index": start.unit.index,
+                    "file": start.unit.file,
+                    "start": start.unit.start,
+                    "stop": start.unit.stop,
+                },
+                "input_rows": start.unit.rows,
+                "scored_rows": start.unit.rows - len(skipped),
+                "skipped_rows": len(skipped),
+                "truncated_rows": start.truncated,
+                "skipped": skipped,
+            }
+        )
         self.stats.output_rows += shard.rows
         self.stats.units += 1
 
@@ -274,11 +356,18 @@ class Extraction:
         outbox: queue.Queue = queue.Queue(maxsize=WRITER_QUEUE)
         failures: list[BaseException] = []
         loader = threading.Thread(target=self._load, args=(loaded,), name="loader", daemon=True)
-        saver = threading.Thread(target=self._write, args=(outbox, failures), name="writer", daemon=True)
+        saver = threading.Thread(
+            target=self._write, args=(outbox, failures), name="writer", daemon=True
+        )
         loader.start()
         saver.start()
-        bar = tqdm(total=sum(u.rows for u in self.units), unit="rows", disable=not self.progress,
-                   dynamic_ncols=True, desc="extract")
+        bar = tqdm(
+            total=sum(u.rows for u in self.units),
+            unit="rows",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            desc="extract",
+        )
         started = time.perf_counter()
         try:
             while True:
@@ -306,7 +395,9 @@ class Extraction:
                 if failures:
                     break
                 elapsed = time.perf_counter() - started
-                bar.set_postfix_str(f"{self.stats.real_tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+                bar.set_postfix_str(
+                    f"{self.stats.real_tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False
+                )
         except BaseException:
             bar.leave = False  # erase the bar, so that an error is the last line on the terminal
             raise
@@ -326,15 +417,34 @@ class Extraction:
         return self.stats
 
 
-def finalize(out_dir: Path, units: list[corpus.WorkUnit], fmt: str, schema: pa.Schema, id_type: pa.DataType,
-             config: JobConfig, identity: dict, fp: str, run_id: str, wall: float, world_size: int) -> dict:
+def finalize(
+    out_dir: Path,
+    units: list[corpus.WorkUnit],
+    fmt: str,
+    schema: pa.Schema,
+    id_type: pa.DataType,
+    config: JobConfig,
+    identity: dict,
+    fp: str,
+    run_id: str,
+    wall: float,
+    world_size: int,
+) -> dict:
     """After every rank is done (main process): write `_skipped.parquet`, the manifest, then `_SUCCESS`."""
     shards, skipped_ids, skipped_reasons = [], [], []
-    totals = {"input_rows": 0, "scored_rows": 0, "skipped_rows": 0, "truncated_rows": 0, "output_rows": 0}
+    totals = {
+        "input_rows": 0,
+        "scored_rows": 0,
+        "skipped_rows": 0,
+        "truncated_rows": 0,
+        "output_rows": 0,
+    }
     this_run = {"units": 0, "rows": 0}
     for unit in units:
         if not resume.committed(out_dir, unit, fmt):
-            raise UserError(f"output.dir {out_dir}: shard {unit.name} is missing after all ranks finished")
+            raise UserError(
+                f"output.dir {out_dir}: shard {unit.name} is missing after all ranks finished"
+            )
         record = json.loads((out_dir / writer.UNITS_DIR / f"{unit.name}.json").read_text())
         shards.append({"file": record["file"], "rows": record["rows"], "rank": record["rank"]})
         for key in ("input_rows", "scored_rows", "skipped_rows", "truncated_rows"):
@@ -346,7 +456,12 @@ def finalize(out_dir: Path, units: list[corpus.WorkUnit], fmt: str, schema: pa.S
         if record["run_id"] == run_id:
             this_run["units"] += 1
             this_run["rows"] += record["input_rows"]
-    skipped = pa.table({"id": pa.array(skipped_ids, type=id_type), "reason": pa.array(skipped_reasons, pa.string())})
+    skipped = pa.table(
+        {
+            "id": pa.array(skipped_ids, type=id_type),
+            "reason": pa.array(skipped_reasons, pa.string()),
+        }
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(skipped, sink)
     writer.write_atomic(out_dir / writer.SKIPPED, sink.getvalue().to_pybytes())
@@ -381,19 +496,24 @@ def run_job(config: JobConfig) -> dict:
     out_dir = Path(config.output.dir)
     inside = [f.path for f in inputs if Path(f.path).resolve().is_relative_to(out_dir.resolve())]
     if inside:  # output.overwrite would delete them as the job's own part-* files
-        raise UserError(f"output.dir {out_dir} holds input file {inside[0]}; choose another output.dir")
+        raise UserError(
+            f"output.dir {out_dir} holds input file {inside[0]}; choose another output.dir"
+        )
     corpus.check_unique_ids(inputs, config.input)
     id_type = corpus.id_type(inputs, config.input)
     state = PartialState(cpu=not torch.cuda.is_available())
     lm = models.load_model(config.model, state.device)
     if config.output.k > lm.vocab_size:
-        raise UserError(f"config key output.k: {config.output.k} is larger than the vocabulary ({lm.vocab_size})")
+        raise UserError(
+            f"config key output.k: {config.output.k} is larger than the vocabulary ({lm.vocab_size})"
+        )
     if lm.is_seq2seq and config.decoder.mode == "targets" and not config.input.target_column:
         raise UserError("config key input.target_column is required when decoder.mode=targets")
     task = models.task_for(lm, config.decoder, has_targets=config.input.target_column is not None)
     units = corpus.plan_units(inputs, config.output.shard_rows)
-    schema = writer.output_schema(id_type, config.output.k, lm.vocab_size, config.output.dtype,
-                                  config.output.logits == "full")
+    schema = writer.output_schema(
+        id_type, config.output.k, lm.vocab_size, config.output.dtype, config.output.logits == "full"
+    )
     fp = resume.fingerprint(config, inputs, lm.identity)
 
     record = {}
@@ -408,23 +528,49 @@ def run_job(config: JobConfig) -> dict:
         manifest["already_complete"] = True
         return manifest
 
-    mine = [u for u in units if u.index % state.num_processes == state.process_index
-            and not resume.committed(out_dir, u, config.output.format)]
-    extraction = Extraction(config, lm, task, mine, out_dir, schema, state.process_index, record["run_id"],
-                            progress=state.is_main_process)
+    mine = [
+        u
+        for u in units
+        if u.index % state.num_processes == state.process_index
+        and not resume.committed(out_dir, u, config.output.format)
+    ]
+    extraction = Extraction(
+        config,
+        lm,
+        task,
+        mine,
+        out_dir,
+        schema,
+        state.process_index,
+        record["run_id"],
+        progress=state.is_main_process,
+    )
     stats = extraction.run()
     state.wait_for_everyone()
     manifest = {}
     if state.is_main_process:
         wall = time.perf_counter() - started
-        manifest = finalize(out_dir, units, config.output.format, schema, id_type, config, lm.identity, fp,
-                            record["run_id"], wall, state.num_processes)
-        manifest["this_run"].update({
-            "main_process_tokens": stats.real_tokens,
-            "main_process_padded_tokens": stats.padded_tokens,
-            "padding_efficiency": round(stats.real_tokens / max(stats.padded_tokens, 1), 4),
-            "tokens_per_s": round(stats.real_tokens * state.num_processes / max(wall, 1e-9), 1),
-        })
+        manifest = finalize(
+            out_dir,
+            units,
+            config.output.format,
+            schema,
+            id_type,
+            config,
+            lm.identity,
+            fp,
+            record["run_id"],
+            wall,
+            state.num_processes,
+        )
+        manifest["this_run"].update(
+            {
+                "main_process_tokens": stats.real_tokens,
+                "main_process_padded_tokens": stats.padded_tokens,
+                "padding_efficiency": round(stats.real_tokens / max(stats.padded_tokens, 1), 4),
+                "tokens_per_s": round(stats.real_tokens * state.num_processes / max(wall, 1e-9), 1),
+            }
+        )
         write_manifest(out_dir, manifest)
     state.wait_for_everyone()
     return manifest

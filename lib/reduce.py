@@ -22,8 +22,9 @@ def chunk_positions(vocab_size: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * vocab_size))
 
 
-def reduce_logits(logits: torch.Tensor, labels: torch.Tensor, k: int, output_dtype: torch.dtype,
-                  full: bool) -> dict[str, torch.Tensor]:
+def reduce_logits(
+    logits: torch.Tensor, labels: torch.Tensor, k: int, output_dtype: torch.dtype, full: bool
+) -> dict[str, torch.Tensor]:
     """Statistics for (n, V) logits and their (n,) next-token labels (-1: no token)."""
     logits = logits.float()
     # log_softmax is one fused pass on CPU and GPU, where torch.logsumexp is several (measured
@@ -48,9 +49,16 @@ def reduce_logits(logits: torch.Tensor, labels: torch.Tensor, k: int, output_dty
     return out
 
 
-def reduce_states(head: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor,
-                  labels: torch.Tensor, k: int, output_dtype: torch.dtype, full: bool,
-                  vocab_size: int, chunk_bytes: int | None = None) -> dict[str, torch.Tensor]:
+def reduce_states(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    states: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    output_dtype: torch.dtype,
+    full: bool,
+    vocab_size: int,
+    chunk_bytes: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Run `head` and `reduce_logits` over `states` in chunks of positions and concatenate."""
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES["cuda" if states.device.type == "cuda" else "cpu"]

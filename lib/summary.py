@@ -10,14 +10,20 @@ def print_summary(manifest: dict, out_dir: str) -> None:
     if manifest.get("already_complete"):
         print(f"already complete: {out_dir} (nothing rewritten)")
     lines = [
-        ("rows", f"{totals['input_rows']:,} input = {totals['scored_rows']:,} scored "
-                 f"+ {totals['skipped_rows']:,} skipped ({totals['truncated_rows']:,} truncated)"),
+        (
+            "rows",
+            f"{totals['input_rows']:,} input = {totals['scored_rows']:,} scored "
+            f"+ {totals['skipped_rows']:,} skipped ({totals['truncated_rows']:,} truncated)",
+        ),
         ("output rows", f"{totals['output_rows']:,} in {len(manifest['shards'])} shards"),
     ]
     if not manifest.get("already_complete"):
         lines += [
-            ("this run", f"{run.get('rows', 0):,} rows in {run.get('units', 0)} units, "
-                         f"{manifest.get('world_size', 1)} process(es)"),
+            (
+                "this run",
+                f"{run.get('rows', 0):,} rows in {run.get('units', 0)} units, "
+                f"{manifest.get('world_size', 1)} process(es)",
+            ),
             ("tokens (main rank)", f"{run.get('main_process_tokens', 0):,}"),
             ("padding efficiency", f"{run.get('padding_efficiency', 0):.1%}"),
             ("throughput", f"{run.get('tokens_per_s', 0):,.0f} tokens/s"),

@@ -34,9 +34,15 @@ def texts() -> list[str]:
 def model_dirs(tmp_path_factory, texts) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
     return {
-        "t5": str(sample.build_t5(root / "t5", texts, d_model=32, num_layers=2, vocab_size=300, seed=1)),
-        "gpt2": str(sample.build_causal(root / "gpt2", texts, "gpt2", d_model=32, vocab_size=300, seed=2)),
-        "llama": str(sample.build_causal(root / "llama", texts, "llama", d_model=32, vocab_size=300, seed=3)),
+        "t5": str(
+            sample.build_t5(root / "t5", texts, d_model=32, num_layers=2, vocab_size=300, seed=1)
+        ),
+        "gpt2": str(
+            sample.build_causal(root / "gpt2", texts, "gpt2", d_model=32, vocab_size=300, seed=2)
+        ),
+        "llama": str(
+            sample.build_causal(root / "llama", texts, "llama", d_model=32, vocab_size=300, seed=3)
+        ),
     }
 
 

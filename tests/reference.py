@@ -21,8 +21,15 @@ def read_corpus(path: str) -> pd.DataFrame:
 
 
 @torch.inference_mode()
-def reference_rows(model_dir: str, frame: pd.DataFrame, mode: str, prefix: str = "", max_length: int = 512,
-                   max_new_tokens: int = 8, id_column: str = "doc_id") -> dict:
+def reference_rows(
+    model_dir: str,
+    frame: pd.DataFrame,
+    mode: str,
+    prefix: str = "",
+    max_length: int = 512,
+    max_new_tokens: int = 8,
+    id_column: str = "doc_id",
+) -> dict:
     """{(id, position): (token_id or None, float32 logits (V,))}, one input row at a time."""
     model, tok = load(model_dir)
     out = {}
@@ -36,9 +43,13 @@ def reference_rows(model_dir: str, frame: pd.DataFrame, mode: str, prefix: str =
             continue
         if mode == "causal":
             logits = model(input_ids=torch.tensor([ids])).logits[0]
-            steps = [(p, ids[p + 1] if p + 1 < len(ids) else None, logits[p]) for p in range(len(ids))]
+            steps = [
+                (p, ids[p + 1] if p + 1 < len(ids) else None, logits[p]) for p in range(len(ids))
+            ]
         elif mode == "continuation":
-            tgt = tok(target, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+            tgt = tok(target, add_special_tokens=False, truncation=True, max_length=max_length)[
+                "input_ids"
+            ]
             if not tgt:
                 continue
             seq = ids + tgt
@@ -46,19 +57,29 @@ def reference_rows(model_dir: str, frame: pd.DataFrame, mode: str, prefix: str =
             steps = [(p, seq[p + 1], logits[p]) for p in range(len(ids) - 1, len(seq) - 1)]
         elif mode == "start":
             start = model.config.decoder_start_token_id
-            logits = model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start]])).logits[0]
+            logits = model(
+                input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start]])
+            ).logits[0]
             steps = [(0, None, logits[0])]
         elif mode == "targets":
             tgt = tok(text_target=target, truncation=True, max_length=max_length)["input_ids"]
             start = model.config.decoder_start_token_id
-            logits = model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start] + tgt[:-1]])).logits[0]
+            logits = model(
+                input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start] + tgt[:-1]])
+            ).logits[0]
             steps = [(p, tgt[p], logits[p]) for p in range(len(tgt))]
         elif mode == "generate":
-            gen = model.generate(input_ids=torch.tensor([ids]), do_sample=False, num_beams=1,
-                                 max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True)
-            tokens = gen.sequences[0, -len(gen.logits):].tolist()
+            gen = model.generate(
+                input_ids=torch.tensor([ids]),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            tokens = gen.sequences[0, -len(gen.logits) :].tolist()
             steps = []
-            for p, (token, logits) in enumerate(zip(tokens, gen.logits)):
+            for p, (token, logits) in enumerate(zip(tokens, gen.logits, strict=False)):
                 steps.append((p, token, logits[0]))
                 if token == model.generation_config.eos_token_id:
                     break
@@ -69,26 +90,37 @@ def reference_rows(model_dir: str, frame: pd.DataFrame, mode: str, prefix: str =
     return out
 
 
-def assert_matches(result: pd.DataFrame, reference: dict, k: int, atol: float = 1e-3, full: bool = False) -> None:
+def assert_matches(
+    result: pd.DataFrame, reference: dict, k: int, atol: float = 1e-3, full: bool = False
+) -> None:
     """Every output row equals the reference: same keys, logits within atol, same top-k ids without ties."""
-    keys = list(zip(result["id"], result["position"]))
+    keys = list(zip(result["id"], result["position"], strict=False))
     assert len(keys) == len(set(keys)), "duplicate (id, position) rows"
     assert set(keys) == set(reference), (
-        f"rows differ: {len(set(keys) - set(reference))} extra, {len(set(reference) - set(keys))} missing")
-    for rec, key in zip(result.itertuples(index=False), keys):
+        f"rows differ: {len(set(keys) - set(reference))} extra, {len(set(reference) - set(keys))} missing"
+    )
+    for rec, key in zip(result.itertuples(index=False), keys, strict=False):
         token, logits = reference[key]
         lse = float(torch.logsumexp(torch.from_numpy(logits), 0))
         assert abs(rec.logsumexp - lse) < atol, (key, rec.logsumexp, lse)
         if token is None:
-            assert pd.isna(rec.token_id) and pd.isna(rec.token_logprob) and pd.isna(rec.token_rank), key
+            assert (
+                pd.isna(rec.token_id) and pd.isna(rec.token_logprob) and pd.isna(rec.token_rank)
+            ), key
         else:
             assert rec.token_id == token, key
             assert abs(rec.token_logprob - (logits[token] - lse)) < atol, key
             near = np.abs(logits - logits[token]) < atol
             higher = int((logits > logits[token]).sum())
-            assert abs(rec.token_rank - higher) <= int(near.sum()) - 1, (key, rec.token_rank, higher)
+            assert abs(rec.token_rank - higher) <= int(near.sum()) - 1, (
+                key,
+                rec.token_rank,
+                higher,
+            )
         if full:
-            np.testing.assert_allclose(np.asarray(rec.logits, dtype=np.float32), logits, atol=atol, rtol=0)
+            np.testing.assert_allclose(
+                np.asarray(rec.logits, dtype=np.float32), logits, atol=atol, rtol=0
+            )
             continue
         order = np.argsort(-logits, kind="stable")[:k]
         values = np.asarray(rec.topk_logits, dtype=np.float32)

@@ -317,10 +317,10 @@ def test_make_batches_is_optimal_on_small_inputs():
         batches = batching.make_batches(requests, budget, batch_cost=overhead)
         flat = [r for b in batches for r in b]
 
-        def cost(batch):
+        def cost(batch, overhead=overhead):
             return len(batch) * batching.round_up(max(len(r.ids) for r in batch)) + overhead
 
-        def feasible(batch):
+        def feasible(batch, overhead=overhead, budget=budget):
             return len(batch) == 1 or cost(batch) - overhead <= budget
 
         best = min(

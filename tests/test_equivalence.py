@@ -20,10 +20,20 @@ CASES = [
 ]
 
 
-def run(tmp_path, model_dir: str, corpus: str, overrides: list[str], name: str = "out") -> pd.DataFrame:
+def run(
+    tmp_path, model_dir: str, corpus: str, overrides: list[str], name: str = "out"
+) -> pd.DataFrame:
     out = tmp_path / name
-    argv = [f"model.path={model_dir}", f"input.path={corpus}", "input.id_column=doc_id", f"output.dir={out}",
-            "output.dtype=float32", "output.k=5", "model.dtype=float32", *overrides]
+    argv = [
+        f"model.path={model_dir}",
+        f"input.path={corpus}",
+        "input.id_column=doc_id",
+        f"output.dir={out}",
+        "output.dtype=float32",
+        "output.k=5",
+        "model.dtype=float32",
+        *overrides,
+    ]
     assert extract.main(argv) == 0
     return pd.read_parquet(out).sort_values(["id", "position"]).reset_index(drop=True)
 
@@ -31,19 +41,45 @@ def run(tmp_path, model_dir: str, corpus: str, overrides: list[str], name: str =
 @pytest.mark.parametrize("model,mode,overrides", CASES, ids=[f"{m}-{mode}" for m, mode, _ in CASES])
 def test_rows_equal_unbatched_forward(tmp_path, model_dirs, corpus, model, mode, overrides):
     # Small token budgets force many batches of mixed sizes; max_length forces truncation.
-    settings = ["batching.max_tokens=96", "input.max_length=24", "input.prefix=say: ", "output.shard_rows=17"]
+    settings = [
+        "batching.max_tokens=96",
+        "input.max_length=24",
+        "input.prefix=say: ",
+        "output.shard_rows=17",
+    ]
     result = run(tmp_path, model_dirs[model], corpus, settings + overrides)
-    reference = reference_rows(model_dirs[model], read_corpus(corpus), mode, prefix="say: ", max_length=24,
-                               max_new_tokens=6)
+    reference = reference_rows(
+        model_dirs[model],
+        read_corpus(corpus),
+        mode,
+        prefix="say: ",
+        max_length=24,
+        max_new_tokens=6,
+    )
     assert_matches(result, reference, k=5)
 
 
-@pytest.mark.parametrize("model,mode,overrides", [CASES[1], CASES[4]], ids=["t5-targets", "llama-causal"])
+@pytest.mark.parametrize(
+    "model,mode,overrides", [CASES[1], CASES[4]], ids=["t5-targets", "llama-causal"]
+)
 def test_full_logits_equal_unbatched_forward(tmp_path, model_dirs, corpus, model, mode, overrides):
-    settings = ["batching.max_tokens=128", "input.max_length=20", "output.logits=full", "output.format=arrow"]
+    settings = [
+        "batching.max_tokens=128",
+        "input.max_length=20",
+        "output.logits=full",
+        "output.format=arrow",
+    ]
     out = tmp_path / "out"
-    argv = [f"model.path={model_dirs[model]}", f"input.path={corpus}", "input.id_column=doc_id",
-            f"output.dir={out}", "output.dtype=float32", "model.dtype=float32", *settings, *overrides]
+    argv = [
+        f"model.path={model_dirs[model]}",
+        f"input.path={corpus}",
+        "input.id_column=doc_id",
+        f"output.dir={out}",
+        "output.dtype=float32",
+        "model.dtype=float32",
+        *settings,
+        *overrides,
+    ]
     assert extract.main(argv) == 0
     import pyarrow.dataset as ds
 
@@ -56,16 +92,22 @@ def test_batching_does_not_change_results(tmp_path, model_dirs, corpus):
     """One row per batch and one large batch give the same rows, in the same order."""
     base = ["input.max_length=32"]
     small = run(tmp_path, model_dirs["gpt2"], corpus, base + ["batching.max_tokens=8"], "small")
-    large = run(tmp_path, model_dirs["gpt2"], corpus, base + ["batching.max_tokens=100000"], "large")
-    pd.testing.assert_frame_equal(small.drop(columns=["topk_logits", "topk_ids", "token_logprob", "logsumexp"]),
-                                  large.drop(columns=["topk_logits", "topk_ids", "token_logprob", "logsumexp"]))
+    large = run(
+        tmp_path, model_dirs["gpt2"], corpus, base + ["batching.max_tokens=100000"], "large"
+    )
+    pd.testing.assert_frame_equal(
+        small.drop(columns=["topk_logits", "topk_ids", "token_logprob", "logsumexp"]),
+        large.drop(columns=["topk_logits", "topk_ids", "token_logprob", "logsumexp"]),
+    )
     assert (small["logsumexp"] - large["logsumexp"]).abs().max() < 1e-4
 
 
 def test_float16_storage_is_close(tmp_path, model_dirs, corpus):
-    result = run(tmp_path, model_dirs["t5"], corpus, ["output.dtype=float16", "input.max_length=16"])
+    result = run(
+        tmp_path, model_dirs["t5"], corpus, ["output.dtype=float16", "input.max_length=16"]
+    )
     reference = reference_rows(model_dirs["t5"], read_corpus(corpus), "start", max_length=16)
     for rec in result.itertuples(index=False):
         _, logits = reference[(rec.id, rec.position)]
         top = sorted(logits, reverse=True)[:5]
-        assert max(abs(a - b) for a, b in zip(rec.topk_logits, top)) < 1e-2
+        assert max(abs(a - b) for a, b in zip(rec.topk_logits, top, strict=False)) < 1e-2
