@@ -263,7 +263,13 @@ def rss_child(payload: str) -> None:
         None, [f"{s}.{k}={json.dumps(v)}" for s, keys in data.items() for k, v in keys.items()]
     )
     run_job_timed(config)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not getrusage: ru_maxrss survives exec, so it would include the parent's size at fork.
+    status = Path("/proc/self/status").read_text()
+    if "VmHWM:" in status:
+        peak_kib = int(status.split("VmHWM:")[1].split()[0])
+    else:  # not Linux
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mib": peak_kib / 1024}))
 
 
 def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full: bool) -> dict:
@@ -289,7 +295,7 @@ def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full
         times[size], manifest = run_job_timed(
             job_config(model, corpora[size], str(root / f"out-{spec.name}-{size}"), args)
         )
-        result["padding_efficiency"] = manifest["this_run"]["padding_efficiency"]
+        result["padding_efficiency"] = manifest["throughput"]["padding_efficiency"]
     marginal = (tokens["3N"] - tokens["N"]) / (times["3N"] - times["N"])
     mean_length = max(1, round(tokens["3N"] / pq.ParquetFile(corpora["3N"]).metadata.num_rows))
     dense = dense_rate(

@@ -8,6 +8,7 @@ predicts (-1 where there is none), so row p of the output predicts `labels[p - f
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -62,20 +63,25 @@ class Batch:
     real_tokens: int
     padded_tokens: int
 
-    def pin_memory(self) -> Batch:
-        """Page-lock the tensors so host-to-device copies can run asynchronously."""
-        for name in (
+    def _map_tensors(self, fn) -> Batch:
+        names = (
             "input_ids",
             "attention_mask",
             "decoder_input_ids",
             "decoder_attention_mask",
             "select",
             "labels",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.pin_memory())
-        return self
+        )
+        moved = {name: fn(getattr(self, name)) for name in names if getattr(self, name) is not None}
+        return dataclasses.replace(self, **moved)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copy, so that host-to-device copies can run asynchronously."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device) -> Batch:
+        """The tensors on `device` (asynchronous from pinned memory); numpy indices stay on the host."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=True))
 
 
 def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:

@@ -353,9 +353,24 @@ def scored_states(lm: LoadedModel, batch: Batch) -> torch.Tensor:
     return states.flatten(0, 1).index_select(0, batch.select)
 
 
-def head_logits(lm: LoadedModel, states: torch.Tensor) -> torch.Tensor:
-    """Apply the output projection to a chunk of states (identity when it already ran)."""
-    return states if lm.head is None else lm.head(states)
+def head_logits(
+    lm: LoadedModel, states: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply the output projection to a chunk of states (identity when it already ran).
+
+    A bias-free linear head in the states' dtype writes into `out` when one is given.
+    """
+    if lm.head is None:
+        return states
+    head = lm.head
+    if (
+        out is not None
+        and isinstance(head, nn.Linear)
+        and head.bias is None
+        and head.weight.dtype == states.dtype == out.dtype
+    ):
+        return torch.mm(states, head.weight.t(), out=out)
+    return head(states)
 
 
 def generate(

@@ -9,6 +9,7 @@ Ranks under `accelerate launch` take every world_size-th unit and meet only at t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -44,6 +45,8 @@ class UnitStart:
 @dataclass
 class UnitEnd:
     unit: corpus.WorkUnit
+    tokens: int = 0  # real tokens of the unit's batches, filled in by the forward stage
+    padded_tokens: int = 0
 
 
 @dataclass
@@ -74,6 +77,10 @@ class RunStats:
     output_rows: int = 0
     units: int = 0
     extra: dict = field(default_factory=dict)
+
+
+def _identity(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return x
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -161,78 +168,47 @@ class Extraction:
     # -- stage 2: forward and reduce on the device (main thread) -----------------------------
     def _compute(self, unit: int, batch: batching.Batch) -> Reduced:
         lm, cfg = self.lm, self.config
-        device = lm.device
-        batch_ids = batch.input_ids.to(device, non_blocking=True)
-        mask = batch.attention_mask.to(device, non_blocking=True)
-        rows = torch.from_numpy(np.array([r.row for r in batch.requests], dtype=np.int32))
+        on_device = batch.to(lm.device)
         if self.task == batching.GENERATE:
-            device_batch = batching.Batch(
-                batch.requests,
-                batch_ids,
-                mask,
-                None,
-                None,
-                batch.select,
-                batch.labels,
-                batch.row,
-                batch.position,
-                0,
-                0,
-            )
-            logits, tokens, valid = models.generate(lm, device_batch, cfg.decoder.max_new_tokens)
+            logits, tokens, valid = models.generate(lm, on_device, cfg.decoder.max_new_tokens)
             chosen = valid.flatten().nonzero().squeeze(1)
             states = logits.flatten(0, 1).index_select(0, chosen)
             labels = tokens.flatten().index_select(0, chosen)
-            stats = reduce.reduce_states(
-                lambda x: x,
-                states,
-                labels,
-                cfg.output.k,
-                self.output_dtype,
-                self.full,
-                lm.vocab_size,
+            head = _identity  # generate already returns logits
+            # Rows and steps are known only now, on the device.
+            rows = torch.tensor(
+                [r.row for r in batch.requests], dtype=torch.int32, device=lm.device
             )
             steps = logits.shape[1]
-            row = rows.to(device)[chosen // steps]
-            position = (chosen % steps).to(torch.int32)
+            row, position = rows[chosen // steps], (chosen % steps).to(torch.int32)
             token_id = labels.to(torch.int32)
             self.stats.real_tokens += int(valid.sum())
             self.stats.padded_tokens += valid.numel()
         else:
-            device_batch = batching.Batch(
-                batch.requests,
-                batch_ids,
-                mask,
-                None
-                if batch.decoder_input_ids is None
-                else batch.decoder_input_ids.to(device, non_blocking=True),
-                None
-                if batch.decoder_attention_mask is None
-                else batch.decoder_attention_mask.to(device, non_blocking=True),
-                batch.select.to(device, non_blocking=True),
-                None,
-                batch.row,
-                batch.position,
-                0,
-                0,
-            )
-            labels = batch.labels.to(device, non_blocking=True)
-            states = models.scored_states(lm, device_batch)
-            stats = reduce.reduce_states(
-                lambda x: models.head_logits(lm, x),
-                states,
-                labels,
-                cfg.output.k,
-                self.output_dtype,
-                self.full,
-                lm.vocab_size,
-            )
+            states = models.scored_states(lm, on_device)
+            labels = on_device.labels
+            head = functools.partial(models.head_logits, lm)
             row, position, token_id = batch.row, batch.position, batch.labels.to(torch.int32)
+        logits_out = None
+        if self.full and lm.device.type == "cuda":  # stream full logits out chunk by chunk
+            logits_out = torch.empty(
+                (states.shape[0], lm.vocab_size), dtype=self.output_dtype, pin_memory=True
+            )
+        stats = reduce.reduce_states(
+            head,
+            states,
+            labels,
+            cfg.output.k,
+            self.output_dtype,
+            self.full,
+            lm.vocab_size,
+            logits_out=logits_out,
+        )
         host = {name: _to_host(value) for name, value in stats.items()}
         if isinstance(row, torch.Tensor):
             row, position, token_id = _to_host(row), _to_host(position), _to_host(token_id)
         ready = None
-        if device.type == "cuda":
+        if lm.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
         self.stats.real_tokens += batch.real_tokens
@@ -295,7 +271,7 @@ class Extraction:
                 elif isinstance(item, Reduced):
                     self._write_batch(open_units[item.unit], item)
                 elif isinstance(item, UnitEnd):
-                    self._commit(open_units.pop(item.unit.index))
+                    self._commit(open_units.pop(item.unit.index), item)
         except BaseException as exc:
             failures.append(exc)
             self.stop.set()
@@ -319,7 +295,7 @@ class Extraction:
             state["rows"].append(row)
             state["positions"].append(position)
 
-    def _commit(self, state: dict) -> None:
+    def _commit(self, state: dict, end: UnitEnd) -> None:
         start: UnitStart = state["start"]
         shard = state["writer"]
         if state["parts"]:
@@ -342,6 +318,8 @@ class Extraction:
                 "scored_rows": start.unit.rows - len(skipped),
                 "skipped_rows": len(skipped),
                 "truncated_rows": start.truncated,
+                "tokens": end.tokens,
+                "padded_tokens": end.padded_tokens,
                 "skipped": skipped,
             }
         )
@@ -353,7 +331,8 @@ class Extraction:
         from tqdm.auto import tqdm
 
         loaded: queue.Queue = queue.Queue(maxsize=LOADER_QUEUE)
-        outbox: queue.Queue = queue.Queue(maxsize=WRITER_QUEUE)
+        # Full logits are large: the host holds the batch being written and at most one more.
+        outbox: queue.Queue = queue.Queue(maxsize=1 if self.full else WRITER_QUEUE)
         failures: list[BaseException] = []
         loader = threading.Thread(target=self._load, args=(loaded,), name="loader", daemon=True)
         saver = threading.Thread(
@@ -369,6 +348,7 @@ class Extraction:
             desc="extract",
         )
         started = time.perf_counter()
+        unit_started: dict[int, tuple[int, int]] = {}  # token counters when each unit began
         try:
             while True:
                 item = loaded.get()
@@ -385,7 +365,14 @@ class Extraction:
                 else:
                     if isinstance(item, UnitEnd):
                         self.unit_ids.pop(item.unit.index, None)
+                        tokens_before, padded_before = unit_started.pop(item.unit.index)
+                        item.tokens = self.stats.real_tokens - tokens_before
+                        item.padded_tokens = self.stats.padded_tokens - padded_before
                     if isinstance(item, UnitStart):
+                        unit_started[item.unit.index] = (
+                            self.stats.real_tokens,
+                            self.stats.padded_tokens,
+                        )
                         self.unit_ids[item.unit.index] = item.ids
                         bar.update(len(item.skipped))
                         self.stats.rows += item.unit.rows
@@ -439,7 +426,7 @@ def finalize(
         "truncated_rows": 0,
         "output_rows": 0,
     }
-    this_run = {"units": 0, "rows": 0}
+    run = {"units": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
     for unit in units:
         if not resume.committed(out_dir, unit, fmt):
             raise UserError(
@@ -454,8 +441,10 @@ def finalize(
             skipped_ids.append(item_id)
             skipped_reasons.append(reason)
         if record["run_id"] == run_id:
-            this_run["units"] += 1
-            this_run["rows"] += record["input_rows"]
+            run["units"] += 1
+            run["rows"] += record["input_rows"]
+            run["tokens"] += record["tokens"]
+            run["padded_tokens"] += record["padded_tokens"]
     skipped = pa.table(
         {
             "id": pa.array(skipped_ids, type=id_type),
@@ -475,7 +464,14 @@ def finalize(
         "world_size": world_size,
         "shards": shards,
         "totals": totals,
-        "this_run": {**this_run, "wall_s": round(wall, 3)},
+        # This run's work only: a resumed run reports what it computed itself.
+        "throughput": {
+            **run,
+            "wall_s": round(wall, 3),
+            "padding_efficiency": round(run["tokens"] / max(run["padded_tokens"], 1), 4),
+            "tokens_per_s": round(run["tokens"] / max(wall, 1e-9), 1),
+            "rows_per_s": round(run["rows"] / max(wall, 1e-9), 2),
+        },
     }
     return manifest
 
@@ -545,7 +541,7 @@ def run_job(config: JobConfig) -> dict:
         record["run_id"],
         progress=state.is_main_process,
     )
-    stats = extraction.run()
+    extraction.run()
     state.wait_for_everyone()
     manifest = {}
     if state.is_main_process:
@@ -562,14 +558,6 @@ def run_job(config: JobConfig) -> dict:
             record["run_id"],
             wall,
             state.num_processes,
-        )
-        manifest["this_run"].update(
-            {
-                "main_process_tokens": stats.real_tokens,
-                "main_process_padded_tokens": stats.padded_tokens,
-                "padding_efficiency": round(stats.real_tokens / max(stats.padded_tokens, 1), 4),
-                "tokens_per_s": round(stats.real_tokens * state.num_processes / max(wall, 1e-9), 1),
-            }
         )
         write_manifest(out_dir, manifest)
     state.wait_for_everyone()

@@ -23,20 +23,29 @@ def chunk_positions(vocab_size: int, chunk_bytes: int) -> int:
 
 
 def reduce_logits(
-    logits: torch.Tensor, labels: torch.Tensor, k: int, output_dtype: torch.dtype, full: bool
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    output_dtype: torch.dtype,
+    full: bool,
+    scratch: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Statistics for (n, V) logits and their (n,) next-token labels (-1: no token)."""
+    """Statistics for (n, V) logits and their (n,) next-token labels (-1: no token).
+
+    `scratch`, an (n, V) float32 buffer, holds the log-probabilities; when it is given the
+    caller reuses `logits`' storage too, so full-mode logits are copied out.
+    """
     logits = logits.float()
     # log_softmax is one fused pass on CPU and GPU, where torch.logsumexp is several (measured
     # about 2x slower on CPU). logsumexp follows from any entry: logit - logprob, taken at the
     # top-1 entry, where the difference loses least precision.
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1, out=scratch)
     has_token = labels >= 0
     token_logprob = logprobs.gather(1, labels.clamp(min=0).unsqueeze(1))
     out = {"has_token": has_token, "token_logprob": token_logprob.squeeze(1)}
     if full:
         top1 = logits.argmax(dim=-1, keepdim=True)
-        out["logits"] = logits.to(output_dtype)
+        out["logits"] = logits.to(output_dtype, copy=scratch is not None)
     else:
         values, ids = logits.topk(k, dim=-1, largest=True, sorted=True)
         top1 = ids[:, :1]
@@ -50,7 +59,7 @@ def reduce_logits(
 
 
 def reduce_states(
-    head: Callable[[torch.Tensor], torch.Tensor],
+    head: Callable[..., torch.Tensor],
     states: torch.Tensor,
     labels: torch.Tensor,
     k: int,
@@ -58,15 +67,41 @@ def reduce_states(
     full: bool,
     vocab_size: int,
     chunk_bytes: int | None = None,
+    logits_out: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run `head` and `reduce_logits` over `states` in chunks of positions and concatenate."""
+    """Run `head` and `reduce_logits` over `states` in chunks of positions and concatenate.
+
+    `head(states, out=None)` maps a chunk of states to logits, writing into `out` if it can.
+    In full mode, `logits_out` (an (N, V) host tensor, pinned) receives each chunk's logits by
+    an asynchronous copy as soon as the chunk is done, so the device never holds more than a
+    chunk of them; the caller synchronises before reading it.
+    """
+    on_cpu = states.device.type == "cpu"
     if chunk_bytes is None:
-        chunk_bytes = CHUNK_BYTES["cuda" if states.device.type == "cuda" else "cpu"]
+        chunk_bytes = CHUNK_BYTES["cpu" if on_cpu else "cuda"]
     step = chunk_positions(vocab_size, chunk_bytes)
-    parts = [
-        reduce_logits(head(states[i : i + step]), labels[i : i + step], k, output_dtype, full)
-        for i in range(0, max(1, states.shape[0]), step)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    buffers = None
+    if on_cpu and states.shape[0] > step:
+        # Two buffers reused by every chunk: on CPU each fresh (step, V) tensor is a malloc of
+        # megabytes, and their churn fragmented glibc's heap into gigabytes of resident memory.
+        buffers = [torch.empty((step, vocab_size), dtype=torch.float32) for _ in range(2)]
+    parts = []
+    for i in range(0, max(1, states.shape[0]), step):
+        chunk = states[i : i + step]
+        if buffers is None:
+            part = reduce_logits(head(chunk), labels[i : i + step], k, output_dtype, full)
+        else:
+            logits_buffer, scratch = (b[: chunk.shape[0]] for b in buffers)
+            logits = head(chunk, out=logits_buffer)
+            part = reduce_logits(logits, labels[i : i + step], k, output_dtype, full, scratch)
+        if logits_out is not None:
+            logits_out[i : i + step].copy_(part.pop("logits"), non_blocking=True)
+        parts.append(part)
+    out = (
+        parts[0]
+        if len(parts) == 1
+        else {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    )
+    if logits_out is not None:
+        out["logits"] = logits_out
+    return out

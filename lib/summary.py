@@ -6,7 +6,7 @@ from __future__ import annotations
 def print_summary(manifest: dict, out_dir: str) -> None:
     """Rows, tokens, padding efficiency, throughput, wall time and where the output is."""
     totals = manifest["totals"]
-    run = manifest.get("this_run", {})
+    run = manifest["throughput"]
     if manifest.get("already_complete"):
         print(f"already complete: {out_dir} (nothing rewritten)")
     lines = [
@@ -21,13 +21,13 @@ def print_summary(manifest: dict, out_dir: str) -> None:
         lines += [
             (
                 "this run",
-                f"{run.get('rows', 0):,} rows in {run.get('units', 0)} units, "
+                f"{run['rows']:,} rows in {run['units']} units, "
                 f"{manifest.get('world_size', 1)} process(es)",
             ),
-            ("tokens (main rank)", f"{run.get('main_process_tokens', 0):,}"),
-            ("padding efficiency", f"{run.get('padding_efficiency', 0):.1%}"),
-            ("throughput", f"{run.get('tokens_per_s', 0):,.0f} tokens/s"),
-            ("wall time", f"{run.get('wall_s', 0):.1f} s"),
+            ("tokens", f"{run['tokens']:,} ({run['padded_tokens']:,} padded)"),
+            ("padding efficiency", f"{run['padding_efficiency']:.1%}"),
+            ("throughput", f"{run['tokens_per_s']:,.0f} tokens/s, {run['rows_per_s']:,.1f} rows/s"),
+            ("wall time", f"{run['wall_s']:.1f} s"),
         ]
     lines.append(("output", out_dir))
     print("\n".join(f"  {label:<20}{value}" for label, value in lines))

@@ -38,7 +38,7 @@ MANIFEST_KEYS = {
     "world_size",
     "shards",
     "totals",
-    "this_run",
+    "throughput",
 }
 
 
@@ -94,19 +94,18 @@ def check_output_dir(out: Path, stdout: str) -> tuple[pd.DataFrame, dict]:
     assert pq.read_table(out / "_skipped.parquet").num_rows == totals["skipped_rows"]
 
     fields = summary_fields(stdout)
-    run = manifest["this_run"]
+    run = manifest["throughput"]
     assert fields["rows"] == (
         f"{totals['input_rows']:,} input = {totals['scored_rows']:,} scored + "
         f"{totals['skipped_rows']:,} skipped ({totals['truncated_rows']:,} truncated)"
     )
     assert fields["output rows"] == f"{totals['output_rows']:,} in {len(shards)} shards"
-    assert (
-        fields["tokens (main rank)"] == f"{run['main_process_tokens']:,}"
-        and run["main_process_tokens"] > 0
-    )
+    assert fields["tokens"] == f"{run['tokens']:,} ({run['padded_tokens']:,} padded)"
+    assert 0 < run["tokens"] <= run["padded_tokens"]
     assert re.fullmatch(r"\d{1,3}\.\d%", fields["padding efficiency"])
     assert 0 < run["padding_efficiency"] <= 1
-    assert re.fullmatch(r"[\d,]+ tokens/s", fields["throughput"]) and run["tokens_per_s"] > 0
+    assert re.fullmatch(r"[\d,]+ tokens/s, [\d,]+\.\d rows/s", fields["throughput"])
+    assert run["tokens_per_s"] > 0 and run["rows_per_s"] > 0
     assert re.fullmatch(r"\d+\.\d s", fields["wall time"]) and run["wall_s"] > 0
     assert fields["output"] == str(out)
 

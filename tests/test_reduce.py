@@ -119,9 +119,10 @@ class CountingHead(torch.nn.Module):
         self.linear = torch.nn.Linear(hidden, vocab, bias=False)
         self.calls: list[int] = []
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.calls.append(states.shape[0])
-        return self.linear(states)
+        logits = self.linear(states)
+        return logits if out is None else out.copy_(logits)
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["topk", "full"])
@@ -215,3 +216,23 @@ def test_empty_input(full):
         assert out["logits"].shape == (0, VOCAB) and out["logits"].dtype == torch.float16
     else:
         assert out["topk_ids"].shape == (0, K) and out["topk_logits"].shape == (0, K)
+
+
+def test_full_logits_stream_into_a_host_buffer():
+    """With `logits_out`, every chunk's logits land in the caller's buffer, equal to concatenation."""
+    torch.manual_seed(3)
+    states = torch.randn(23, 8)
+    weight = torch.randn(50, 8)
+    labels = torch.randint(-1, 50, (23,))
+
+    def head(x, out=None):
+        return x @ weight.T
+
+    kwargs = dict(k=4, output_dtype=torch.float16, full=True, vocab_size=50, chunk_bytes=4 * 50 * 5)
+    plain = reduce.reduce_states(head, states, labels, **kwargs)
+    buffer = torch.full((23, 50), float("nan"), dtype=torch.float16)
+    streamed = reduce.reduce_states(head, states, labels, logits_out=buffer, **kwargs)
+    assert streamed["logits"] is buffer
+    assert torch.equal(buffer, plain["logits"])
+    for name in ("logsumexp", "token_logprob", "token_rank", "has_token"):
+        assert torch.equal(streamed[name], plain[name]), name
