@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,19 +66,6 @@ class _Failure:
     error: BaseException
 
 
-@dataclass
-class RunStats:
-    rows: int = 0
-    scored: int = 0
-    skipped: int = 0
-    truncated: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    output_rows: int = 0
-    units: int = 0
-    extra: dict = field(default_factory=dict)
-
-
 def _identity(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return x
 
@@ -92,7 +79,7 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Extraction:
-    """One rank's share of the job; `run()` returns its statistics."""
+    """One rank's share of the job: `run()` extracts its units and commits their shards."""
 
     def __init__(
         self,
@@ -119,7 +106,8 @@ class Extraction:
         self.output_dtype = getattr(torch, config.output.dtype)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
         self.unit_ids: dict[int, pa.Array] = {}  # ids of the units in flight, to name a row
-        self.stats = RunStats()
+        self.real_tokens = 0  # tokens through the model so far, for the bar and per-unit counts
+        self.padded_tokens = 0
         self.stop = threading.Event()
 
     # -- stage 1: read, tokenize, bucket, pad (loader thread) --------------------------------
@@ -182,8 +170,8 @@ class Extraction:
             steps = logits.shape[1]
             row, position = rows[chosen // steps], (chosen % steps).to(torch.int32)
             token_id = labels.to(torch.int32)
-            self.stats.real_tokens += int(valid.sum())
-            self.stats.padded_tokens += valid.numel()
+            self.real_tokens += int(valid.sum())
+            self.padded_tokens += valid.numel()
         else:
             states = models.scored_states(lm, on_device)
             labels = on_device.labels
@@ -211,8 +199,8 @@ class Extraction:
         if lm.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        self.stats.real_tokens += batch.real_tokens
-        self.stats.padded_tokens += batch.padded_tokens
+        self.real_tokens += batch.real_tokens
+        self.padded_tokens += batch.padded_tokens
         return Reduced(unit, row, position, token_id, host, ready)
 
     def _forward(self, unit: int, batch: batching.Batch) -> list[Reduced]:
@@ -323,11 +311,9 @@ class Extraction:
                 "skipped": skipped,
             }
         )
-        self.stats.output_rows += shard.rows
-        self.stats.units += 1
 
     # -- the three stages together ------------------------------------------------------------
-    def run(self) -> RunStats:
+    def run(self) -> None:
         from tqdm.auto import tqdm
 
         loaded: queue.Queue = queue.Queue(maxsize=LOADER_QUEUE)
@@ -361,29 +347,25 @@ class Extraction:
                     for result in self._forward(unit, batch):
                         self._put(outbox, result)
                     bar.update(len(batch.requests))
-                    self.stats.scored += len(batch.requests)
                 else:
                     if isinstance(item, UnitEnd):
                         self.unit_ids.pop(item.unit.index, None)
                         tokens_before, padded_before = unit_started.pop(item.unit.index)
-                        item.tokens = self.stats.real_tokens - tokens_before
-                        item.padded_tokens = self.stats.padded_tokens - padded_before
+                        item.tokens = self.real_tokens - tokens_before
+                        item.padded_tokens = self.padded_tokens - padded_before
                     if isinstance(item, UnitStart):
                         unit_started[item.unit.index] = (
-                            self.stats.real_tokens,
-                            self.stats.padded_tokens,
+                            self.real_tokens,
+                            self.padded_tokens,
                         )
                         self.unit_ids[item.unit.index] = item.ids
                         bar.update(len(item.skipped))
-                        self.stats.rows += item.unit.rows
-                        self.stats.skipped += len(item.skipped)
-                        self.stats.truncated += item.truncated
                     self._put(outbox, item)
                 if failures:
                     break
                 elapsed = time.perf_counter() - started
                 bar.set_postfix_str(
-                    f"{self.stats.real_tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False
+                    f"{self.real_tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False
                 )
         except BaseException:
             bar.leave = False  # erase the bar, so that an error is the last line on the terminal
@@ -401,7 +383,6 @@ class Extraction:
             bar.close()
         if failures:
             raise failures[0]
-        return self.stats
 
 
 def finalize(

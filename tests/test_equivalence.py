@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow.dataset as ds
 import pytest
 
 from jobs import extract
@@ -35,7 +36,8 @@ def run(
         *overrides,
     ]
     assert extract.main(argv) == 0
-    return pd.read_parquet(out).sort_values(["id", "position"]).reset_index(drop=True)
+    frame = ds.dataset(out, format="arrow" if "output.format=arrow" in overrides else "parquet")
+    return frame.to_table().to_pandas().sort_values(["id", "position"]).reset_index(drop=True)
 
 
 @pytest.mark.parametrize("model,mode,overrides", CASES, ids=[f"{m}-{mode}" for m, mode, _ in CASES])
@@ -69,21 +71,7 @@ def test_full_logits_equal_unbatched_forward(tmp_path, model_dirs, corpus, model
         "output.logits=full",
         "output.format=arrow",
     ]
-    out = tmp_path / "out"
-    argv = [
-        f"model.path={model_dirs[model]}",
-        f"input.path={corpus}",
-        "input.id_column=doc_id",
-        f"output.dir={out}",
-        "output.dtype=float32",
-        "model.dtype=float32",
-        *settings,
-        *overrides,
-    ]
-    assert extract.main(argv) == 0
-    import pyarrow.dataset as ds
-
-    result = ds.dataset(out, format="arrow").to_table().to_pandas().sort_values(["id", "position"])
+    result = run(tmp_path, model_dirs[model], corpus, settings + overrides)
     reference = reference_rows(model_dirs[model], read_corpus(corpus), mode, max_length=20)
     assert_matches(result, reference, k=5, full=True)
 
