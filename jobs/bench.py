@@ -385,7 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-rows", type=int, default=1200)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="batching.max_tokens (default 16384, 65536 with --preset gpu)",
+    )
     parser.add_argument("--shard-rows", type=int, default=2000)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -404,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         rss_child(args.rss_child)
         return 0
     specs = PRESETS[args.preset]
+    if args.max_tokens is None:
+        args.max_tokens = 65536 if args.preset == "gpu" else 16384
     if args.quick:
         args.rows, args.e2e_rows, args.rss, args.max_length = 40, 60, False, 128
         specs = [TINY["t5"], TINY["gpt2"]]

@@ -1,0 +1,43 @@
+"""The benchmark runs end to end (a smoke run: figures from it are not measurements)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.bench",
+            "--quick",
+            "--work",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["model"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"t5-tiny", "gpt2-tiny"}
+    for row in rows.values():
+        for key in ("job_tok_s", "dense_tok_s", "naive_tok_s", "model_on_job_batches_tok_s"):
+            assert row[key] > 0, (row["model"], key)
+        # Marginal figures of a smoke run are noise (even negative), but they must be computed.
+        for key in ("efficiency", "steady_speedup", "pipeline_efficiency"):
+            assert math.isfinite(row[key]), (row["model"], key)
+        assert 0 < row["padding_efficiency"] <= 1
+    assert rows["t5-tiny"]["e2e_speedup"] > 0
+    assert "efficiency" in result.stdout and "steady_speedup" in result.stdout
