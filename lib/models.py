@@ -344,7 +344,12 @@ def task_for(lm: LoadedModel, decoder: DecoderConfig, has_targets: bool) -> str:
 
 def scored_states(lm: LoadedModel, batch: Batch) -> torch.Tensor:
     """(N, H) head inputs (or (N, V) logits when the head is not split) at the batch's selected positions."""
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    kwargs = {"input_ids": batch.input_ids}
+    if lm.is_seq2seq:
+        kwargs["attention_mask"] = batch.attention_mask
+    # A causal model gets no mask: with right padding, causal attention already keeps every real
+    # token from seeing the pads after it, and without a mask SDPA runs its causal kernel (flash
+    # attention where available), whose memory grows with T rather than T^2.
     if batch.decoder_input_ids is not None:
         kwargs["decoder_input_ids"] = batch.decoder_input_ids
         kwargs["decoder_attention_mask"] = batch.decoder_attention_mask
