@@ -191,6 +191,7 @@ class Extraction:
             self.full,
             lm.vocab_size,
             logits_out=logits_out,
+            tokens=self.task != batching.START,
         )
         host = {name: _to_host(value) for name, value in stats.items()}
         if isinstance(row, torch.Tensor):

@@ -29,11 +29,13 @@ def reduce_logits(
     output_dtype: torch.dtype,
     full: bool,
     scratch: torch.Tensor | None = None,
+    tokens: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Statistics for (n, V) logits and their (n,) next-token labels (-1: no token).
 
     `scratch`, an (n, V) float32 buffer, holds the log-probabilities; when it is given the
-    caller reuses `logits`' storage too, so full-mode logits are copied out.
+    caller reuses `logits`' storage too, so full-mode logits are copied out. `tokens=False`
+    (no position has a next token, as in seq2seq `start` mode) skips the token statistics.
     """
     logits = logits.float()
     # log_softmax is one fused pass on CPU and GPU, where torch.logsumexp is several (measured
@@ -54,7 +56,10 @@ def reduce_logits(
     out["logsumexp"] = (logits.gather(1, top1) - logprobs.gather(1, top1)).squeeze(1)
     # (logprobs - t > 0) as float, summed: in place, and several times faster on CPU than
     # summing a bool tensor; counts stay exact in float32 up to 2**24 entries.
-    out["token_rank"] = logprobs.sub_(token_logprob).gt_(0).sum(dim=1).to(torch.int32)
+    if tokens:
+        out["token_rank"] = logprobs.sub_(token_logprob).gt_(0).sum(dim=1).to(torch.int32)
+    else:  # all null in the output; zeros keep the arrays' shapes and dtypes
+        out["token_rank"] = torch.zeros_like(has_token, dtype=torch.int32)
     return out
 
 
@@ -68,6 +73,7 @@ def reduce_states(
     vocab_size: int,
     chunk_bytes: int | None = None,
     logits_out: torch.Tensor | None = None,
+    tokens: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Run `head` and `reduce_logits` over `states` in chunks of positions and concatenate.
 
@@ -89,11 +95,15 @@ def reduce_states(
     for i in range(0, max(1, states.shape[0]), step):
         chunk = states[i : i + step]
         if buffers is None:
-            part = reduce_logits(head(chunk), labels[i : i + step], k, output_dtype, full)
+            part = reduce_logits(
+                head(chunk), labels[i : i + step], k, output_dtype, full, None, tokens
+            )
         else:
             logits_buffer, scratch = (b[: chunk.shape[0]] for b in buffers)
             logits = head(chunk, out=logits_buffer)
-            part = reduce_logits(logits, labels[i : i + step], k, output_dtype, full, scratch)
+            part = reduce_logits(
+                logits, labels[i : i + step], k, output_dtype, full, scratch, tokens
+            )
         if logits_out is not None:
             logits_out[i : i + step].copy_(part.pop("logits"), non_blocking=True)
         parts.append(part)

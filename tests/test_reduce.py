@@ -236,3 +236,15 @@ def test_full_logits_stream_into_a_host_buffer():
     assert torch.equal(buffer, plain["logits"])
     for name in ("logsumexp", "token_logprob", "token_rank", "has_token"):
         assert torch.equal(streamed[name], plain[name]), name
+
+
+def test_without_tokens_the_other_statistics_are_unchanged():
+    """`tokens=False` (seq2seq start mode) skips the rank pass and changes nothing else."""
+    torch.manual_seed(4)
+    logits = torch.randn(9, 40)
+    labels = torch.full((9,), -1)
+    full = reduce.reduce_logits(logits, labels, 5, torch.float32, False)
+    lean = reduce.reduce_logits(logits, labels, 5, torch.float32, False, tokens=False)
+    for name in ("logsumexp", "topk_ids", "topk_logits", "has_token"):
+        assert torch.equal(full[name], lean[name]), name
+    assert lean["token_rank"].dtype == torch.int32 and not lean["has_token"].any()
