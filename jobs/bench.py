@@ -358,9 +358,17 @@ def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full
                 }
             )
         if args.rss:
+            # Memory is bounded by the shard, so both runs use shards the N run can fill: with
+            # 2,000-row shards the N run would hold one partial shard and never reach the steady
+            # state (the widest full batches of a shard) that any longer run reaches.
+            rss_args = argparse.Namespace(
+                **{**vars(args), "shard_rows": min(args.shard_rows, args.rows)}
+            )
             rss = {
                 size: peak_rss_child(
-                    job_config(model, corpora[size], str(root / f"rss-{spec.name}-{size}"), args)
+                    job_config(
+                        model, corpora[size], str(root / f"rss-{spec.name}-{size}"), rss_args
+                    )
                 )
                 for size in ("N", "10N")
             }
