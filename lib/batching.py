@@ -91,17 +91,9 @@ def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
 
 def tokenize(
     tokenizer, texts: list[str], max_length: int, target: bool = False, **kwargs
-) -> tuple[list[list[int]], int]:
-    """`tokenizer(texts, truncation=True, max_length=...)` ids (`text_target=` for targets),
-    and how many were truncated."""
-    ids, cut = _tokenize(tokenizer, texts, max_length, target, **kwargs)
-    return ids, len(cut)
-
-
-def _tokenize(
-    tokenizer, texts: list[str], max_length: int, target: bool = False, **kwargs
 ) -> tuple[list[list[int]], set[int]]:
-    """As `tokenize`, with the indices of the truncated texts."""
+    """`tokenizer(texts, truncation=True, max_length=...)` ids (`text_target=` for targets),
+    and the indices of the texts that were truncated."""
     if not texts:
         return [], set()
 
@@ -144,15 +136,15 @@ def tokenize_unit(
             skipped.append((row, "null_target"))
         else:
             rows.append(row)
-    ids, cut = _tokenize(tokenizer, [prefix + texts[r] for r in rows], max_length)
+    ids, cut = tokenize(tokenizer, [prefix + texts[r] for r in rows], max_length)
     target_ids: list[list[int]] = []
     if task == TARGETS:
-        target_ids, target_cut = _tokenize(
+        target_ids, target_cut = tokenize(
             tokenizer, [targets[r] for r in rows], max_length, target=True
         )
         cut |= target_cut
     elif task == CONTINUATION:
-        target_ids, target_cut = _tokenize(
+        target_ids, target_cut = tokenize(
             tokenizer, [targets[r] for r in rows], max_length, add_special_tokens=False
         )
         cut |= target_cut

@@ -40,7 +40,8 @@ def encode(tokenizer, text: str, max_length: int | None = None, **kwargs) -> lis
 @pytest.mark.parametrize("name", ["t5", "gpt2", "llama"])
 def test_tokenize_equals_tokenizer_call_and_counts_truncations(tokenizers, sample_texts, name):
     tok = tokenizers[name]
-    ids, truncated = batching.tokenize(tok, sample_texts, max_length=12)
+    ids, cut = batching.tokenize(tok, sample_texts, max_length=12)
+    truncated = len(cut)
     assert ids == [encode(tok, t, 12) for t in sample_texts]
     full_lengths = [len(encode(tok, t)) for t in sample_texts]
     assert truncated == sum(n > 12 for n in full_lengths)
@@ -49,15 +50,15 @@ def test_tokenize_equals_tokenizer_call_and_counts_truncations(tokenizers, sampl
 
 def test_tokenize_targets_and_no_special_tokens(tokenizers, sample_texts):
     t5, llama = tokenizers["t5"], tokenizers["llama"]
-    ids, truncated = batching.tokenize(t5, sample_texts, max_length=10, target=True)
+    ids, cut = batching.tokenize(t5, sample_texts, max_length=10, target=True)
     assert ids == [
         t5(text_target=t, truncation=True, max_length=10)["input_ids"] for t in sample_texts
     ]
-    assert truncated == sum(len(t5(text_target=t)["input_ids"]) > 10 for t in sample_texts)
-    ids, truncated = batching.tokenize(llama, sample_texts, max_length=10, add_special_tokens=False)
+    assert len(cut) == sum(len(t5(text_target=t)["input_ids"]) > 10 for t in sample_texts)
+    ids, cut = batching.tokenize(llama, sample_texts, max_length=10, add_special_tokens=False)
     assert ids == [encode(llama, t, 10, add_special_tokens=False) for t in sample_texts]
     assert ids[sample_texts.index("")] == []  # "" has no tokens without BOS
-    assert truncated == sum(
+    assert len(cut) == sum(
         len(encode(llama, t, add_special_tokens=False)) > 10 for t in sample_texts
     )
 
@@ -74,17 +75,17 @@ def test_text_of_exactly_max_length_is_not_truncated(tokenizers, texts, name, sp
     n = len(full)
     assert n > 4
     # Exactly at the limit: nothing cut. One under: cut, the special token kept either way.
-    assert batching.tokenize(tok, [text], max_length=n) == ([full], 0)
-    ids, truncated = batching.tokenize(tok, [text], max_length=n - 1)
-    assert truncated == 1 and len(ids[0]) == n - 1 and ids[0] == encode(tok, text, n - 1)
+    assert batching.tokenize(tok, [text], max_length=n) == ([full], set())
+    ids, cut = batching.tokenize(tok, [text], max_length=n - 1)
+    assert cut == {0} and len(ids[0]) == n - 1 and ids[0] == encode(tok, text, n - 1)
     # Mixed in a batch with a short text and one exactly one token longer than the limit.
     longer = text + " " + texts[2]
-    ids, truncated = batching.tokenize(tok, ["x", text, longer], max_length=n)
-    assert truncated == 1 and ids[1] == full and len(ids[2]) == n
+    ids, cut = batching.tokenize(tok, ["x", text, longer], max_length=n)
+    assert cut == {2} and ids[1] == full and len(ids[2]) == n
 
 
 def test_tokenize_nothing():
-    assert batching.tokenize(None, [], max_length=8) == ([], 0)
+    assert batching.tokenize(None, [], max_length=8) == ([], set())
 
 
 # -- tokenize_unit ----------------------------------------------------------------------------
