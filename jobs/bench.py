@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,8 @@ def job_config(model: str, corpus: str, out: str, args) -> JobConfig:
 def run_job_timed(config: JobConfig) -> tuple[float, dict]:
     from lib.pipeline import run_job
 
+    # A finished output would resume as a no-op (a reused --work directory): always start clean.
+    shutil.rmtree(config.output.dir, ignore_errors=True)
     started = time.perf_counter()
     manifest = run_job(config)
     return time.perf_counter() - started, manifest
@@ -245,6 +248,7 @@ def model_only_seconds(model_dir: str, corpus: str, args) -> float:
 def peak_rss_child(config: JobConfig) -> float:
     """Peak RSS (MiB) of the job run in a fresh process."""
     payload = json.dumps(config.to_dict())
+    shutil.rmtree(config.output.dir, ignore_errors=True)
     result = subprocess.run(
         [sys.executable, "-m", "jobs.bench", "--rss-child", payload],
         capture_output=True,

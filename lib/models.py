@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lib import batching
+from lib import attention, batching
 from lib.batching import Batch
 from lib.config import DecoderConfig, ModelConfig
 from lib.errors import UserError
@@ -287,6 +287,9 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
             type(model).__name__,
         )
     model.eval().requires_grad_(False).to(device)
+    # T5's padded batches otherwise build a (batch, heads, length, length) bias in every layer.
+    if attention.use_key_mask_attention(model):
+        log.info("attention: SDPA with the padding mask folded into q.k (%s)", attention.NAME)
 
     head = model.get_output_embeddings()
     vocab_size = head.weight.shape[0] if head is not None else config.vocab_size

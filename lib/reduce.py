@@ -12,14 +12,46 @@ from collections.abc import Callable
 import torch
 
 # Float32 logits held at once per chunk of positions. On a GPU the chunk bounds memory for
-# large vocabularies; on a CPU a small chunk stays in cache (measured on 2 cores, 32k vocab:
-# chunks of 64 positions reduce about 2x faster than chunks of 1,024).
-CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 8 * 2**20}
+# large vocabularies. On a CPU the head's matrix product wants many rows: on 2 cores with a
+# 32k vocabulary and d_model 256, head plus reduction took 3.9-4.2 s at 32 MB (256 positions)
+# against 5.0-5.2 s at 8 MB (64 positions); 64 MB gained nothing more.
+CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
+# Top-k on a CPU goes through the maxima of blocks of this many logits (see topk_by_blocks).
+TOPK_BLOCK = 64
 
 
 def chunk_positions(vocab_size: int, chunk_bytes: int) -> int:
     """How many positions' float32 logits fit in `chunk_bytes`, at least one."""
     return max(1, chunk_bytes // (4 * vocab_size))
+
+
+def topk_by_blocks(
+    logits: torch.Tensor, k: int, block: int = TOPK_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly `logits.topk(k, dim=-1)` (sorted), about 2x faster on a CPU for large vocabularies.
+
+    Every top-k entry lies in one of the k blocks with the largest maxima: those k maxima are k
+    entries at least as large as the k-th block maximum, so the k-th largest entry is too, and so
+    is the maximum of any block holding a top-k entry. One pass takes the block maxima; the exact
+    top-k then runs over k * block candidates instead of the whole vocabulary.
+    """
+    rows, vocab = logits.shape
+    blocks = -(-vocab // block)
+    if blocks < 4 * k:  # too few blocks to save anything
+        return logits.topk(k, dim=-1)
+    whole = vocab // block
+    maxima = logits[:, : whole * block].unflatten(1, (whole, block)).amax(dim=-1)
+    if whole < blocks:  # a last, shorter block
+        maxima = torch.cat([maxima, logits[:, whole * block :].amax(dim=-1, keepdim=True)], 1)
+    chosen = maxima.topk(k, dim=-1).indices
+    candidates = (chosen.unsqueeze(-1) * block + torch.arange(block, device=logits.device)).flatten(
+        1
+    )
+    outside = candidates >= vocab  # offsets past the end of the shorter block
+    values = logits.gather(1, candidates.clamp(max=vocab - 1))
+    values.masked_fill_(outside, float("-inf"))
+    values, picked = values.topk(k, dim=-1)
+    return values, candidates.gather(1, picked)
 
 
 def reduce_logits(
@@ -49,7 +81,9 @@ def reduce_logits(
         top1 = logits.argmax(dim=-1, keepdim=True)
         out["logits"] = logits.to(output_dtype, copy=scratch is not None)
     else:
-        values, ids = logits.topk(k, dim=-1, largest=True, sorted=True)
+        # CUDA's own top-k is a fast radix select; the block pass is measured on CPUs only.
+        on_cpu = logits.device.type == "cpu"
+        values, ids = topk_by_blocks(logits, k) if on_cpu else logits.topk(k, dim=-1)
         top1 = ids[:, :1]
         out["topk_logits"] = values.to(output_dtype)
         out["topk_ids"] = ids.to(torch.int32)

@@ -248,3 +248,29 @@ def test_without_tokens_the_other_statistics_are_unchanged():
     for name in ("logsumexp", "topk_ids", "topk_logits", "has_token"):
         assert torch.equal(full[name], lean[name]), name
     assert lean["token_rank"].dtype == torch.int32 and not lean["has_token"].any()
+
+
+@pytest.mark.parametrize("vocab", [64 * 40, 64 * 40 + 17, 32128])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_topk_by_blocks_equals_topk(vocab, k):
+    """The block pass returns torch.topk's values, and ids that hold them, on awkward rows too."""
+    gen = torch.Generator().manual_seed(vocab + k)
+    logits = torch.randn(40, vocab, generator=gen) * 3
+    logits[1, 128 : 128 + k] = 100 + torch.arange(k, dtype=torch.float32)  # all in one block
+    logits[2, -3:] = torch.tensor([50.0, 51.0, 52.0])  # the winners in the last block
+    logits[3, ::2] = float("-inf")  # masked vocabulary entries
+    logits[4] = 0.0  # every entry tied
+    logits[5, 7::64] = 9.0  # one tied winner per block
+    values, ids = reduce.topk_by_blocks(logits, k)
+    expected_values, expected_ids = logits.topk(k, dim=-1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(logits.gather(1, ids), values)
+    assert all(len(set(row)) == k for row in ids.tolist()), "an id came back twice"
+    untied = [0, 1, 2, 3] + list(range(6, 40))
+    assert torch.equal(ids[untied], expected_ids[untied])
+
+
+def test_topk_by_blocks_small_vocabulary_is_plain_topk():
+    logits, _ = random_case()
+    values, ids = reduce.topk_by_blocks(logits, K)
+    assert torch.equal(ids, logits.topk(K, dim=-1).indices) and values.shape == (len(logits), K)

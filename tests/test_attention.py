@@ -1,0 +1,74 @@
+"""The T5 attention path without a per-row bias tensor equals transformers' SDPA and unpadded rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
+from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+
+from lib import attention
+
+
+def _t5(path: str, dtype=torch.float32, switched: bool = True):
+    model = T5ForConditionalGeneration.from_pretrained(
+        path, attn_implementation="sdpa", dtype=dtype
+    ).eval()
+    if switched:
+        assert attention.use_key_mask_attention(model)
+    return model
+
+
+def _padded_batch(lengths: list[int], decoder_lengths: list[int], seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    width, decoder_width = max(lengths), max(decoder_lengths)
+    ids = torch.randint(3, 250, (len(lengths), width), generator=generator)
+    decoder_ids = torch.randint(3, 250, (len(lengths), decoder_width), generator=generator)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask, decoder_ids
+
+
+@torch.inference_mode()
+def test_padded_batch_equals_unpadded_rows(model_dirs):
+    model = _t5(model_dirs["t5"])
+    lengths, decoder_lengths = [37, 5, 21, 1, 37, 12], [4, 1, 6, 2, 6, 3]
+    ids, mask, decoder_ids = _padded_batch(lengths, decoder_lengths)
+    batched = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    for row, (length, decoder_length) in enumerate(zip(lengths, decoder_lengths, strict=True)):
+        alone = model(
+            input_ids=ids[row : row + 1, :length],
+            decoder_input_ids=decoder_ids[row : row + 1, :decoder_length],
+        ).logits
+        torch.testing.assert_close(batched[row, :decoder_length], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_equals_transformers_sdpa(model_dirs, dtype):
+    ours, theirs = _t5(model_dirs["t5"], dtype), _t5(model_dirs["t5"], dtype, switched=False)
+    ids, mask, decoder_ids = _padded_batch([40, 9, 26, 3], [5, 5, 2, 1], seed=1)
+    kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    expected = theirs(**kwargs).logits.float()
+    got = ours(**kwargs).logits.float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
+def test_padding_mask_is_a_view_over_the_keys():
+    keep = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    arguments = dict(batch_size=2, q_length=3, kv_length=4, attention_mask=keep)
+    view = attention.key_padding_mask(mask_function=bidirectional_mask_function, **arguments)
+    assert view.stride(-2) == 0
+    expected = sdpa_mask(mask_function=bidirectional_mask_function, **arguments)
+    assert torch.equal(view, expected)
+    all_kept = dict(arguments, attention_mask=torch.ones(2, 4, dtype=torch.bool))
+    assert attention.key_padding_mask(allow_is_bidirectional_skip=True, **all_kept) is None
+
+
+def test_only_position_bias_models_switch(model_dirs):
+    causal = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"], attn_implementation="sdpa")
+    assert not attention.use_key_mask_attention(causal)
+    assert causal.config._attn_implementation == "sdpa"
+    eager = _t5(model_dirs["t5"], switched=False)
+    eager.set_attn_implementation("eager")
+    assert not attention.use_key_mask_attention(eager)
