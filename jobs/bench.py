@@ -108,7 +108,7 @@ def run_job_timed(config: JobConfig) -> tuple[float, dict]:
     # A finished output would resume as a no-op (a reused --work directory): always start clean.
     shutil.rmtree(config.output.dir, ignore_errors=True)
     started = time.perf_counter()
-    manifest = run_job(config)
+    manifest = run_job(config, progress=False)
     return time.perf_counter() - started, manifest
 
 
@@ -254,7 +254,6 @@ def peak_rss_child(config: JobConfig) -> float:
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
     )
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
@@ -415,7 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.ERROR)
     if args.rss_child:
         rss_child(args.rss_child)

@@ -35,6 +35,13 @@ def _key_only(mask: torch.Tensor | None) -> bool:
     )
 
 
+def _extra_columns(query: torch.Tensor) -> int:
+    """Head dimensions to add: one carries the mask, the rest keep kernels eligible."""
+    # CUDA's memory-efficient kernel needs head sizes in multiples of 8 in 16-bit dtypes; the
+    # CPU kernel takes any, and each extra column costs (measured: +1 ran a d64 T5 5-7% faster).
+    return 8 - query.shape[-1] % 8 if query.device.type == "cuda" else 1
+
+
 def key_padding_mask(
     batch_size: int,
     q_length: int,
@@ -97,8 +104,7 @@ def key_mask_sdpa_forward(
     head_dim = query.shape[-1]
     if scaling is None:  # SDPA's default, taken before the head dimension grows
         scaling = head_dim**-0.5
-    # Multiples of 8 keep the CUDA memory-efficient kernel eligible in 16-bit dtypes.
-    extra = 8 - head_dim % 8
+    extra = _extra_columns(query)
     batch, heads, key_length, _ = key.shape
     keep = attention_mask[:, :, 0, :].expand(batch, heads, key_length)
     # Half the dtype's minimum: exp() of it is 0, and adding the bias cannot overflow.

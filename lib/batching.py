@@ -211,19 +211,26 @@ def make_batches(
     enc = np.array([len(r.ids) for r in ordered], dtype=np.int64)
     dec = np.array([decoder_length or len(r.decoder_ids or ()) for r in ordered], dtype=np.int64)
     own = _padded_width(enc) + _padded_width(dec)
+    # Sorted this way, most tasks' rows are non-increasing in both lengths, and then the widest
+    # row of ordered[j:i] is ordered[j]; only seq2seq targets need running maxima.
+    monotone = bool((np.diff(enc) <= 0).all() and (np.diff(dec) <= 0).all())
+    rows_from = np.arange(n, 0, -1)  # rows_from[-w:] = w, ..., 1: rows in ordered[i - w:i]
     best = np.zeros(n + 1)  # best[i]: least cost of batching ordered[:i]
     cut = np.zeros(n + 1, dtype=np.int64)  # the last batch of that solution starts here
     for i in range(1, n + 1):
         # A batch ordered[j:i] is at least as wide as its last row, which bounds how far back j goes.
-        window = max(1, min(i, max_tokens // max(1, int(own[i - 1]))))
-        starts = np.arange(i - window, i)
-        widest_enc = np.maximum.accumulate(enc[starts][::-1])[::-1]
-        widest_dec = np.maximum.accumulate(dec[starts][::-1])[::-1]
-        padded = (i - starts) * (_padded_width(widest_enc) + _padded_width(widest_dec))
-        total = np.where(padded <= max_tokens, best[starts] + padded + overhead, np.inf)
+        first = i - max(1, min(i, max_tokens // max(1, int(own[i - 1]))))
+        if monotone:
+            widest = own[first:i]
+        else:
+            widest = _padded_width(np.maximum.accumulate(enc[first:i][::-1])[::-1])
+            widest += _padded_width(np.maximum.accumulate(dec[first:i][::-1])[::-1])
+        padded = rows_from[n - (i - first) :] * widest
+        total = best[first:i] + padded + overhead
+        total[padded > max_tokens] = np.inf
         total[-1] = best[i - 1] + padded[-1] + overhead  # a single row always fits
         pick = int(np.argmin(total))
-        best[i], cut[i] = total[pick], starts[pick]
+        best[i], cut[i] = total[pick], first + pick
     bounds = []
     i = n
     while i > 0:

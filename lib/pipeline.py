@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LOADER_QUEUE = 8  # padded batches waiting for the model
 WRITER_QUEUE = 8  # reduced batches waiting to be written
+SWITCH_INTERVAL = 0.0005  # seconds; see Extraction.run
 _DONE = object()
 
 
@@ -324,6 +326,11 @@ class Extraction:
         saver = threading.Thread(
             target=self._write, args=(outbox, failures), name="writer", daemon=True
         )
+        # While the loader or writer runs Python code, the main thread waits for the GIL after
+        # every operator it dispatches, by up to the switch interval (5 ms by default); a
+        # shorter one keeps the device fed (measured: a d64 T5 job took 5% less time at 0.5 ms).
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         loader.start()
         saver.start()
         bar = tqdm(
@@ -381,12 +388,15 @@ class Extraction:
             saver.join()
             self.stop.set()
             bar.close()
+            sys.setswitchinterval(switch_interval)
         if failures:
             raise failures[0]
 
 
-def run_job(config: JobConfig) -> dict:
-    """Run the whole job on this process's share and, on the main process, return the manifest."""
+def run_job(config: JobConfig, progress: bool = True) -> dict:
+    """Run the whole job on this process's share and, on the main process, return the manifest.
+
+    `progress=False` hides the progress bar (the main process shows it otherwise)."""
     from accelerate import PartialState
 
     started = time.perf_counter()
@@ -441,7 +451,7 @@ def run_job(config: JobConfig) -> dict:
         schema,
         state.process_index,
         record["run_id"],
-        progress=state.is_main_process,
+        progress=progress and state.is_main_process,
     )
     extraction.run()
     state.wait_for_everyone()

@@ -308,18 +308,29 @@ def test_row_over_budget_gets_a_batch_of_its_own():
     assert [[r.row for r in b] for b in batches] == [[1], [0, 2]]
 
 
-def test_make_batches_is_optimal_on_small_inputs():
-    """Brute force over every cut of the sorted rows: the dynamic program finds the cheapest."""
+@pytest.mark.parametrize("seq2seq", [False, True], ids=["one-sequence", "encoder-decoder"])
+def test_make_batches_is_optimal_on_small_inputs(seq2seq):
+    """Brute force over every cut of the sorted rows: the dynamic program finds the cheapest.
+
+    Encoder-decoder rows with unrelated decoder lengths take the program's running-maxima path.
+    """
     rng = random.Random(5)
+    choices = [1, 3, 9, 17, 30, 33, 60]
     for trial in range(30):
-        lengths = [rng.choice([1, 3, 9, 17, 30, 33, 60]) for _ in range(rng.randint(1, 8))]
-        requests = [Request(i, [1] * n, None, 0, []) for i, n in enumerate(lengths)]
+        lengths = [rng.choice(choices) for _ in range(rng.randint(1, 8))]
+        requests = [
+            Request(i, [1] * n, [0] * rng.choice(choices) if seq2seq else None, 0, [])
+            for i, n in enumerate(lengths)
+        ]
         budget, overhead = rng.choice([64, 128, 256]), rng.choice([0, 8, 40])
         batches = batching.make_batches(requests, budget, batch_cost=overhead)
         flat = [r for b in batches for r in b]
 
         def cost(batch, overhead=overhead):
-            return len(batch) * batching.round_up(max(len(r.ids) for r in batch)) + overhead
+            width = batching.round_up(max(len(r.ids) for r in batch))
+            if seq2seq:
+                width += batching.round_up(max(len(r.decoder_ids) for r in batch))
+            return len(batch) * width + overhead
 
         def feasible(batch, overhead=overhead, budget=budget):
             return len(batch) == 1 or cost(batch) - overhead <= budget
