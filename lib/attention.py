@@ -13,6 +13,8 @@ to transformers' own SDPA function unchanged.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -23,6 +25,8 @@ from transformers.masking_utils import (
 )
 
 NAME = "logit_extract_sdpa"
+
+log = logging.getLogger(__name__)
 
 
 def _key_only(mask: torch.Tensor | None) -> bool:
@@ -135,11 +139,41 @@ def uses_position_bias(model: torch.nn.Module) -> bool:
     return any(hasattr(module, "relative_attention_bias") for module in model.modules())
 
 
+def _padded_probe(model: torch.nn.Module) -> torch.Tensor:
+    """Float32 logits of a short padded dummy batch (the second row is half padding)."""
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=generator).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    if model.config.is_encoder_decoder:
+        kwargs["decoder_input_ids"] = ids[:, :3]
+    with torch.inference_mode():
+        return model(**kwargs).logits.float()
+
+
 def use_key_mask_attention(model: torch.nn.Module) -> bool:
-    """Switch an SDPA model with a position bias to key_mask_sdpa_forward; return whether it was switched."""
+    """Switch an SDPA model with a position bias to key_mask_sdpa_forward; return whether it was switched.
+
+    The switch leans on transformers' attention internals, so it is checked on a padded dummy
+    batch against plain SDPA, and undone on any difference or error.
+    """
     if model.config._attn_implementation != "sdpa" or not uses_position_bias(model):
         return False
-    AttentionInterface.register(NAME, key_mask_sdpa_forward)
-    AttentionMaskInterface.register(NAME, key_padding_mask)
-    model.set_attn_implementation(NAME)
-    return model.config._attn_implementation == NAME
+    try:
+        reference = _padded_probe(model)
+        AttentionInterface.register(NAME, key_mask_sdpa_forward)
+        AttentionMaskInterface.register(NAME, key_padding_mask)
+        model.set_attn_implementation(NAME)
+        probe = _padded_probe(model)
+        tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+        scale = max(1.0, reference.abs().max().item())
+        if model.config._attn_implementation == NAME and (
+            (probe - reference).abs().max().item() <= tolerance * scale
+        ):
+            return True
+    except Exception as exc:  # a transformers version whose internals differ
+        log.info("attention: keeping transformers' SDPA (%s)", exc)
+    model.set_attn_implementation("sdpa")
+    return False

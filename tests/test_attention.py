@@ -75,3 +75,19 @@ def test_only_position_bias_models_switch(model_dirs):
     eager = _t5(model_dirs["t5"], switched=False)
     eager.set_attn_implementation("eager")
     assert not attention.use_key_mask_attention(eager)
+
+
+def test_a_wrong_result_switches_back(model_dirs, monkeypatch):
+    """The load-time check on a padded dummy batch catches an attention that ignores padding."""
+
+    def ignore_padding(module, query, key, value, attention_mask, **kwargs):
+        return attention.sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+    monkeypatch.setattr(attention, "key_mask_sdpa_forward", ignore_padding)
+    model = _t5(model_dirs["t5"], switched=False)
+    try:
+        assert not attention.use_key_mask_attention(model)
+        assert model.config._attn_implementation == "sdpa"
+    finally:  # the registry is global: give the name its real function back
+        monkeypatch.undo()
+        attention.AttentionInterface.register(attention.NAME, attention.key_mask_sdpa_forward)
