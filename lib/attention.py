@@ -4,11 +4,13 @@ Transformers' SDPA path for T5 merges the shared position bias (1, H, L, L) with
 mask into a fresh (B, H, L, L) tensor in every layer. On a padded batch that dominates the
 forward pass (70% of a tiny T5's time on a 32 x 512 batch) and costs B x H x L x L memory.
 
-The padding mask of an encoder only depends on the key, so it can ride along inside the dot
-product instead: one extra head dimension, 1 in every query and 0 or a large negative number in
-every key. q.k then gains exactly 0 for real keys and the large negative number for padded ones,
-the bias stays (1, H, L, L) and broadcasts, and no per-row tensor is built. Everything else goes
-to transformers' own SDPA function unchanged.
+An encoder's padding mask only depends on the key, so two exact ways avoid that tensor:
+- on a CPU, rows with the same number of real keys (runs of them: batches are sorted by length)
+  attend together over just those keys, with no mask at all;
+- elsewhere, the mask rides along inside the dot product: one extra head dimension, 1 in every
+  query and 0 or a large negative number in every key. q.k then gains exactly 0 for real keys
+  and the large negative number for padded ones, and the bias stays (1, H, L, L) and broadcasts.
+Everything else goes to transformers' own SDPA function unchanged.
 """
 
 from __future__ import annotations
@@ -83,6 +85,41 @@ def key_padding_mask(
     return keep[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
 
 
+def _attention_per_key_length(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_bias: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor | None:
+    """(B, L, H, D) attention of each run of rows with the same key length, over those keys only.
+
+    None unless the mask is right padding. One call per run: measured on 2 cores against the
+    extra-dimension path, 10-50% faster for batches of 16 to 87 runs (a d64 T5 ran 6% faster
+    end to end, a d256 one 4%); runs are at most min(rows, width) anyway.
+    """
+    keep = attention_mask[:, 0, 0, :]
+    lengths = keep.sum(dim=-1)
+    if not torch.equal(keep, torch.arange(keep.shape[-1]) < lengths[:, None]):
+        return None
+    runs, counts = torch.unique_consecutive(lengths, return_counts=True)
+    output = query.new_empty(query.shape[:-1] + value.shape[-1:])
+    start = 0
+    for length, count in zip(runs.tolist(), counts.tolist(), strict=True):
+        rows = slice(start, start + count)
+        bias = position_bias[rows] if position_bias.shape[0] > 1 else position_bias
+        output[rows] = torch.nn.functional.scaled_dot_product_attention(
+            query[rows],
+            key[rows, :, :length],
+            value[rows, :, :length],
+            attn_mask=bias[..., :length],
+            scale=scaling,
+        )
+        start += count
+    return output.transpose(1, 2).contiguous()
+
+
 def key_mask_sdpa_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -108,6 +145,12 @@ def key_mask_sdpa_forward(
     head_dim = query.shape[-1]
     if scaling is None:  # SDPA's default, taken before the head dimension grows
         scaling = head_dim**-0.5
+    if query.device.type == "cpu":
+        output = _attention_per_key_length(
+            query, key, value, attention_mask, position_bias, scaling
+        )
+        if output is not None:
+            return output, None
     extra = _extra_columns(query)
     batch, heads, key_length, _ = key.shape
     keep = attention_mask[:, :, 0, :].expand(batch, heads, key_length)

@@ -42,11 +42,13 @@ def test_padded_batch_equals_unpadded_rows(model_dirs):
         torch.testing.assert_close(batched[row, :decoder_length], alone[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cuda_columns", [False, True], ids=["cpu-columns", "cuda-columns"])
+@pytest.mark.parametrize("path", ["per-key-length", "one-column", "cuda-columns"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
-def test_equals_transformers_sdpa(model_dirs, dtype, cuda_columns, monkeypatch):
-    if cuda_columns:  # the head size CUDA gets, a multiple of 8
+def test_equals_transformers_sdpa(model_dirs, dtype, path, monkeypatch):
+    if path != "per-key-length":  # the extra-dimension path, which CUDA takes
+        monkeypatch.setattr(attention, "_attention_per_key_length", lambda *args: None)
+    if path == "cuda-columns":  # the head size CUDA gets, a multiple of 8
         monkeypatch.setattr(attention, "_extra_columns", lambda query: 8 - query.shape[-1] % 8)
     ours, theirs = _t5(model_dirs["t5"], dtype), _t5(model_dirs["t5"], dtype, switched=False)
     ids, mask, decoder_ids = _padded_batch([40, 9, 26, 3], [5, 5, 2, 1], seed=1)
@@ -91,3 +93,20 @@ def test_a_wrong_result_switches_back(model_dirs, monkeypatch):
     finally:  # the registry is global: give the name its real function back
         monkeypatch.undo()
         attention.AttentionInterface.register(attention.NAME, attention.key_mask_sdpa_forward)
+
+
+def test_per_key_length_path_takes_only_right_padding():
+    query = key = value = torch.randn(2, 4, 6, 8)
+    bias = torch.randn(1, 4, 6, 6)
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    left = right.flip(-1)
+    for keep, taken in ((right, True), (left, False)):
+        mask = keep[:, None, None, :].expand(2, 1, 6, 6)
+        output = attention._attention_per_key_length(query, key, value, mask, bias, 1.0)
+        assert (output is not None) == taken
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query[1:], key[1:, :, :3], value[1:, :, :3], attn_mask=bias[..., :3], scale=1.0
+    )
+    mask = right[:, None, None, :].expand(2, 1, 6, 6)
+    output = attention._attention_per_key_length(query, key, value, mask, bias, 1.0)
+    torch.testing.assert_close(output[1], expected[0].transpose(0, 1))
