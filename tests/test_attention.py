@@ -96,12 +96,14 @@ def test_a_wrong_result_switches_back(model_dirs, monkeypatch):
 
 
 def test_per_key_length_path_takes_only_right_padding():
+    """Left padding, a row with no real key and a mask of another batch size go elsewhere."""
     query = key = value = torch.randn(2, 4, 6, 8)
     bias = torch.randn(1, 4, 6, 6)
     right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     left = right.flip(-1)
-    for keep, taken in ((right, True), (left, False)):
-        mask = keep[:, None, None, :].expand(2, 1, 6, 6)
+    empty_row = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    for keep, taken in ((right, True), (left, False), (empty_row, False), (right[:1], False)):
+        mask = keep[:, None, None, :].expand(len(keep), 1, 6, 6)
         output = attention._attention_per_key_length(query, key, value, mask, bias, 1.0)
         assert (output is not None) == taken
     expected = torch.nn.functional.scaled_dot_product_attention(

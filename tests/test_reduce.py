@@ -274,3 +274,16 @@ def test_topk_by_blocks_small_vocabulary_is_plain_topk():
     logits, _ = random_case()
     values, ids = reduce.topk_by_blocks(logits, K)
     assert torch.equal(ids, logits.topk(K, dim=-1).indices) and values.shape == (len(logits), K)
+
+
+@pytest.mark.parametrize("vocab", [2561, 50257])
+def test_topk_by_blocks_rows_with_fewer_than_k_finite_logits(vocab):
+    """Filler slots past the vocabulary never come back as ids, even among -inf ties."""
+    logits = torch.full((3, vocab), float("-inf"))
+    logits[0, -1] = 0.0  # one finite entry, in the short last block
+    logits[1, :5] = torch.arange(5.0)
+    # row 2 stays all -inf
+    values, ids = reduce.topk_by_blocks(logits, 20)
+    assert torch.equal(values, logits.topk(20, dim=-1).values)
+    assert int(ids.max()) < vocab
+    assert ids[0, 0] == vocab - 1 and ids[1, :5].tolist() == [4, 3, 2, 1, 0]
