@@ -289,7 +289,7 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     model.eval().requires_grad_(False).to(device)
     # T5's padded batches otherwise build a (batch, heads, length, length) bias in every layer.
     if attention.use_key_mask_attention(model):
-        log.info("attention: SDPA with the padding mask folded into q.k (%s)", attention.NAME)
+        log.info("attention: %s, without a per-row bias tensor", attention.NAME)
 
     head = model.get_output_embeddings()
     vocab_size = head.weight.shape[0] if head is not None else config.vocab_size

@@ -35,30 +35,22 @@ def topk_by_blocks(
     Every top-k entry lies in one of the k blocks with the largest maxima: those k maxima are k
     entries at least as large as the k-th block maximum, so the k-th largest entry is too, and so
     is the maximum of any block holding a top-k entry. One pass takes the block maxima; the exact
-    top-k then runs over k * block candidates instead of the whole vocabulary.
+    top-k then runs over those k blocks (and the few entries after the last whole block) instead
+    of the whole vocabulary.
     """
     rows, vocab = logits.shape
-    blocks = -(-vocab // block)
-    if blocks < 4 * k:  # too few blocks to save anything
-        return logits.topk(k, dim=-1)
     whole = vocab // block
+    if whole < 4 * k:  # too few blocks to save anything
+        return logits.topk(k, dim=-1)
     maxima = logits[:, : whole * block].unflatten(1, (whole, block)).amax(dim=-1)
-    if whole < blocks:  # a last, shorter block
-        maxima = torch.cat([maxima, logits[:, whole * block :].amax(dim=-1, keepdim=True)], 1)
     chosen = maxima.topk(k, dim=-1).indices
-    candidates = (chosen.unsqueeze(-1) * block + torch.arange(block, device=logits.device)).flatten(
-        1
-    )
-    outside = candidates >= vocab  # offsets past the end of the shorter block
-    values = logits.gather(1, candidates.clamp(max=vocab - 1))
-    values.masked_fill_(outside, float("-inf"))
-    values, picked = values.topk(k, dim=-1)
-    ids = candidates.gather(1, picked)
-    # Rows with fewer than k finite logits could pick a filler slot past the vocabulary.
-    short = values[:, -1] == float("-inf")
-    if bool(short.any()):
-        values[short], ids[short] = logits[short].topk(k, dim=-1)
-    return values, ids
+    offsets = torch.arange(block, device=logits.device)
+    candidates = (chosen.unsqueeze(-1) * block + offsets).flatten(1)
+    if whole * block < vocab:
+        tail = torch.arange(whole * block, vocab, device=logits.device).expand(rows, -1)
+        candidates = torch.cat([candidates, tail], dim=1)
+    values, picked = logits.gather(1, candidates).topk(k, dim=-1)
+    return values, candidates.gather(1, picked)
 
 
 def reduce_logits(
