@@ -11,6 +11,8 @@ times the model's forward passes alone on exactly the job's batches: pipeline_ef
 time over the job's, so it shows what the pipeline adds; efficiency also includes what the length
 mix itself costs the model (attention on the long tail) against equal-length batches.
 `--tiny` adds the same efficiency for a d_model 64, 2-layer model, where the pipeline's own costs show.
+Integrity costs: input_checksum_share is the part of the 3N job spent hashing its input files,
+complete_rerun_s the time of a rerun over the finished 3N output (which re-hashes every shard).
 
     python -m jobs.bench                       # CPU preset: T5 start mode and GPT-2 causal
     python -m jobs.bench --preset gpu          # t5-base and ~1B Llama shapes, bfloat16
@@ -299,6 +301,14 @@ def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full
             job_config(model, corpora[size], str(root / f"out-{spec.name}-{size}"), args)
         )
         result["padding_efficiency"] = manifest["throughput"]["padding_efficiency"]
+    # Integrity costs: hashing the input at start, and the rerun that re-hashes every shard.
+    result["input_checksum_share"] = round(
+        manifest["throughput"]["input_checksum_s"] / times["3N"], 4
+    )
+    rerun_s, _ = run_job_timed(
+        job_config(model, corpora["3N"], str(root / f"out-{spec.name}-3N"), args)
+    )
+    result["complete_rerun_s"] = round(rerun_s, 3)
     marginal = (tokens["3N"] - tokens["N"]) / (times["3N"] - times["N"])
     mean_length = max(1, round(tokens["3N"] / pq.ParquetFile(corpora["3N"]).metadata.num_rows))
     dense = dense_rate(

@@ -1,14 +1,20 @@
-"""Extract per-token logits: `python -m jobs.extract --config FILE [section.key=value ...]`."""
+"""Extract per-token logits: `python -m jobs.extract --config FILE [section.key=value ...]`.
+
+Exit status: 0 done, 2 refused (config, input or output directory), 1 the output could not be
+written (disk full, permissions), 130 and 143 stopped by SIGINT and SIGTERM (rerun to resume).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import re
+import signal
 import sys
+import threading
+from pathlib import Path
 
 from lib.config import load_config
-from lib.errors import UserError
+from lib.errors import Interrupted, OutputError, UserError, first_line, one_line
 from lib.summary import print_summary
 
 
@@ -19,9 +25,17 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (usage: {self.prog} --config FILE [section.key=value ...])")
 
 
-def one_line(error: UserError) -> str:
-    """The message as a single `error: ...` line, however the text was built."""
-    return "error: " + re.sub(r"\s*[\r\n]+\s*", " ", str(error).strip())
+def _on_signal(signum: int, frame) -> None:
+    # Further signals while the job cleans up are ignored; SIGKILL still works.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _committed(out_dir: str) -> int:
+    from lib import layout
+
+    return len(layout.shard_files(Path(out_dir))) if Path(out_dir).is_dir() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,15 +43,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    config = None
     try:
         args = parser.parse_args(argv)
         config = load_config(args.config, args.overrides)
         from lib.pipeline import run_job  # torch and transformers load only for a valid config
 
         manifest = run_job(config)
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        where = (
+            f"{_committed(config.output.dir)} shards committed in {config.output.dir}; "
+            if config
+            else ""
+        )
+        print(f"stopped by {name}: {where}run the same command to resume", file=sys.stderr)
+        return 128 + stop.signum
+    except OutputError as exc:
+        print("error: " + one_line(str(exc)), file=sys.stderr)
+        return 1
     except UserError as exc:
-        print(one_line(exc), file=sys.stderr)
+        print("error: " + one_line(str(exc)), file=sys.stderr)
         return 2
+    except OSError as exc:  # an I/O failure outside the writer's own handling
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or first_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if manifest:
         print_summary(manifest, config.output.dir)
     return 0

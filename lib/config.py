@@ -54,6 +54,7 @@ class OutputConfig:
     dtype: str = "float16"
     format: str = "parquet"
     shard_rows: int = 5000
+    rows: str = "positions"  # one output row per scored position, or one per input row
     overwrite: bool = False
 
 
@@ -76,6 +77,7 @@ CHOICES = {
     "output.logits": ("topk", "full"),
     "output.dtype": ("float16", "float32"),
     "output.format": ("parquet", "arrow"),
+    "output.rows": ("positions", "examples"),
 }
 POSITIVE = ("input.max_length", "decoder.max_new_tokens", "output.k", "output.shard_rows")
 # What each required key expects, so the message for a missing one says what to give.

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lib.config import InputConfig
-from lib.errors import UserError
+from lib.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def find_input_files(pattern: str) -> list[str]:
     return files
 
 
-def _is_string(tp: pa.DataType) -> bool:
+def is_string(tp: pa.DataType) -> bool:
     """Plain, large, view or dictionary-encoded (pandas categorical) strings."""
     if pa.types.is_dictionary(tp):
         tp = tp.value_type
@@ -91,21 +91,16 @@ def _check_columns(path: str, schema: pa.Schema, cfg: InputConfig) -> None:
         ("input.text_column", cfg.text_column),
         ("input.target_column", cfg.target_column),
     ):
-        if column is not None and not _is_string(schema.field(column).type):
+        if column is not None and not is_string(schema.field(column).type):
             tp = schema.field(column).type
             raise UserError(f"{key}: column {column!r} in {path} has type {tp}; expected strings")
     if cfg.id_column is not None:
         tp = schema.field(cfg.id_column).type
-        if not (pa.types.is_integer(tp) or _is_string(tp)):
+        if not (pa.types.is_integer(tp) or is_string(tp)):
             raise UserError(
                 f"input.id_column: column {cfg.id_column!r} in {path} has type {tp}; "
                 "expected integers or strings"
             )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
@@ -117,11 +112,11 @@ def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
             meta = pq.ParquetFile(path)
             schema = meta.schema_arrow
         except (pa.ArrowException, OSError) as exc:
-            raise UserError(f"input file {path} is not valid Parquet: {_first_line(exc)}") from None
+            raise UserError(f"input file {path} is not valid Parquet: {first_line(exc)}") from None
         _check_columns(path, schema, cfg)
         if cfg.id_column is not None:
             tp = schema.field(cfg.id_column).type
-            if id_type is not None and _is_string(tp) != _is_string(id_type):
+            if id_type is not None and is_string(tp) != is_string(id_type):
                 raise UserError(
                     f"input.id_column: column {cfg.id_column!r} in {path} has type {tp}, "
                     f"other files have {id_type}"
@@ -136,7 +131,7 @@ def id_type(inputs: list[InputFile], cfg: InputConfig) -> pa.DataType:
     if cfg.id_column is None:
         return pa.int64()
     tp = pq.ParquetFile(inputs[0].path).schema_arrow.field(cfg.id_column).type
-    return pa.string() if _is_string(tp) else pa.int64()
+    return pa.string() if is_string(tp) else pa.int64()
 
 
 def _read_column(path: str, column: str) -> pa.ChunkedArray:
@@ -144,17 +139,17 @@ def _read_column(path: str, column: str) -> pa.ChunkedArray:
         return pq.read_table(path, columns=[column]).column(0)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(
-            f"input file {path}: cannot read column {column!r}: {_first_line(exc)}"
+            f"input file {path}: cannot read column {column!r}: {first_line(exc)}"
         ) from None
 
 
 def _as_id(column: pa.ChunkedArray | pa.Array, path: str, name: str) -> pa.ChunkedArray | pa.Array:
     """Ids as string or int64, the two types the output's `id` column can have."""
     try:
-        return column.cast(pa.string()) if _is_string(column.type) else column.cast(pa.int64())
+        return column.cast(pa.string()) if is_string(column.type) else column.cast(pa.int64())
     except pa.ArrowInvalid as exc:  # e.g. a uint64 id beyond int64
         raise UserError(
-            f"input.id_column: column {name!r} in {path} does not fit int64 ids: {_first_line(exc)}"
+            f"input.id_column: column {name!r} in {path} does not fit int64 ids: {first_line(exc)}"
         ) from None
 
 
@@ -216,7 +211,7 @@ def read_unit(unit: WorkUnit, cfg: InputConfig) -> pa.Table:
     except (pa.ArrowException, OSError) as exc:
         raise UserError(
             f"input file {unit.file}: cannot read rows {unit.start}-{unit.stop - 1}: "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from None
     table = table.slice(unit.start - first_row, unit.rows)
     if table.num_rows != unit.rows:  # the file shrank after the job planned its units

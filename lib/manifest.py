@@ -2,48 +2,51 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lib import corpus, resume, writer
+from lib import corpus, faults, layout
 from lib.config import JobConfig
 from lib.errors import UserError
+
+_COUNTS = ("input_rows", "scored_rows", "skipped_rows", "truncated_rows")
+
+
+def _record(out_dir: Path, unit: corpus.WorkUnit, fmt: str) -> dict:
+    record = layout.read_record(out_dir, unit.name)
+    if not layout.shard_path(out_dir, unit.name, fmt).exists() or record is None:
+        raise UserError(
+            f"output.dir {out_dir}: shard {unit.name} or its record is missing after all ranks "
+            "finished; run the same command again to recompute it"
+        )
+    return record
 
 
 def finalize(
     out_dir: Path,
     units: list[corpus.WorkUnit],
-    fmt: str,
+    *,
+    config: JobConfig,
     schema: pa.Schema,
     id_type: pa.DataType,
-    config: JobConfig,
     identity: dict,
-    fp: str,
+    fingerprint: str,
     run_id: str,
     wall: float,
     world_size: int,
+    recomputed: list[str],
 ) -> dict:
     """After every rank is done (main process): write `_skipped.parquet` and build the manifest."""
+    fmt = config.output.format
     shards, skipped_ids, skipped_reasons = [], [], []
-    totals = {
-        "input_rows": 0,
-        "scored_rows": 0,
-        "skipped_rows": 0,
-        "truncated_rows": 0,
-        "output_rows": 0,
-    }
+    totals = dict.fromkeys((*_COUNTS, "output_rows"), 0)
     run = {"units": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
     for unit in units:
-        if not resume.committed(out_dir, unit, fmt):
-            raise UserError(
-                f"output.dir {out_dir}: shard {unit.name} is missing after all ranks finished"
-            )
-        record = json.loads((out_dir / writer.UNITS_DIR / f"{unit.name}.json").read_text())
-        shards.append({"file": record["file"], "rows": record["rows"], "rank": record["rank"]})
-        for key in ("input_rows", "scored_rows", "skipped_rows", "truncated_rows"):
+        record = _record(out_dir, unit, fmt)
+        shards.append({key: record[key] for key in ("file", "rows", "bytes", "sha256", "rank")})
+        for key in _COUNTS:
             totals[key] += record[key]
         totals["output_rows"] += record["rows"]
         for item_id, reason in record["skipped"]:
@@ -62,10 +65,10 @@ def finalize(
     )
     sink = pa.BufferOutputStream()
     pq.write_table(skipped, sink)
-    writer.write_atomic(out_dir / writer.SKIPPED, sink.getvalue().to_pybytes())
-    manifest = {
-        "format_version": 1,
-        "fingerprint": fp,
+    layout.write_atomic(out_dir / layout.SKIPPED, sink.getvalue().to_pybytes(), out_dir)
+    return {
+        "format_version": layout.FORMAT_VERSION,
+        "fingerprint": fingerprint,
         "config": config.to_dict(),
         "model": identity,
         "schema": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
@@ -81,12 +84,12 @@ def finalize(
             "tokens_per_s": round(run["tokens"] / max(wall, 1e-9), 1),
             "rows_per_s": round(run["rows"] / max(wall, 1e-9), 2),
         },
+        "recomputed": recomputed,
     }
-    return manifest
 
 
 def write(out_dir: Path, manifest: dict) -> None:
     """The manifest, then `_SUCCESS` last: a directory with `_SUCCESS` is complete."""
-    writer.write_atomic(out_dir / writer.MANIFEST, json.dumps(manifest, indent=2).encode())
-    writer.crash_point("before_success")
-    writer.write_atomic(out_dir / writer.SUCCESS, b"")
+    layout.write_json(out_dir / layout.MANIFEST, manifest, out_dir)
+    faults.point("before_success")
+    layout.write_atomic(out_dir / layout.SUCCESS, b"", out_dir)

@@ -10,12 +10,13 @@ Ranks under `accelerate launch` take every world_size-th unit and meet only at t
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lib import batching, corpus, manifest, models, reduce, resume, writer
+from lib import batching, corpus, layout, manifest, models, reduce, resume, writer
 from lib.config import JobConfig
-from lib.errors import UserError
+from lib.errors import Interrupted, UserError, output_error
+from lib.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class UnitStart:
     ids: pa.Array
     skipped: list[tuple[int, str]]
     truncated: int
+    input_ids: dict[int, list[int]] | None  # row -> its tokens, for output.rows=examples
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Extraction:
         schema: pa.Schema,
         rank: int,
         run_id: str,
+        fingerprint: str,
+        check_lease: Callable[[], None],
         progress: bool,
     ):
         self.config = config
@@ -102,9 +107,16 @@ class Extraction:
         self.schema = schema
         self.rank = rank
         self.run_id = run_id
+        self.fingerprint = fingerprint
+        self.check_lease = check_lease
         self.progress = progress
         self.full = config.output.logits == "full"
         self.output_dtype = getattr(torch, config.output.dtype)
+        self.examples = (
+            writer.examples_schema(schema, lm.is_seq2seq)
+            if config.output.rows == "examples"
+            else None
+        )
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
         self.unit_ids: dict[int, pa.Array] = {}  # ids of the units in flight, to name a row
         self.real_tokens = 0  # tokens through the model so far, for the bar and per-unit counts
@@ -118,6 +130,8 @@ class Extraction:
         decoder_length = cfg.decoder.max_new_tokens if self.task == batching.GENERATE else 0
         try:
             for unit in self.units:
+                if self.stop.is_set():
+                    return  # the job is stopping: read nothing more
                 table = corpus.read_unit(unit, cfg.input)
                 tokenized = batching.tokenize_unit(
                     table,
@@ -134,11 +148,14 @@ class Extraction:
                         table.column("id").combine_chunks(),
                         tokenized.skipped,
                         tokenized.truncated,
+                        {r.row: r.ids for r in tokenized.requests} if self.examples else None,
                     ),
                 )
                 for requests in batching.make_batches(
                     tokenized.requests, cfg.batching.max_tokens, decoder_length
                 ):
+                    if self.stop.is_set():
+                        return
                     batch = batching.collate(requests, self.lm.pad_id)
                     self._put(out, (unit.index, batch.pin_memory() if pin else batch))
                 self._put(out, UnitEnd(unit))
@@ -252,7 +269,10 @@ class Extraction:
                     open_units[item.unit.index] = {
                         "start": item,
                         "writer": writer.ShardWriter(
-                            self.out_dir, item.unit.name, self.schema, self.config.output.format
+                            self.out_dir,
+                            item.unit.name,
+                            self.examples or self.schema,
+                            self.config.output.format,
                         ),
                         "parts": [],
                         "rows": [],
@@ -261,7 +281,8 @@ class Extraction:
                 elif isinstance(item, Reduced):
                     self._write_batch(open_units[item.unit], item)
                 elif isinstance(item, UnitEnd):
-                    self._commit(open_units.pop(item.unit.index), item)
+                    self._commit(open_units[item.unit.index], item)
+                    del open_units[item.unit.index]  # after the commit, so a failure aborts it
         except BaseException as exc:
             failures.append(exc)
             self.stop.set()
@@ -279,23 +300,36 @@ class Extraction:
             self.schema, state["start"].ids, row, position, as_numpy(item.token_id), stats
         )
         if self.full:  # full logits are large: stream them, never hold a unit of them
+            if self.examples:  # a row's positions are all in one batch
+                order = np.lexsort((position, row))
+                table = self._to_examples(table.take(pa.array(order)), row[order], state["start"])
             state["writer"].write(table)
         else:  # top-k rows are small: keep the unit and write it in input order
             state["parts"].append(table)
             state["rows"].append(row)
             state["positions"].append(position)
 
+    def _to_examples(self, table: pa.Table, rows: np.ndarray, start: UnitStart) -> pa.Table:
+        return writer.to_examples(
+            self.examples, table, rows, start.input_ids, self.lm.decoder_start_token_id
+        )
+
     def _commit(self, state: dict, end: UnitEnd) -> None:
         start: UnitStart = state["start"]
         shard = state["writer"]
         if state["parts"]:
             table = pa.concat_tables(state["parts"])
-            order = np.lexsort((np.concatenate(state["positions"]), np.concatenate(state["rows"])))
-            shard.write(table.take(pa.array(order)))
+            rows = np.concatenate(state["rows"])
+            order = np.lexsort((np.concatenate(state["positions"]), rows))
+            table = table.take(pa.array(order))
+            if self.examples:
+                table = self._to_examples(table, rows[order], start)
+            shard.write(table)
         ids = start.ids
         skipped = [[ids[row].as_py(), reason] for row, reason in start.skipped]
         shard.commit(
             {
+                "fingerprint": self.fingerprint,
                 "rank": self.rank,
                 "run_id": self.run_id,
                 "unit": {
@@ -311,8 +345,31 @@ class Extraction:
                 "tokens": end.tokens,
                 "padded_tokens": end.padded_tokens,
                 "skipped": skipped,
-            }
+            },
+            self.check_lease,
         )
+
+    def _shut_down(
+        self, loader: threading.Thread, saver: threading.Thread, outbox: queue.Queue
+    ) -> Interrupted | None:
+        """Let the writer commit the units it has seen end (and discard the one in progress),
+        then stop and join both threads, so that no thread outlives the job. A signal that
+        arrives meanwhile is returned, to be raised once everything is shut."""
+        interrupted = None
+        while True:
+            try:
+                while saver.is_alive():
+                    try:
+                        outbox.put(_DONE, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                saver.join()
+                self.stop.set()
+                loader.join()
+                return interrupted
+            except Interrupted as signal_now:
+                interrupted = signal_now
 
     # -- the three stages together ------------------------------------------------------------
     def run(self) -> None:
@@ -379,18 +436,63 @@ class Extraction:
             raise
         finally:
             sys.setswitchinterval(switch_interval)
-            # The writer commits the units it has seen end and discards the one in progress.
-            while saver.is_alive():
-                try:
-                    outbox.put(_DONE, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            saver.join()
-            self.stop.set()
+            interrupted = self._shut_down(loader, saver, outbox)
+            if interrupted is not None:
+                bar.leave = False
             bar.close()
+        if interrupted is not None:
+            raise interrupted
         if failures:
             raise failures[0]
+
+
+def _claim(
+    out_dir: Path, config: JobConfig, inputs: list, units: list, identity: dict
+) -> tuple[dict, Lease | None]:
+    """Main process: fingerprint the inputs, then either find the job finished (writing
+    nothing) or take the directory's lease and prepare it. Returns what every rank needs."""
+    checksum_started = time.perf_counter()
+    files = resume.input_checksums(inputs)
+    fp = resume.fingerprint(config, files, identity)
+    checksum_s = time.perf_counter() - checksum_started
+    done = resume.finished(out_dir, fp, units, config.output.format)
+    if done is not None:
+        return {"complete": done}, None
+    run_id = uuid.uuid4().hex
+    lease = Lease(out_dir / layout.LOCK, run_id)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lease.acquire(out_dir)
+    except OSError as exc:
+        raise output_error(out_dir, exc) from None
+    try:
+        prepared = resume.prepare_output(out_dir, fp, files, units, config, run_id)
+    except BaseException:
+        lease.release()
+        raise
+    for name in prepared.recomputed:
+        log.warning("shard %s failed its checksum; recomputing it", name)
+    shared = {
+        "fingerprint": fp,
+        "run_id": run_id,
+        "recomputed": prepared.recomputed,
+        "checksum_s": checksum_s,
+    }
+    return shared, lease
+
+
+def _share(state, value: dict | None, error: BaseException | None) -> dict:
+    """The main process's claim (or its error) on every rank."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = None if error is None else str(error)
+        value, message = broadcast_object_list([value, message])
+        if message is not None and error is None:
+            raise UserError(message)
+    if error is not None:
+        raise error
+    return value
 
 
 def run_job(config: JobConfig, progress: bool = True) -> dict:
@@ -402,11 +504,7 @@ def run_job(config: JobConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     inputs = corpus.inspect_inputs(config.input)
     out_dir = Path(config.output.dir)
-    inside = [f.path for f in inputs if Path(f.path).resolve().is_relative_to(out_dir.resolve())]
-    if inside:  # output.overwrite would delete them as the job's own part-* files
-        raise UserError(
-            f"output.dir {out_dir} holds input file {inside[0]}; choose another output.dir"
-        )
+    resume.check_layout(config.input.path, out_dir, inputs)
     corpus.check_unique_ids(inputs, config.input)
     id_type = corpus.id_type(inputs, config.input)
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -415,62 +513,67 @@ def run_job(config: JobConfig, progress: bool = True) -> dict:
         raise UserError(
             f"config key output.k: {config.output.k} is larger than the vocabulary ({lm.vocab_size})"
         )
-    if lm.is_seq2seq and config.decoder.mode == "targets" and not config.input.target_column:
-        raise UserError("config key input.target_column is required when decoder.mode=targets")
     task = models.task_for(lm, config.decoder, has_targets=config.input.target_column is not None)
     units = corpus.plan_units(inputs, config.output.shard_rows)
     schema = writer.output_schema(
         id_type, config.output.k, lm.vocab_size, config.output.dtype, config.output.logits == "full"
     )
-    fp = resume.fingerprint(config, inputs, lm.identity)
-
-    record = {}
+    claim, lease, error = None, None, None
     if state.is_main_process:
-        record = resume.prepare_output(out_dir, fp, config)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        record = json.loads((out_dir / writer.JOB).read_text())
-        record["complete"] = (out_dir / writer.SUCCESS).exists()
-    if record["complete"]:
-        previous = json.loads((out_dir / writer.MANIFEST).read_text())
-        previous["already_complete"] = True
-        return previous
-
-    mine = [
-        u
-        for u in units
-        if u.index % state.num_processes == state.process_index
-        and not resume.committed(out_dir, u, config.output.format)
-    ]
-    extraction = Extraction(
-        config,
-        lm,
-        task,
-        mine,
-        out_dir,
-        schema,
-        state.process_index,
-        record["run_id"],
-        progress=progress and state.is_main_process,
-    )
-    extraction.run()
-    state.wait_for_everyone()
-    result = {}
-    if state.is_main_process:
-        wall = time.perf_counter() - started
-        result = manifest.finalize(
-            out_dir,
-            units,
-            config.output.format,
-            schema,
-            id_type,
+        try:
+            claim, lease = _claim(out_dir, config, inputs, units, lm.identity)
+        except (UserError, OSError) as exc:
+            error = exc
+    try:
+        claim = _share(state, claim, error)
+        if "complete" in claim:
+            return {**claim["complete"], "already_complete": True} if state.is_main_process else {}
+        fmt = config.output.format
+        mine = [
+            u
+            for u in units
+            if u.index % state.num_processes == state.process_index
+            and not resume.committed(out_dir, u, fmt)
+        ]
+        Extraction(
             config,
-            lm.identity,
-            fp,
-            record["run_id"],
-            wall,
-            state.num_processes,
-        )
-        manifest.write(out_dir, result)
-    state.wait_for_everyone()
-    return result
+            lm,
+            task,
+            mine,
+            out_dir,
+            schema,
+            state.process_index,
+            claim["run_id"],
+            claim["fingerprint"],
+            (lease or Lease(out_dir / layout.LOCK, claim["run_id"])).check,
+            progress=progress and state.is_main_process,
+        ).run()
+        state.wait_for_everyone()
+        result = {}
+        if state.is_main_process:
+            result = manifest.finalize(
+                out_dir,
+                units,
+                config=config,
+                schema=(
+                    writer.examples_schema(schema, lm.is_seq2seq)
+                    if config.output.rows == "examples"
+                    else schema
+                ),
+                id_type=id_type,
+                identity=lm.identity,
+                fingerprint=claim["fingerprint"],
+                run_id=claim["run_id"],
+                wall=time.perf_counter() - started,
+                world_size=state.num_processes,
+                recomputed=claim["recomputed"],
+            )
+            result["throughput"]["input_checksum_s"] = round(claim["checksum_s"], 3)
+            manifest.write(out_dir, result)
+        state.wait_for_everyone()
+        return result
+    finally:
+        if out_dir.is_dir():
+            layout.remove_own_temporaries(out_dir)
+        if lease is not None:
+            lease.release()

@@ -1,8 +1,9 @@
 """Reading a finished output directory back into pandas, numpy and torch.
 
-The data shards are `part-*.parquet` or `part-*.arrow` (the manifest's `format`, else the files
-present); bookkeeping files start with `_` or `.` and are never read as data. Only committed
-shards are visible, so a directory without `_SUCCESS` reads as the rows finished so far.
+The data shards are `tokens/part-*.parquet` or `tokens/part-*.arrow` (the manifest's `format`,
+else the files present; output of the first layout keeps them in OUT itself); bookkeeping files
+start with `_` or `.` and are never read as data. Only committed shards are visible, so a
+directory without `_SUCCESS` reads as the rows finished so far.
 
 Null conventions in `load_arrays` (numpy has no nullable integers): `token_id` and `token_rank`
 are -1 where the row has no next token, `token_logprob` is NaN there, and `has_token` says
@@ -11,7 +12,6 @@ which rows have one. Logit arrays keep their storage dtype (float16 or float32).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lib.corpus import find_input_files
+from lib import layout
+from lib.corpus import find_input_files, is_string
 from lib.errors import UserError
 
 # Nullable columns and the value that stands for null in numpy.
@@ -32,16 +33,16 @@ _LIST_COLUMNS = ("topk_ids", "topk_logits", "logits")
 
 def read_manifest(out_dir: str | Path) -> dict | None:
     """The job's `_manifest.json`, or None while the job has not finished."""
-    path = Path(out_dir) / "_manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return layout.read_manifest(Path(out_dir))
 
 
 def output_format(out_dir: str | Path) -> str:
     """`parquet` or `arrow`: the manifest says, else the shard files present do."""
     manifest = read_manifest(out_dir)
-    if manifest is not None:
+    if manifest is not None and manifest.get("format") in layout.EXTENSIONS:
         return manifest["format"]
-    present = {fmt for fmt in ("parquet", "arrow") if any(Path(out_dir).glob(f"part-*.{fmt}"))}
+    shards = layout.shard_files(Path(out_dir))
+    present = {fmt for fmt in ("parquet", "arrow") if any(p.suffix == f".{fmt}" for p in shards)}
     if len(present) != 1:
         found = "both part-*.parquet and part-*.arrow" if present else "no part-* shards"
         raise UserError(f"{out_dir}: cannot tell the output format, found {found}")
@@ -51,15 +52,41 @@ def output_format(out_dir: str | Path) -> str:
 def open_dataset(out_dir: str | Path) -> ds.Dataset:
     """The shards as one pyarrow dataset, in shard order (the order `pd.read_parquet` uses)."""
     fmt = output_format(out_dir)
-    files = sorted(str(p) for p in Path(out_dir).glob(f"part-*.{fmt}"))
+    files = [str(p) for p in layout.shard_files(Path(out_dir)) if p.suffix == f".{fmt}"]
     if not files:
         raise UserError(f"{out_dir}: no part-*.{fmt} shards")
     return ds.dataset(files, format="ipc" if fmt == "arrow" else "parquet")
 
 
 def load_table(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All rows as one Arrow table."""
+    """All rows as one Arrow table, as stored (one row per position, or per example)."""
     return open_dataset(out_dir).to_table(columns=columns)
+
+
+def is_examples(table_or_schema: pa.Table | pa.Schema) -> bool:
+    """Whether rows are examples (`output.rows=examples`), not positions."""
+    return (
+        "input_ids" in table_or_schema.schema.names
+        if isinstance(table_or_schema, pa.Table)
+        else "input_ids" in table_or_schema.names
+    )
+
+
+def positions_table(table: pa.Table) -> pa.Table:
+    """Example rows as position rows (the default layout); position rows pass through."""
+    if not is_examples(table):
+        return table
+    table = table.combine_chunks()
+    lists = [
+        name for name in table.column_names if name not in ("id", "input_ids", "decoder_input_ids")
+    ]
+    parents = pc.list_parent_indices(table.column(lists[0]))
+    fields = [table.schema.field("id")]
+    columns = [table.column("id").take(parents)]
+    for name in lists:
+        fields.append(pa.field(name, table.schema.field(name).type.value_type, name in _NULL_FILL))
+        columns.append(pc.list_flatten(table.column(name)))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 def load_frame(out_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -67,9 +94,30 @@ def load_frame(out_dir: str | Path, columns: list[str] | None = None) -> pd.Data
     return load_table(out_dir, columns).to_pandas()
 
 
+def to_hf_dataset(out_dir: str | Path, cache_dir: str | None = None):
+    """The shards as a Hugging Face `datasets.Dataset` with torch formatting.
+
+    Arrow output is memory-mapped in place (no copy); Parquet output is decoded once into the
+    datasets cache (`cache_dir`, default datasets' own), which it then memory-maps. With
+    `output.rows=examples` each row is one input row, ready for a DataLoader.
+    """
+    import datasets
+
+    fmt = output_format(out_dir)
+    files = [str(p) for p in layout.shard_files(Path(out_dir)) if p.suffix == f".{fmt}"]
+    if not files:
+        raise UserError(f"{out_dir}: no shards to read")
+    if fmt == "arrow":
+        tables = [pa.ipc.open_file(pa.memory_map(path)).read_all() for path in files]
+        dataset = datasets.Dataset(datasets.table.InMemoryTable(pa.concat_tables(tables)))
+    else:
+        dataset = datasets.Dataset.from_parquet(files, cache_dir=cache_dir)
+    return dataset.with_format("torch")
+
+
 def _ids_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
     """int64 ids as they are; string ids as a fixed-width numpy str array built per example."""
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    if not is_string(column.type):
         return column.to_numpy()
     # One Python string per distinct id (an example), not per row; rows index into them.
     encoded = pc.dictionary_encode(column).combine_chunks()
@@ -108,7 +156,7 @@ def table_to_arrays(table: pa.Table) -> dict[str, np.ndarray]:
 
 def load_arrays(out_dir: str | Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
     """All rows as numpy arrays: 1-D per scalar column, (N, k) or (N, V) per list column."""
-    return table_to_arrays(load_table(out_dir, columns))
+    return table_to_arrays(positions_table(load_table(out_dir, columns)))
 
 
 def iter_examples(out_dir: str | Path) -> Iterator[tuple[object, dict[str, np.ndarray]]]:
@@ -118,7 +166,7 @@ def iter_examples(out_dir: str | Path) -> Iterator[tuple[object, dict[str, np.nd
     shard, examples come in order of first appearance: input order in top-k mode.
     """
     for fragment in open_dataset(out_dir).get_fragments():
-        table = fragment.to_table()
+        table = positions_table(fragment.to_table())
         if table.num_rows == 0:
             continue
         # Codes in order of first appearance; sorting by (code, position) groups each example.
@@ -189,8 +237,7 @@ def input_frame(
         ids = pa.array(np.arange(table.num_rows, dtype=np.int64))
     else:
         ids = table.column(id_column)
-        string = pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
-        ids = ids.cast(pa.string() if string else pa.int64())  # the job's id types
+        ids = ids.cast(pa.string() if is_string(ids.type) else pa.int64())  # the job's id types
         if columns is not None and id_column not in columns:
             table = table.drop_columns([id_column])
     if "id" in table.column_names:

@@ -1,19 +1,29 @@
-"""The job's fingerprint and the state of an output directory: fresh, resumable, done or foreign."""
+"""The state of an output directory: fresh, resumable, finished, damaged or another job's.
+
+A job is identified by its fingerprint (model, tokenizer, output-affecting keys and the sha256 of
+every input file's bytes). A shard counts as done only when its unit record carries this job's
+fingerprint and a checksum that the file on disk still matches; anything else is recomputed.
+Missing or damaged bookkeeping (`_job.json`, `_manifest.json`, unit records) is rebuilt from
+what the checksummed shards prove.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
+import re
 import time
-import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import writer
+from lib import layout
 from lib.config import JobConfig
 from lib.corpus import InputFile, WorkUnit
-from lib.errors import UserError
+from lib.errors import UserError, output_error
+
+log = logging.getLogger(__name__)
 
 
 def _model_files(path: str) -> list[tuple[str, int]]:
@@ -23,118 +33,269 @@ def _model_files(path: str) -> list[tuple[str, int]]:
     return sorted((p.name, p.stat().st_size) for p in Path(path).iterdir() if p.is_file())
 
 
-def fingerprint(config: JobConfig, inputs: list[InputFile], identity: dict) -> str:
-    """Hash of all that changes the output: model, tokenizer, output-affecting keys, inputs."""
+def input_checksums(inputs: list[InputFile]) -> list[dict]:
+    """Path, size, rows and the sha256 of the bytes of every input file (streamed)."""
+    out = []
+    for item in inputs:
+        try:
+            sha256, size = layout.sha256_file(Path(item.path))
+        except OSError as exc:
+            raise UserError(f"input file {item.path}: cannot read it: {exc.strerror}") from None
+        out.append({"path": item.path, "size": size, "rows": item.rows, "sha256": sha256})
+    return out
+
+
+def fingerprint(config: JobConfig, files: list[dict], identity: dict) -> str:
+    """Hash of all that changes the output: model, tokenizer, output-affecting keys, input bytes."""
     c = config.to_dict()
     decoder = (
         dict(c["decoder"]) if c["decoder"]["mode"] == "generate" else {"mode": c["decoder"]["mode"]}
     )
     payload = {
+        "layout": layout.FORMAT_VERSION,
         "model": {"path": c["model"]["path"], "dtype": c["model"]["dtype"]},
         "identity": identity,
         "model_files": _model_files(config.model.path),
         "input": c["input"],
         "decoder": decoder,
         "output": {
-            key: c["output"][key] for key in ("logits", "k", "dtype", "format", "shard_rows")
+            key: c["output"][key]
+            for key in ("logits", "k", "dtype", "format", "shard_rows", "rows")
         },
-        "files": [(f.path, f.size, f.rows) for f in inputs],
+        "files": [(f["path"], f["size"], f["rows"], f["sha256"]) for f in files],
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
 
 
-def _ours(name: str) -> bool:
-    return (
-        name.startswith("part-")
-        or name.startswith(".part-")
-        or name.startswith("._")
-        or name in (writer.UNITS_DIR, writer.MANIFEST, writer.SUCCESS, writer.SKIPPED, writer.JOB)
-    )
+# -- layouts that cannot work ------------------------------------------------------------------
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob (with `**`) as a regex over absolute paths, the way glob.glob reads it."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            end = pattern.index("]", i + 1)
+            out.append("[" + pattern[i + 1 : end].replace("!", "^", 1) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
 
 
-def _clear(out_dir: Path) -> None:
-    for entry in out_dir.iterdir():
-        if _ours(entry.name):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
-def remove_temporaries(out_dir: Path) -> int:
-    """Delete hidden temporary files a killed run left behind; return how many."""
-    stray = [p for p in out_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
-    units = out_dir / writer.UNITS_DIR
-    if units.is_dir():
-        stray += [p for p in units.iterdir() if p.name.endswith(".tmp")]
-    for path in stray:
-        path.unlink(missing_ok=True)
-    return len(stray)
-
-
-def _job_record(out_dir: Path) -> dict | None:
-    """The `_job.json` of a previous run in `out_dir`, None when there is none."""
-    job_file = out_dir / writer.JOB
-    if not job_file.exists():
-        return None
-    try:
-        record = json.loads(job_file.read_text())
-    except (OSError, ValueError):
-        record = None
-    if not isinstance(record, dict):
-        return {}  # unreadable: treated as another job's output
-    return record
-
-
-def prepare_output(out_dir: Path, fp: str, config: JobConfig) -> dict:
-    """Create or check `out_dir` (main process only); returns the job record with this run's id."""
-    previous = _job_record(out_dir) if out_dir.is_dir() else None
-    if previous and previous.get("fingerprint") == fp and (out_dir / writer.SUCCESS).exists():
-        # A finished job re-run rewrites nothing, not even a write probe.
-        return {**previous, "complete": True}
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{uuid.uuid4().hex}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
+def check_layout(input_path: str, out_dir: Path, inputs: list[InputFile]) -> None:
+    """Refuse an output directory whose shards the input path would read back as input."""
+    out = out_dir.resolve()
+    inside = [f.path for f in inputs if Path(f.path).resolve().is_relative_to(out)]
+    if inside:  # output.overwrite would delete them as the job's own files
         raise UserError(
-            f"output.dir {out_dir}: cannot write there ({exc.strerror or exc})"
-        ) from None
-    existing = [
-        p.name
-        for p in out_dir.iterdir()
-        if not (p.name.startswith(".") and p.name.endswith(".tmp"))
-    ]
-    if previous is not None:
-        if previous.get("fingerprint") != fp:
-            if not config.output.overwrite:
-                raise UserError(
-                    f"output.dir {out_dir} holds the output of a different job (model, input or "
-                    "output settings changed); use a new directory or output.overwrite=true"
-                )
-            _clear(out_dir)
-    elif existing:
-        if not config.output.overwrite:
-            what = "another job's output" if any(_ours(n) for n in existing) else "other files"
+            f"output.dir {out_dir} holds input file {inside[0]}; choose another output.dir"
+        )
+    source = Path(os.path.expanduser(input_path))
+    if source.is_dir() and out.is_relative_to(source.resolve()):
+        raise UserError(
+            f"output.dir {out_dir} is inside input.path {input_path}: a rerun would read the "
+            "job's own shards as input; choose an output.dir outside it"
+        )
+    if not source.exists():
+        probe = layout.shard_path(out, "part-00000", "parquet").as_posix()
+        pattern = os.path.abspath(os.path.expanduser(input_path))
+        if _glob_regex(pattern).match(probe):
             raise UserError(
-                f"output.dir {out_dir} is not empty and holds {what}; "
-                "use a new directory or output.overwrite=true"
+                f"input.path {input_path} matches the job's own shards in output.dir {out_dir}; "
+                "choose an output.dir the pattern does not match"
             )
-        _clear(out_dir)
-    remove_temporaries(out_dir)
-    record = {
-        "fingerprint": fp,
-        "run_id": uuid.uuid4().hex,
-        "started": time.time(),
-        "config": config.to_dict(),
-        "complete": False,
-    }
-    # The job record goes first: a run killed right after it resumes, whereas a directory
-    # holding our files but no record would look like another job's output.
-    writer.write_atomic(out_dir / writer.JOB, json.dumps(record, indent=2).encode())
-    (out_dir / writer.UNITS_DIR).mkdir(exist_ok=True)
-    return record
+
+
+# -- is the job already done? ------------------------------------------------------------------
+def _shard_ok(out_dir: Path, unit: WorkUnit, fmt: str, fp: str) -> bool | None:
+    """True when the unit's shard is proven by its record, False when it is there but not
+    proven, None when there is no shard."""
+    shard = layout.shard_path(out_dir, unit.name, fmt)
+    if not shard.exists():
+        return None
+    record = layout.read_record(out_dir, unit.name)
+    if (
+        record is None
+        or record.get("fingerprint") != fp
+        or record.get("file") != layout.shard_name(unit.name, fmt)
+    ):
+        return False
+    try:
+        sha256, size = layout.sha256_file(shard)
+    except OSError:
+        return False
+    return size == record.get("bytes") and sha256 == record.get("sha256")
+
+
+def finished(out_dir: Path, fp: str, units: list[WorkUnit], fmt: str) -> dict | None:
+    """The manifest of a finished job with this fingerprint whose every shard still matches its
+    checksum; None otherwise. Reads only: a finished job re-run writes nothing."""
+    if not (out_dir / layout.SUCCESS).exists():
+        return None
+    job = layout.read_json(out_dir / layout.JOB)
+    manifest = layout.read_manifest(out_dir)
+    if not job or job.get("fingerprint") != fp or not manifest or manifest.get("fingerprint") != fp:
+        return None
+    if not (out_dir / layout.SKIPPED).is_file():
+        return None
+    if not all(_shard_ok(out_dir, unit, fmt, fp) for unit in units):
+        return None
+    return manifest
+
+
+# -- preparing a directory to work in ----------------------------------------------------------
+@dataclass
+class Prepared:
+    """What `prepare_output` found and did."""
+
+    record: dict
+    recomputed: list[str] = field(default_factory=list)  # shards that failed their check
+    healed: list[str] = field(default_factory=list)  # bookkeeping files rebuilt
+
+
+def _changed_inputs(previous: dict, files: list[dict]) -> str | None:
+    before = {f.get("path"): f for f in previous.get("inputs") or [] if isinstance(f, dict)}
+    now = {f["path"]: f for f in files}
+    if not before:
+        return None
+    for path, item in now.items():
+        if path in before and before[path].get("sha256") != item["sha256"]:
+            return f"input file {path} changed since this output was started (its bytes differ)"
+    added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+    if added or removed:
+        return f"the input files changed since this output was started ({(added or removed)[0]} {'added' if added else 'removed'})"
+    return None
+
+
+def _foreign_records(out_dir: Path, fp: str) -> bool:
+    folder = out_dir / layout.UNITS
+    if not folder.is_dir():
+        return False
+    for path in folder.glob("part-*.json"):
+        record = layout.read_json(path)
+        if record is not None and record.get("fingerprint") not in (None, fp):
+            return True
+    return False
+
+
+def _refuse_or_clear(out_dir: Path, fp: str, files: list[dict], config: JobConfig) -> list[str]:
+    """Refuse a directory that holds something else unless output.overwrite; returns the
+    bookkeeping files that will be rebuilt."""
+    previous = layout.read_json(out_dir / layout.JOB)
+    entries = [p.name for p in out_dir.iterdir() if p.name != layout.LOCK]
+    overwrite = config.output.overwrite
+    if layout.legacy_shards(out_dir):
+        if not overwrite:
+            raise UserError(
+                f"output.dir {out_dir} holds output of an earlier version (shards directly in it, "
+                "not in tokens/); lib.results and jobs.verify still read it; to resume, start "
+                "again in a new directory or with output.overwrite=true"
+            )
+        layout.clear(out_dir)
+        return []
+    if previous is not None and previous.get("fingerprint") != fp:
+        if overwrite:
+            layout.clear(out_dir)
+            return []
+        changed = _changed_inputs(previous, files)
+        if changed:
+            raise UserError(
+                f"output.dir {out_dir}: {changed}; restore it, or use "
+                "output.overwrite=true to start over"
+            )
+        raise UserError(
+            f"output.dir {out_dir} holds the output of a different job (model, input or "
+            "output settings changed); use a new directory or output.overwrite=true"
+        )
+    if previous is None and entries:
+        foreign = [name for name in entries if not layout.is_ours(name)]
+        manifest = layout.read_manifest(out_dir)
+        theirs = _foreign_records(out_dir, fp) or (manifest or {}).get("fingerprint") not in (
+            None,
+            fp,
+        )
+        if foreign or theirs:
+            if not overwrite:
+                what = "other files" if foreign and not theirs else "another job's output"
+                raise UserError(
+                    f"output.dir {out_dir} is not empty and holds {what}; "
+                    "use a new directory or output.overwrite=true"
+                )
+            layout.clear(out_dir)
+            return []
+        proof = [out_dir / layout.UNITS, out_dir / layout.TOKENS]
+        if any(folder.is_dir() and any(folder.iterdir()) for folder in proof):
+            return [layout.JOB]  # our own shards without their job record: rebuild it
+    return []
+
+
+def _check_shards(out_dir: Path, units: list[WorkUnit], fmt: str, fp: str) -> list[str]:
+    """Keep the shards their records prove, delete the rest with their records, delete records
+    without a shard and files no unit owns; returns the shards that failed their check."""
+    failed = []
+    names = set()
+    for unit in units:
+        names.add(unit.name)
+        ok = _shard_ok(out_dir, unit, fmt, fp)
+        if ok is False:
+            failed.append(layout.shard_name(unit.name, fmt))
+            layout.shard_path(out_dir, unit.name, fmt).unlink()
+        if not ok:
+            layout.record_path(out_dir, unit.name).unlink(missing_ok=True)
+    for folder, suffix in ((out_dir / layout.TOKENS, None), (out_dir / layout.UNITS, ".json")):
+        for path in folder.iterdir():
+            stem = path.name.split(".")[0]
+            if stem not in names or (suffix is None and path.suffix != f".{fmt}"):
+                layout.remove(path)
+    return failed
+
+
+def prepare_output(
+    out_dir: Path, fp: str, files: list[dict], units: list[WorkUnit], config: JobConfig, run_id: str
+) -> Prepared:
+    """Make `out_dir` ready for this run (main process, holding the lease): refuse another job's
+    directory, drop what no checksum proves, rebuild lost bookkeeping, record this run."""
+    try:
+        healed = _refuse_or_clear(out_dir, fp, files, config)
+        if (out_dir / layout.SUCCESS).exists() or (out_dir / layout.MANIFEST).exists():
+            if not layout.read_manifest(out_dir):
+                healed.append(layout.MANIFEST)
+        # Not finished any more (or not yet): the manifest is rebuilt at the end.
+        for name in (layout.SUCCESS, layout.MANIFEST, layout.SKIPPED):
+            (out_dir / name).unlink(missing_ok=True)
+        layout.remove_dead_temporaries(out_dir)
+        for folder in (layout.UNITS, layout.TOKENS, layout.TMP):
+            (out_dir / folder).mkdir(exist_ok=True)
+        recomputed = _check_shards(out_dir, units, config.output.format, fp)
+        record = {
+            "format_version": layout.FORMAT_VERSION,
+            "fingerprint": fp,
+            "run_id": run_id,
+            "started": time.time(),
+            "config": config.to_dict(),
+            "inputs": files,
+        }
+        layout.write_json(out_dir / layout.JOB, record, out_dir)
+    except OSError as exc:
+        raise output_error(getattr(exc, "filename", None) or out_dir, exc) from None
+    for name in healed:
+        log.warning("output.dir %s: %s was missing or damaged; rebuilt it", out_dir, name)
+    return Prepared(record, recomputed, healed)
 
 
 def committed(out_dir: Path, unit: WorkUnit, fmt: str) -> bool:
-    """A unit is done when its shard is visible; its record was written just before."""
-    return writer.shard_path(out_dir, unit.name, fmt).exists()
+    """A unit is done when its shard is visible (prepare_output removed every unproven one)."""
+    return layout.shard_path(out_dir, unit.name, fmt).exists()

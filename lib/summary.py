@@ -29,5 +29,13 @@ def print_summary(manifest: dict, out_dir: str) -> None:
             ("throughput", f"{run['tokens_per_s']:,.0f} tokens/s, {run['rows_per_s']:,.1f} rows/s"),
             ("wall time", f"{run['wall_s']:.1f} s"),
         ]
+    if manifest.get("recomputed"):
+        names = ", ".join(manifest["recomputed"])
+        lines.append(
+            (
+                "recomputed",
+                f"{len(manifest['recomputed'])} shards that failed their checksum: {names}",
+            )
+        )
     lines.append(("output", out_dir))
     print("\n".join(f"  {label:<20}{value}" for label, value in lines))

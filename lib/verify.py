@@ -1,13 +1,13 @@
-"""Check a finished output directory: every shard readable and as the manifest says, no row twice,
-no temporary file left, and (given the input) every input id scored or skipped, exactly once.
+"""Check a finished output directory: every shard matches the checksum the job recorded and
+decodes in full, agrees with the manifest, holds no row twice; no temporary file is left; and
+(given the input) every input id is scored or skipped, exactly once.
 
-Only the `id` and `position` columns are read, one shard at a time, so memory grows with the
-number of input rows, not with the number of output rows.
+Shards are read one record batch at a time and only `id` and `position` are kept, so memory grows
+with the number of input rows, not with the number of output rows.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lib import corpus, writer
-from lib.errors import UserError
+from lib import corpus, layout
+from lib.errors import UserError, first_line
 
 EXAMPLES = 3  # ids quoted in a problem line
 
@@ -29,11 +29,6 @@ class Report:
     shards: int = 0
     output_rows: int = 0
     input_rows: int | None = None  # set when the input was checked
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _examples(values: pa.Array) -> str:
@@ -62,31 +57,44 @@ def _schema_difference(actual: pa.Schema, expected: list[dict]) -> str | None:
 
 
 def _read_keys(path: Path, fmt: str) -> tuple[pa.Schema, pa.Table]:
-    """A shard's schema and its (id, position) columns; raises on an unreadable file."""
+    """A shard's schema and its (id, position) columns, after decoding and validating every
+    column of every batch; raises on an unreadable file."""
     if fmt == "arrow":
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))  # zero-copy: other columns stay on disk
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))  # zero-copy: batches stay on disk
         schema = reader.schema
-        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        expected_rows = None
     else:
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
+        batches = parquet.iter_batches(batch_size=8192)
+        expected_rows = parquet.metadata.num_rows
     missing = [name for name in ("id", "position") if name not in schema.names]
     if missing:
         raise ValueError(f"no {' or '.join(missing)} column")
-    key_schema = pa.schema([schema.field("id"), schema.field("position")])
-    if fmt == "arrow":
-        for batch in batches:
-            batch.validate()
-        return schema, pa.Table.from_batches(
-            [b.select(["id", "position"]) for b in batches], key_schema
-        )
-    with parquet:
-        keys = parquet.read(columns=["id", "position"])
-        if keys.num_rows != parquet.metadata.num_rows:
-            raise ValueError(
-                f"footer says {parquet.metadata.num_rows} rows, the columns hold {keys.num_rows}"
-            )
-    return schema, keys
+    # One row per example (output.rows=examples) has one key, the id; else (id, position).
+    names = ["id"] if pa.types.is_list(schema.field("position").type) else ["id", "position"]
+    keys = []
+    for batch in batches:
+        batch.validate(full=True)
+        keys.append(batch.select(names))
+    key_schema = pa.schema([schema.field(name) for name in names])
+    table = pa.Table.from_batches(keys, key_schema)
+    if expected_rows is not None and table.num_rows != expected_rows:
+        raise ValueError(f"footer says {expected_rows} rows, the columns hold {table.num_rows}")
+    return schema, table
+
+
+def _checksum_problem(path: Path, entry: dict) -> str | None:
+    """How a shard differs from the size and sha256 its manifest entry recorded, if it does."""
+    if "sha256" not in entry:
+        return None  # output of the first layout carries no checksums
+    sha256, size = layout.sha256_file(path)
+    if size != entry.get("bytes"):
+        return f"has {size:,} bytes, the job committed {entry.get('bytes'):,}"
+    if sha256 != entry["sha256"]:
+        return "does not match its checksum (damaged or changed after it was committed)"
+    return None
 
 
 def _check_manifest(manifest: object) -> str | None:
@@ -96,7 +104,7 @@ def _check_manifest(manifest: object) -> str | None:
     for key, kind in (("schema", list), ("shards", list), ("totals", dict), ("format", str)):
         if not isinstance(manifest.get(key), kind):
             return f"has no valid {key!r}"
-    if manifest["format"] not in writer.EXTENSIONS:
+    if manifest["format"] not in layout.EXTENSIONS:
         return f"names an unknown format {manifest['format']!r}"
     for shard in manifest["shards"]:
         if not (
@@ -111,26 +119,17 @@ def _check_manifest(manifest: object) -> str | None:
     return None
 
 
-def _temporaries(out_dir: Path) -> list[Path]:
-    found = [p for p in out_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
-    units = out_dir / writer.UNITS_DIR
-    if units.is_dir():
-        found += [p for p in units.iterdir() if p.name.endswith(".tmp")]
-    return sorted(found)
-
-
 def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[pa.Array, int, bool]:
     """Check every shard against the manifest.
 
     Returns the distinct output ids, the row count and whether every listed shard was read.
     """
     fmt = manifest["format"]
-    listed = {s["file"]: s["rows"] for s in manifest["shards"]}
+    entries = {s["file"]: s for s in manifest["shards"]}
+    listed = {name: entry["rows"] for name, entry in entries.items()}
     if len(listed) != len(manifest["shards"]):
         problems.append("the manifest lists a shard more than once")
-    on_disk = sorted(
-        p.name for p in out_dir.iterdir() if p.name.startswith("part-") and p.is_file()
-    )
+    on_disk = [layout.relative(out_dir, p) for p in layout.shard_files(out_dir)]
     for name in sorted(set(listed) - set(on_disk)):
         problems.append(f"shard {name} is listed in the manifest but missing")
     for name in sorted(set(on_disk) - set(listed)):
@@ -142,9 +141,12 @@ def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[p
             "arrow" if name.endswith(".arrow") else "parquet" if name.endswith(".parquet") else fmt
         )
         try:
+            damage = _checksum_problem(out_dir / name, entries[name]) if name in entries else None
+            if damage:
+                problems.append(f"shard {name} {damage}")
             schema, keys = _read_keys(out_dir / name, fmt_here)
         except Exception as exc:  # any failure to read is the finding, whatever pyarrow raises
-            problems.append(f"shard {name} is not readable: {_first_line(exc)}")
+            problems.append(f"shard {name} is not readable: {first_line(exc)}")
             continue
         rows += keys.num_rows
         difference = _schema_difference(schema, manifest["schema"])
@@ -154,14 +156,14 @@ def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[p
             problems.append(
                 f"shard {name} has {keys.num_rows} rows, the manifest says {listed[name]}"
             )
-        counts = keys.group_by(["id", "position"]).aggregate([([], "count_all")])
+        counts = keys.group_by(keys.column_names).aggregate([([], "count_all")])
         if counts.num_rows != keys.num_rows:
             repeated = counts.filter(pc.greater(counts["count_all"], 1))
             extra = keys.num_rows - counts.num_rows
+            where = "".join(f" {key} {repeated[key][0].as_py()!r}" for key in keys.column_names)
             problems.append(
-                f"shard {name} has {extra} duplicate (id, position) rows, "
-                f"e.g. id {repeated['id'][0].as_py()!r} "
-                f"position {repeated['position'][0].as_py()}"
+                f"shard {name} has {extra} duplicate ({', '.join(keys.column_names)}) rows, "
+                f"e.g.{where}"
             )
         ids = pc.unique(keys.column("id").combine_chunks())
         unique_ids.append(ids)
@@ -185,21 +187,21 @@ def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[p
 
 
 def _read_skipped(out_dir: Path, problems: list[str]) -> pa.Array | None:
-    path = out_dir / writer.SKIPPED
+    path = out_dir / layout.SKIPPED
     if not path.exists():
-        problems.append(f"{writer.SKIPPED} is missing")
+        problems.append(f"{layout.SKIPPED} is missing")
         return None
     try:
         table = pq.read_table(path, columns=["id", "reason"])
     except Exception as exc:
-        problems.append(f"{writer.SKIPPED} is not readable: {_first_line(exc)}")
+        problems.append(f"{layout.SKIPPED} is not readable: {first_line(exc)}")
         return None
     ids = table.column("id").combine_chunks()
     counts = pc.value_counts(ids)
     repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
     if len(repeated):
         problems.append(
-            f"{writer.SKIPPED} lists {len(repeated)} ids more than once, e.g. {_examples(repeated)}"
+            f"{layout.SKIPPED} lists {len(repeated)} ids more than once, e.g. {_examples(repeated)}"
         )
     return ids
 
@@ -218,15 +220,11 @@ def input_ids(path: str, id_column: str | None) -> pa.Array:
                 f"id column {id_column!r} not in {file}; columns are {', '.join(schema.names)}"
             )
         column = pq.read_table(file, columns=[id_column]).column(0)
-        column = column.cast(pa.string() if _is_string(column.type) else pa.int64())
+        column = column.cast(pa.string() if corpus.is_string(column.type) else pa.int64())
         chunks.extend(column.chunks)
     if not chunks:
         return pa.array([], pa.string())
     return pa.concat_arrays(chunks)
-
-
-def _is_string(tp: pa.DataType) -> bool:
-    return pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp)
 
 
 def _same_type(values: pa.Array, like: pa.DataType) -> pa.Array:
@@ -253,16 +251,16 @@ def _check_input(
     both = ids_in.filter(pc.and_(in_scored, in_skipped))
     if len(both):
         problems.append(
-            f"{len(both)} input ids are both in the output and in {writer.SKIPPED}, "
+            f"{len(both)} input ids are both in the output and in {layout.SKIPPED}, "
             f"e.g. {_examples(both)}"
         )
     neither = ids_in.filter(pc.invert(pc.or_(in_scored, in_skipped)))
     if len(neither):
         problems.append(
-            f"{len(neither)} input ids are neither in the output nor in {writer.SKIPPED}, "
+            f"{len(neither)} input ids are neither in the output nor in {layout.SKIPPED}, "
             f"e.g. {_examples(neither)}"
         )
-    for where, values in (("the output", scored), (writer.SKIPPED, skipped)):
+    for where, values in (("the output", scored), (layout.SKIPPED, skipped)):
         extra = values.filter(pc.invert(pc.is_in(values, value_set=ids_in)))
         if len(extra):
             problems.append(
@@ -282,19 +280,18 @@ def verify(
     if not out_dir.is_dir():
         return Report([f"{out_dir} is not a directory"])
     problems: list[str] = []
-    if not (out_dir / writer.SUCCESS).exists():
-        problems.append(f"{writer.SUCCESS} is missing: the job has not finished")
-    for path in _temporaries(out_dir):
+    if not (out_dir / layout.SUCCESS).exists():
+        problems.append(f"{layout.SUCCESS} is missing: the job has not finished")
+    for path in layout.temporaries(out_dir):
         problems.append(f"temporary file {path.relative_to(out_dir)} left behind")
-    try:
-        manifest = json.loads((out_dir / writer.MANIFEST).read_text())
-    except FileNotFoundError:
-        return Report(problems + [f"{writer.MANIFEST} is missing"])
-    except (OSError, ValueError) as exc:
-        return Report(problems + [f"{writer.MANIFEST} is not readable: {_first_line(exc)}"])
+    if not (out_dir / layout.MANIFEST).exists():
+        return Report(problems + [f"{layout.MANIFEST} is missing"])
+    manifest = layout.read_json(out_dir / layout.MANIFEST)
+    if manifest is None:
+        return Report(problems + [f"{layout.MANIFEST} is not readable JSON"])
     malformed = _check_manifest(manifest)
     if malformed:
-        return Report(problems + [f"{writer.MANIFEST} {malformed}"])
+        return Report(problems + [f"{layout.MANIFEST} {malformed}"])
 
     scored, rows, all_read = _check_shards(out_dir, manifest, problems)
     report = Report(problems, len(manifest["shards"]), rows)
@@ -320,7 +317,7 @@ def verify(
     if skipped is not None:
         if len(skipped) != totals["skipped_rows"]:
             problems.append(
-                f"manifest totals.skipped_rows is {totals['skipped_rows']}, {writer.SKIPPED} "
+                f"manifest totals.skipped_rows is {totals['skipped_rows']}, {layout.SKIPPED} "
                 f"has {len(skipped)} rows"
             )
         if not check_input and len(scored) and len(skipped):
@@ -330,7 +327,7 @@ def verify(
                 both = pa.array([])
             if len(both):
                 problems.append(
-                    f"{len(both)} ids are both in the output and in {writer.SKIPPED}, "
+                    f"{len(both)} ids are both in the output and in {layout.SKIPPED}, "
                     f"e.g. {_examples(both)}"
                 )
     if check_input:
@@ -346,7 +343,7 @@ def verify(
             problems.append(f"input: {exc}")
             return report
         except Exception as exc:  # an unreadable input file is a finding, not a crash
-            problems.append(f"input {path} is not readable: {_first_line(exc)}")
+            problems.append(f"input {path} is not readable: {first_line(exc)}")
             return report
         report.input_rows = len(ids_in)
         _check_input(ids_in, scored, skipped, totals, problems)

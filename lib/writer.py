@@ -1,28 +1,23 @@
-"""Output side: the row schema, shards committed atomically, the manifest and the success marker.
+"""Output rows: the schema, Arrow tables built from numpy, and shards committed atomically.
 
-A shard is written under a hidden name (`.part-00042.parquet.tmp`, which pyarrow and pandas
-skip), closed, fsynced and renamed into place, then the directory is fsynced. Its bookkeeping
-(rows, rank, skipped ids, counts) goes to `_units/part-00042.json` just before the rename, so a
-visible `part-*` file always has complete rows and a complete record beside it.
+A shard is written to a temporary of its own process in OUT/_tmp, closed, fsynced and hashed.
+Its record (rows, bytes, sha256, rank, skipped ids, counts) goes to `_units/part-00042.json`,
+then the temporary is renamed to `tokens/part-00042.parquet` and the folder fsynced: a visible
+shard always has complete rows and a record whose checksum proves them.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-UNITS_DIR = "_units"
-MANIFEST = "_manifest.json"
-SUCCESS = "_SUCCESS"
-SKIPPED = "_skipped.parquet"
-JOB = "_job.json"
-EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
+from lib import faults, layout
+from lib.errors import output_error
 
 
 def output_schema(
@@ -76,44 +71,50 @@ def to_table(
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def crash_point(name: str) -> None:
-    """Test hook: SIGKILL this process at a named point when LOGIT_EXTRACT_CRASH_AT names it.
+def examples_schema(positions: pa.Schema, seq2seq: bool) -> pa.Schema:
+    """One row per input row: `id`, `input_ids` (and `decoder_input_ids`), then each per-position
+    column as a list in position order."""
+    fields = [positions.field("id"), pa.field("input_ids", pa.list_(pa.int32()), nullable=False)]
+    if seq2seq:
+        fields.append(pa.field("decoder_input_ids", pa.list_(pa.int32()), nullable=False))
+    for field in positions:
+        if field.name != "id":
+            fields.append(pa.field(field.name, pa.list_(field.type), nullable=False))
+    return pa.schema(fields)
 
-    The value is `point` or `point:N` (the N-th time the point is reached, counting from 1).
-    Only a real kill leaves files the way a preempted job does.
+
+def to_examples(
+    schema: pa.Schema,
+    positions: pa.Table,
+    rows: np.ndarray,
+    input_ids: dict[int, list[int]],
+    decoder_start: int | None,
+) -> pa.Table:
+    """Group position rows (sorted by row, then position) into one row per example.
+
+    `decoder_input_ids` is the teacher-forced decoder input: the start token, then each
+    position's token but the last (in generate mode, the greedy tokens).
     """
-    wanted = os.environ.get("LOGIT_EXTRACT_CRASH_AT")
-    if not wanted:
-        return
-    point, _, nth = wanted.partition(":")
-    if point != name:
-        return
-    crash_point.seen = getattr(crash_point, "seen", 0) + 1
-    if crash_point.seen >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file under a temporary name, fsync it, rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def shard_path(out_dir: Path, name: str, fmt: str) -> Path:
-    return out_dir / f"{name}.{EXTENSIONS[fmt]}"
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    offsets = pa.array(np.append(starts, len(rows)).astype(np.int32))
+    example_rows = rows[starts]
+    sequences = [input_ids[int(row)] for row in example_rows]
+    flat = np.fromiter((t for seq in sequences for t in seq), np.int32)
+    seq_offsets = np.zeros(len(sequences) + 1, np.int32)
+    np.cumsum([len(seq) for seq in sequences], out=seq_offsets[1:])
+    columns = {
+        "id": positions.column("id").combine_chunks().take(pa.array(starts)),
+        "input_ids": pa.ListArray.from_arrays(pa.array(seq_offsets), pa.array(flat)),
+    }
+    if "decoder_input_ids" in schema.names:
+        tokens = positions.column("token_id").combine_chunks().fill_null(0).to_numpy()
+        decoder = np.empty(len(rows), np.int32)
+        decoder[1:] = tokens[:-1]
+        decoder[starts] = decoder_start
+        columns["decoder_input_ids"] = pa.ListArray.from_arrays(offsets, pa.array(decoder))
+    for name in positions.column_names[1:]:
+        columns[name] = pa.ListArray.from_arrays(offsets, positions.column(name).combine_chunks())
+    return pa.Table.from_pydict(columns, schema=schema)
 
 
 class ShardWriter:
@@ -122,12 +123,14 @@ class ShardWriter:
     def __init__(self, out_dir: Path, name: str, schema: pa.Schema, fmt: str):
         self.out_dir = out_dir
         self.name = name
-        self.final = shard_path(out_dir, name, fmt)
-        self.tmp = out_dir / f".{self.final.name}.tmp"
+        self.final = layout.shard_path(out_dir, name, fmt)
+        self.tmp = layout.temp_path(out_dir, self.final)
         self.rows = 0
         self._writer = None
-        self._sink = pa.OSFile(str(self.tmp), "wb")
+        self._sink = None
         try:
+            self.tmp.parent.mkdir(exist_ok=True)
+            self._sink = pa.OSFile(str(self.tmp), "wb")
             if fmt == "parquet":
                 self._writer = pq.ParquetWriter(
                     self._sink,
@@ -138,37 +141,56 @@ class ShardWriter:
                 )
             else:
                 self._writer = pa.ipc.new_file(self._sink, schema)
+        except OSError as exc:
+            self.abort()
+            raise output_error(self.tmp, exc) from None
         except BaseException:
             self.abort()
             raise
 
     def write(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._writer.write_table(table)
-            self.rows += table.num_rows
-            crash_point("shard_write")
-
-    def commit(self, record: dict) -> None:
-        """Close and fsync the shard, write its record, then make it visible under its name."""
+        if not table.num_rows:
+            return
         try:
+            faults.point("write", self.tmp)
+            self._writer.write_table(table)
+        except OSError as exc:
+            self.abort()
+            raise output_error(self.tmp, exc) from None
+        self.rows += table.num_rows
+        faults.point("shard_write")
+
+    def commit(self, record: dict, check_lease: Callable[[], None]) -> dict:
+        """Close, fsync and hash the shard, write its record, then make it visible under its
+        name; `check_lease` raises if another job took the directory over. Returns the record."""
+        try:
+            faults.point("shard_close", self.tmp)
             self._writer.close()
             self._sink.close()
-            fd = os.open(self.tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            crash_point("before_rename")
-            write_atomic(
-                self.out_dir / UNITS_DIR / f"{self.name}.json",
-                json.dumps({"file": self.final.name, "rows": self.rows, **record}).encode(),
-            )
-            crash_point("between_record_and_shard")
-        except BaseException:
+            layout.fsync_file(self.tmp)
+            sha256, size = layout.sha256_file(self.tmp)
+            record = {
+                "file": layout.relative(self.out_dir, self.final),
+                "rows": self.rows,
+                "bytes": size,
+                "sha256": sha256,
+                **record,
+            }
+            faults.point("before_rename")
+            check_lease()
+            layout.write_json(layout.record_path(self.out_dir, self.name), record, self.out_dir)
+            faults.point("between_record_and_shard")
+            faults.point("rename", self.final)
+            self.final.parent.mkdir(exist_ok=True)
+            os.replace(self.tmp, self.final)  # our own temporary: a rename never takes another's
+            layout.fsync_dir(self.final.parent)
+        except OSError as exc:
             self.abort()  # e.g. a full disk while closing: never rename a file that may be short
+            raise output_error(self.tmp, exc) from None
+        except BaseException:
+            self.abort()
             raise
-        os.replace(self.tmp, self.final)
-        fsync_dir(self.out_dir)
+        return record
 
     def abort(self) -> None:
         """Discard the temporary file; a writer closed by an exception would leave partial rows."""
@@ -180,6 +202,10 @@ class ShardWriter:
                     self._writer.close()
                 except Exception:
                     pass
-            self._sink.close()
+            if self._sink is not None:
+                try:
+                    self._sink.close()
+                except Exception:
+                    pass
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from lib import sample
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Valid but awkward texts: the job must score all of them (and truncate the long one).
 AWKWARD = [

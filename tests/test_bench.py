@@ -39,5 +39,6 @@ def test_bench_quick_reports_every_figure(tmp_path):
         for key in ("efficiency", "steady_speedup", "pipeline_efficiency"):
             assert math.isfinite(row[key]), (row["model"], key)
         assert 0 < row["padding_efficiency"] <= 1
+        assert 0 < row["input_checksum_share"] < 1 and row["complete_rerun_s"] > 0
     assert rows["t5-tiny"]["e2e_speedup"] > 0
     assert "efficiency" in result.stdout and "steady_speedup" in result.stdout

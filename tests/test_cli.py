@@ -80,14 +80,17 @@ def summary_fields(stdout: str) -> dict[str, str]:
 def check_output_dir(out: Path, stdout: str) -> tuple[pd.DataFrame, dict]:
     """What every finished run guarantees: the files, the manifest, the summary and the schema."""
     assert (out / "_SUCCESS").is_file()
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in out.rglob("*") if p.is_file() and p.name.endswith(".tmp")]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert MANIFEST_KEYS <= manifest.keys()
     shards = manifest["shards"]
-    assert sorted(p.name for p in out.glob("part-*")) == sorted(s["file"] for s in shards)
+    assert sorted(f"tokens/{p.name}" for p in (out / "tokens").iterdir()) == sorted(
+        s["file"] for s in shards
+    )
     for shard in shards:
-        assert set(shard) == {"file", "rows", "rank"} and shard["rank"] == 0
+        assert set(shard) == {"file", "rows", "bytes", "sha256", "rank"} and shard["rank"] == 0
         assert pq.ParquetFile(out / shard["file"]).metadata.num_rows == shard["rows"]
+        assert (out / shard["file"]).stat().st_size == shard["bytes"]
     totals = manifest["totals"]
     assert totals["input_rows"] == totals["scored_rows"] + totals["skipped_rows"]
     assert totals["output_rows"] == sum(s["rows"] for s in shards)

@@ -127,7 +127,7 @@ def test_yaml_file_and_overrides_combine(tmp_path):
         (
             "output.kk=3",
             "unknown config key 'output.kk' (did you mean output.k?); output has dir, "
-            "logits, k, dtype, format, shard_rows, overwrite",
+            "logits, k, dtype, format, shard_rows, rows, overwrite",
         ),
         (
             "modle.path=x",

@@ -103,12 +103,13 @@ def run(args: list[str], crash: str | None = None) -> subprocess.CompletedProces
 
 
 def shards(out: Path) -> list[Path]:
-    return sorted(p for p in out.glob("part-*"))
+    return sorted(p for p in (out / "tokens").glob("part-*"))
 
 
 def temporaries(out: Path) -> list[str]:
+    """Temporary files left in `out`, named by the file they were to become."""
     found = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    return sorted(str(p.relative_to(out)) for p in found)
+    return sorted(str(p.relative_to(out)).split("@")[0] for p in found)
 
 
 def assert_visible_shards_readable(out: Path, fmt: str) -> int:
@@ -187,16 +188,16 @@ def test_kills_at_each_crash_point_then_resume(inputs, baseline, model_dirs, tmp
     killed = run(args, crash="shard_write:3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert assert_visible_shards_readable(out, "parquet") == 2
-    assert temporaries(out) == [".part-00002.parquet.tmp"]
+    assert temporaries(out) == ["_tmp/part-00002.parquet"]
     with pytest.raises(pa.ArrowInvalid):
-        pq.ParquetFile(out / ".part-00002.parquet.tmp")
-    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards(out)}
+        pq.ParquetFile(next((out / "_tmp").iterdir()))
+    kept = {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards(out)}
 
     # Between closing a temporary file and renaming it: complete, but neither visible nor recorded.
     killed = run(args, crash="before_rename:2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert assert_visible_shards_readable(out, "parquet") == 3
-    assert temporaries(out) == [".part-00003.parquet.tmp"]
+    assert temporaries(out) == ["_tmp/part-00003.parquet"]
     assert not (out / "_units" / "part-00003.json").exists()
 
     # Between the unit's record and its rename: recorded but not visible, so not committed.
@@ -204,7 +205,7 @@ def test_kills_at_each_crash_point_then_resume(inputs, baseline, model_dirs, tmp
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert assert_visible_shards_readable(out, "parquet") == 4
     assert (out / "_units" / "part-00004.json").exists() and not (
-        out / "part-00004.parquet"
+        out / "tokens" / "part-00004.parquet"
     ).exists()
 
     # Before the success marker: every shard and the manifest are there, _SUCCESS is not.
@@ -295,9 +296,9 @@ def test_random_kills_then_resume_full_logits_arrow(model_dirs, tmp_path):
     killed = run(args, crash=crash)
     assert killed.returncode == -signal.SIGKILL, (crash, killed.stderr)
     assert assert_visible_shards_readable(out, "arrow") < units
-    [partial] = temporaries(out)
+    [partial] = list((out / "_tmp").iterdir())
     with pytest.raises(pa.ArrowInvalid):
-        pa.ipc.open_file(out / partial)
+        pa.ipc.open_file(partial)
     # Then one at a random moment once the resumed run is working.
     previous = job_record_id(out)
     process = launch(args)

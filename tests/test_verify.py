@@ -92,56 +92,79 @@ def test_explicit_input_and_id_column(job, capsys):
 
 
 def test_truncated_parquet_shard(damaged, capsys):
-    shard = damaged / "part-00001.parquet"
+    shard = damaged / "tokens" / "part-00001.parquet"
     shard.write_bytes(shard.read_bytes()[:-100])  # a killed writer leaves no footer
+    size = shard.stat().st_size
     status, problems, _ = check(damaged, capsys=capsys)
     assert status == 1
-    assert problems[0].startswith(f"{damaged}: shard part-00001.parquet is not readable: ")
-    assert len(problems[0].splitlines()) == 1
+    assert problems[0] == (
+        f"{damaged}: shard tokens/part-00001.parquet has {size:,} bytes, the job committed "
+        f"{size + 100:,}"
+    )
+    assert problems[1].startswith(f"{damaged}: shard tokens/part-00001.parquet is not readable: ")
+    assert len(problems[1].splitlines()) == 1
 
 
 def test_truncated_arrow_shard(job, tmp_path, capsys):
     out = Path(shutil.copytree(job["arrow"], tmp_path / "out"))
-    shard = out / "part-00002.arrow"
+    shard = out / "tokens" / "part-00002.arrow"
     shard.write_bytes(shard.read_bytes()[:-64])
     status, problems, _ = check(out, capsys=capsys)
     assert status == 1
-    assert problems[0].startswith(f"{out}: shard part-00002.arrow is not readable: ")
+    assert problems[0].startswith(f"{out}: shard tokens/part-00002.arrow has ")
+    assert problems[1].startswith(f"{out}: shard tokens/part-00002.arrow is not readable: ")
+
+
+def test_flipped_bytes_that_still_decode(damaged, capsys):
+    """Damage inside the values' data decodes fine: only the checksum can tell."""
+    shard = damaged / "tokens" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    status, problems, _ = check(damaged, capsys=capsys)
+    assert status == 1
+    assert problems[0] == (
+        f"{damaged}: shard tokens/part-00001.parquet does not match its checksum "
+        "(damaged or changed after it was committed)"
+    )
 
 
 def test_missing_success_and_temporary_files(damaged, capsys):
     (damaged / "_SUCCESS").unlink()
-    (damaged / ".part-00003.parquet.tmp").write_bytes(b"PAR1")
+    (damaged / "_tmp" / "part-00003.parquet@host@12@34.tmp").write_bytes(b"PAR1")
     (damaged / "_units" / ".part-00003.json.tmp").write_text("{")
     status, problems, _ = check(damaged, capsys=capsys)
     assert status == 1
     assert problems == [
         f"{damaged}: _SUCCESS is missing: the job has not finished",
-        f"{damaged}: temporary file .part-00003.parquet.tmp left behind",
+        f"{damaged}: temporary file _tmp/part-00003.parquet@host@12@34.tmp left behind",
         f"{damaged}: temporary file _units/.part-00003.json.tmp left behind",
     ]
 
 
 def test_duplicate_rows_in_a_shard(damaged, capsys):
-    shard = damaged / "part-00000.parquet"
+    shard = damaged / "tokens" / "part-00000.parquet"
     table = pq.read_table(shard)
     pq.write_table(pa.concat_tables([table, table.slice(3, 2)]), shard)
     status, problems, _ = check(damaged, capsys=capsys)
     first = table.slice(3, 1).to_pylist()[0]
     assert status == 1
     assert (
-        f"{damaged}: shard part-00000.parquet has 2 duplicate (id, position) rows, "
+        f"{damaged}: shard tokens/part-00000.parquet has 2 duplicate (id, position) rows, "
         f"e.g. id {first['id']!r} position {first['position']}"
     ) in problems
     assert (
-        f"{damaged}: shard part-00000.parquet has {table.num_rows + 2} rows, "
+        f"{damaged}: shard tokens/part-00000.parquet has {table.num_rows + 2} rows, "
         f"the manifest says {table.num_rows}" in problems
     )
 
 
 def test_rows_of_one_id_in_two_shards(damaged, capsys):
     """The same (id, position) twice across shards: each shard alone looks fine."""
-    first, second = damaged / "part-00000.parquet", damaged / "part-00001.parquet"
+    first, second = (
+        damaged / "tokens" / "part-00000.parquet",
+        damaged / "tokens" / "part-00001.parquet",
+    )
     moved = pq.read_table(first).slice(0, 1)
     pq.write_table(pa.concat_tables([pq.read_table(second), moved]), second)
     _edit_manifest(
@@ -155,8 +178,10 @@ def test_rows_of_one_id_in_two_shards(damaged, capsys):
     assert (status, problems) == (
         1,
         [
+            f"{damaged}: shard tokens/part-00001.parquet has {second.stat().st_size:,} bytes, "
+            f"the job committed {_manifest(damaged)['shards'][1]['bytes']:,}",
             f"{damaged}: 1 ids have rows in more than one shard, e.g. "
-            f"{moved['id'][0].as_py()!r} in part-00000.parquet, part-00001.parquet"
+            f"{moved['id'][0].as_py()!r} in tokens/part-00000.parquet, tokens/part-00001.parquet",
         ],
     )
 
@@ -173,27 +198,30 @@ def test_manifest_counts_and_schema_must_match(damaged, capsys):
     schema_lines = [p for p in problems if "schema differs" in p]
     assert len(schema_lines) == 5  # one per shard
     assert schema_lines[0] == (
-        f"{damaged}: shard part-00000.parquet: schema differs from the manifest: column "
+        f"{damaged}: shard tokens/part-00000.parquet: schema differs from the manifest: column "
         "topk_logits is fixed_size_list<halffloat>[4] not null, the manifest says "
         "fixed_size_list<float>[4] not null"
     )
     assert (
-        f"{damaged}: shard part-00002.parquet has {rows} rows, the manifest says {rows + 1}"
+        f"{damaged}: shard tokens/part-00002.parquet has {rows} rows, the manifest says {rows + 1}"
         in problems
     )
     assert any(p.startswith(f"{damaged}: manifest totals.output_rows is ") for p in problems)
 
 
 def test_missing_and_unlisted_shards(damaged, job, capsys):
-    (damaged / "part-00004.parquet").rename(damaged / "part-00099.parquet")
+    (damaged / "tokens" / "part-00004.parquet").rename(damaged / "tokens" / "part-00099.parquet")
     status, problems, _ = check(damaged, "--input", capsys=capsys)
     assert status == 1
-    assert f"{damaged}: shard part-00004.parquet is listed in the manifest but missing" in problems
-    assert f"{damaged}: shard part-00099.parquet is not listed in the manifest" in problems
+    assert (
+        f"{damaged}: shard tokens/part-00004.parquet is listed in the manifest but missing"
+        in problems
+    )
+    assert f"{damaged}: shard tokens/part-00099.parquet is not listed in the manifest" in problems
 
 
 def test_input_ids_neither_scored_nor_skipped(damaged, capsys):
-    (damaged / "part-00004.parquet").unlink()
+    (damaged / "tokens" / "part-00004.parquet").unlink()
     skipped = pq.read_table(damaged / "_skipped.parquet")
     pq.write_table(skipped.slice(1), damaged / "_skipped.parquet")  # drops d5
     status, problems, _ = check(damaged, "--input", capsys=capsys)
@@ -257,11 +285,11 @@ def test_bad_manifest_and_missing_input(damaged, tmp_path, capsys):
     (damaged / "_manifest.json").write_text("{not json")
     status, problems, _ = check(damaged, capsys=capsys)
     assert status == 1 and len(problems) == 1
-    assert problems[0].startswith(f"{damaged}: _manifest.json is not readable: ")
+    assert problems[0] == f"{damaged}: _manifest.json is not readable JSON"
 
 
 def test_command_line_prints_one_line_per_problem(damaged, tmp_path):
-    (damaged / "part-00000.parquet").write_bytes(b"not a parquet file")
+    (damaged / "tokens" / "part-00000.parquet").write_bytes(b"not a parquet file")
     (damaged / "_SUCCESS").unlink()
     run = subprocess.run(
         [sys.executable, "-m", "jobs.verify", str(damaged), "--input"],
@@ -273,9 +301,11 @@ def test_command_line_prints_one_line_per_problem(damaged, tmp_path):
     assert run.returncode == 1 and run.stdout == ""
     lines = run.stderr.splitlines()
     assert "Traceback" not in run.stderr and all(line.startswith(f"{damaged}: ") for line in lines)
-    assert lines[:2] == [
+    assert lines[:3] == [
         f"{damaged}: _SUCCESS is missing: the job has not finished",
-        f"{damaged}: shard part-00000.parquet is not readable: Parquet magic bytes not found "
+        f"{damaged}: shard tokens/part-00000.parquet has 18 bytes, the job committed "
+        f"{_manifest(damaged)['shards'][0]['bytes']:,}",
+        f"{damaged}: shard tokens/part-00000.parquet is not readable: Parquet magic bytes not found "
         "in footer. Either the file is corrupted or this is not a parquet file.",
     ]
     missing = subprocess.run(

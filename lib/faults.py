@@ -1,0 +1,49 @@
+"""Test hooks that act at named points of the write path, set by environment variables.
+
+- `LOGIT_EXTRACT_CRASH_AT=point[:N]`: SIGKILL this process the N-th time `point` is reached
+  (default 1). Only a real kill leaves files the way a preempted job does.
+- `LOGIT_EXTRACT_FAIL_AT=point[:N][=ERRNO]`: raise OSError (default ENOSPC) the N-th time.
+- `LOGIT_EXTRACT_PAUSE_AT=point=SECONDS`: sleep every time `point` is reached, to widen a race.
+
+Points: `shard_write`, `shard_close`, `fsync`, `rename`, `before_rename`,
+`between_record_and_shard`, `before_success`, `commit`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections import Counter
+
+_seen: Counter = Counter()
+
+
+def _nth(spec: str, name: str) -> tuple[bool, int]:
+    point, _, nth = spec.partition(":")
+    return point == name, int(nth or 1)
+
+
+def point(name: str, path: os.PathLike | str | None = None) -> None:
+    """Kill, fail or pause here when an environment variable names this point."""
+    crash = os.environ.get("LOGIT_EXTRACT_CRASH_AT")
+    fail = os.environ.get("LOGIT_EXTRACT_FAIL_AT")
+    pause = os.environ.get("LOGIT_EXTRACT_PAUSE_AT")
+    if not (crash or fail or pause):
+        return
+    _seen[name] += 1
+    if crash:
+        match, nth = _nth(crash, name)
+        if match and _seen[name] >= nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if fail:
+        spec, _, code = fail.partition("=")
+        match, nth = _nth(spec, name)
+        if match and _seen[name] == nth:
+            number = getattr(errno, code or "ENOSPC")
+            raise OSError(number, os.strerror(number), None if path is None else str(path))
+    if pause:
+        spec, _, seconds = pause.partition("=")
+        if spec == name:
+            time.sleep(float(seconds or 1))

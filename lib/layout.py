@@ -1,0 +1,209 @@
+"""The output directory: the one owner of its file names, temporaries, records and manifest.
+
+    OUT/tokens/part-00042.parquet   token rows; this folder holds nothing but committed shards
+    OUT/_job.json                   fingerprint, input checksums and run id of the job
+    OUT/_lock.json                  the live job's lease (lib/lease.py)
+    OUT/_units/part-00042.json      a committed shard's record: rows, bytes, sha256, counts
+    OUT/_tmp/                       temporaries, named after the process that writes them
+    OUT/_skipped.parquet, OUT/_manifest.json, OUT/_SUCCESS   written last, in that order
+
+Readers that skip names starting with `_` or `.` (pyarrow, pandas, Polars, DuckDB with a
+`tokens/*` glob, Hugging Face datasets) see only the shards. Output of the first layout, with
+`part-*` files at OUT itself, is still read by `lib.results` and `jobs.verify`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lib import faults
+from lib.errors import output_error
+from lib.lease import Process, tag_alive
+
+TOKENS = "tokens"
+UNITS = "_units"
+TMP = "_tmp"
+JOB = "_job.json"
+LOCK = "_lock.json"
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+SKIPPED = "_skipped.parquet"
+EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
+FORMAT_VERSION = 2  # 1: shards at OUT itself; 2: shards in OUT/tokens with checksums
+_OURS = {TOKENS, UNITS, TMP, JOB, LOCK, MANIFEST, SUCCESS, SKIPPED}
+_HASH_BLOCK = 8 << 20
+
+_writer_tag: str | None = None
+
+
+def writer_tag() -> str:
+    """This process's tag in temporary file names (host@pid@start)."""
+    global _writer_tag
+    if _writer_tag is None:
+        _writer_tag = Process.current().tag
+    return _writer_tag
+
+
+# -- names ---------------------------------------------------------------------------------
+def shard_name(name: str, fmt: str) -> str:
+    """A shard's path relative to OUT, as the manifest and unit records store it."""
+    return f"{TOKENS}/{name}.{EXTENSIONS[fmt]}"
+
+
+def shard_path(out_dir: Path, name: str, fmt: str) -> Path:
+    return out_dir / shard_name(name, fmt)
+
+
+def record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / UNITS / f"{name}.json"
+
+
+def temp_path(out_dir: Path, final: Path) -> Path:
+    """A temporary for `final`, unique to this process, in OUT/_tmp."""
+    return out_dir / TMP / f"{final.name}@{writer_tag()}.tmp"
+
+
+def is_ours(name: str) -> bool:
+    """Whether an entry of OUT is one this job writes (anything else is the user's)."""
+    return name in _OURS or name.startswith(("part-", ".part-", "._"))
+
+
+def legacy_shards(out_dir: Path) -> list[Path]:
+    """Shards of the first layout, directly in OUT."""
+    return sorted(p for p in out_dir.glob("part-*") if p.is_file())
+
+
+def shard_files(out_dir: Path) -> list[Path]:
+    """The committed shards, in name order (the order readers use); the first layout's too."""
+    folder = out_dir / TOKENS
+    found = sorted(p for p in folder.glob("part-*") if p.is_file()) if folder.is_dir() else []
+    return found or legacy_shards(out_dir)
+
+
+def relative(out_dir: Path, path: Path) -> str:
+    return path.relative_to(out_dir).as_posix()
+
+
+# -- temporaries -----------------------------------------------------------------------------
+def temporaries(out_dir: Path) -> list[Path]:
+    """Every temporary file in OUT: in `_tmp`, and hidden `*.tmp` files of the first layout."""
+    found = []
+    for folder in (out_dir, out_dir / UNITS, out_dir / TOKENS, out_dir / TMP):
+        if folder.is_dir():
+            found += [
+                p
+                for p in folder.iterdir()
+                if p.is_file()
+                and (folder == out_dir / TMP or p.name.startswith(".") and p.name.endswith(".tmp"))
+            ]
+    return sorted(found)
+
+
+def remove_dead_temporaries(out_dir: Path) -> int:
+    """Delete temporaries whose writer is gone (any but those of live processes on this
+    machine; called under the lease, so writers on other machines have stopped); return how many."""
+    removed = 0
+    for path in temporaries(out_dir):
+        tag = path.name[: -len(".tmp")].split("@", 1)[-1] if "@" in path.name else ""
+        if tag and tag != writer_tag() and tag_alive(tag):
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def remove_own_temporaries(out_dir: Path) -> None:
+    """Delete this process's temporaries (after an error, a signal or the end of a run)."""
+    for path in temporaries(out_dir):
+        if f"@{writer_tag()}." in path.name:
+            path.unlink(missing_ok=True)
+
+
+# -- durable writes --------------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        faults.point("fsync", path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, out_dir: Path) -> None:
+    """Write a small file to a temporary of this process, fsync it and rename it into place;
+    an I/O error becomes an OutputError naming `path`, with no temporary left."""
+    tmp = temp_path(out_dir, path)
+    try:
+        tmp.parent.mkdir(exist_ok=True)
+        with open(tmp, "wb") as handle:
+            faults.point("write", tmp)
+            handle.write(data)
+            handle.flush()
+            faults.point("fsync", tmp)
+            os.fsync(handle.fileno())
+        faults.point("rename", path)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise output_error(path, exc) from None
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """The file's sha256 hex digest and its size in bytes, read in blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+# -- records ---------------------------------------------------------------------------------
+def read_json(path: Path) -> dict | None:
+    """A JSON object from `path`; None when it is missing, empty, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    return read_json(out_dir / MANIFEST)
+
+
+def read_record(out_dir: Path, name: str) -> dict | None:
+    return read_json(record_path(out_dir, name))
+
+
+def write_json(path: Path, data: dict, out_dir: Path) -> None:
+    write_atomic(path, json.dumps(data, indent=2).encode(), out_dir)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clear(out_dir: Path) -> None:
+    """Remove every entry this job writes (output.overwrite=true), the lease excepted."""
+    for entry in out_dir.iterdir():
+        if is_ours(entry.name) and entry.name != LOCK:
+            remove(entry)

@@ -1,0 +1,254 @@
+"""One job per output directory: a lease file that the live job renews and a dead job's expires.
+
+The holder creates `_lock.json` exclusively (O_EXCL) with its host, pid and start time, and a
+thread touches it every RENEW_S seconds. Another job that finds the file refuses to start while
+the holder lives. On the holder's own machine "lives" means its process exists (checked by pid
+and process start time, so a reused pid does not count); on another machine, that the file was
+touched less than LEASE_S seconds ago. A dead holder's lease is moved aside and replaced, and
+every commit first checks that the lease is still this job's, so a job that lost its lease (a
+stalled node whose lease expired) stops instead of writing over its successor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 60.0  # a holder on another machine that has not renewed for this long is gone
+RENEW_S = 5.0
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (Linux), None where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), None where unknown."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+@dataclass(frozen=True)
+class Process:
+    """Who a process is, in a way that survives pid reuse and tells machines apart."""
+
+    host: str
+    boot: str
+    pid: int
+    start: int | None
+
+    @classmethod
+    def current(cls) -> Process:
+        return cls.of(os.getpid())
+
+    @classmethod
+    def of(cls, pid: int) -> Process:
+        """The process with this pid on this machine."""
+        return cls(socket.gethostname(), _boot_id(), pid, _start_ticks(pid))
+
+    @property
+    def tag(self) -> str:
+        """A file-name-safe tag: host@pid@start."""
+        host = "".join(c if c.isalnum() or c in "-." else "_" for c in self.host)
+        return f"{host}@{self.pid}@{self.start or 0}"
+
+    def on_this_machine(self) -> bool:
+        return self.host == socket.gethostname() and self.boot == _boot_id()
+
+    def alive(self) -> bool:
+        """Only meaningful on this machine: the process exists and is the same process."""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # exists, owned by another user
+        fields = _stat(self.pid)
+        if fields is None:
+            return True  # no /proc: the pid exists, which is all we can tell
+        if fields[0] in ("Z", "X"):
+            return False  # killed, not yet reaped by its parent
+        return self.start is None or int(fields[19]) == self.start
+
+
+def tag_alive(tag: str) -> bool | None:
+    """Whether the process a `Process.tag` names is alive; None when it ran on another machine
+    or the tag cannot be parsed."""
+    try:
+        host, pid, start = tag.rsplit("@", 2)
+        pid, start = int(pid), int(start)
+    except ValueError:
+        return None
+    me = Process.current()
+    if host != me.tag.rsplit("@", 2)[0]:
+        return None
+    return Process(me.host, me.boot, pid, start or None).alive()
+
+
+@dataclass
+class Holder:
+    process: Process
+    token: str
+    started: float
+    touched: float  # the lease file's modification time
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"pid {self.process.pid} on {self.process.host}, started {when}"
+
+    def alive(self) -> bool:
+        if self.process.on_this_machine():
+            return self.process.alive()
+        return time.time() - self.touched < LEASE_S
+
+
+def read_holder(path: Path) -> Holder | None:
+    """The lease's holder; None when there is no lease file. An unreadable one (a damaged disk,
+    or a holder that has not finished writing it) reads as an unknown holder on another host."""
+    try:
+        touched = path.stat().st_mtime
+        data = json.loads(path.read_text())
+        process = Process(data["host"], data["boot"], int(data["pid"]), data.get("start"))
+        return Holder(process, str(data["token"]), float(data["started"]), touched)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return Holder(Process("an unknown host", "", 0, None), "", touched, touched)
+
+
+class Lease:
+    """This job's hold on an output directory, from `acquire()` to `release()`."""
+
+    def __init__(self, path: Path, token: str):
+        self.path = path
+        self.token = token
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _create(self, content: bytes) -> bool:
+        """Create the lease file only if there is none (atomic, also on NFS v3 and later)."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, content)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)  # an empty lease would block every later run
+            raise
+        os.close(fd)
+        return True
+
+    def acquire(self, out_dir: Path) -> None:
+        """Take the lease, or raise UserError naming the live holder."""
+        me = Process.current()
+        content = json.dumps(
+            {
+                "host": me.host,
+                "boot": me.boot,
+                "pid": me.pid,
+                "start": me.start,
+                "token": self.token,
+                "started": time.time(),
+            }
+        ).encode()
+        for _ in range(10):
+            if self._create(content):
+                self._start_renewing()
+                return
+            holder = read_holder(self.path)
+            if holder is None:
+                continue  # released meanwhile: try again
+            if holder.alive():
+                raise UserError(
+                    f"output.dir {out_dir} is in use by another job ({holder.describe()}); wait "
+                    f"for it to end or stop it (a job that died frees it at once on its own "
+                    f"machine, {LEASE_S:.0f} s after its last renewal from another machine)"
+                )
+            if self._move_aside(holder):
+                log.warning(
+                    "output.dir %s: took over from a job that is gone (%s)",
+                    out_dir,
+                    holder.describe(),
+                )
+        raise UserError(f"output.dir {out_dir}: could not take {self.path.name}; try again")
+
+    def _move_aside(self, stale: Holder) -> bool:
+        """Remove a dead holder's lease, and only that one: if a live job replaced it between our
+        look and our rename, put the live one back."""
+        aside = self.path.with_name(f".{self.path.name}.{self.token}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        moved = read_holder(aside)
+        if moved is not None and moved.token != stale.token:
+            try:
+                os.link(aside, self.path)
+            except OSError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
+
+    def _start_renewing(self) -> None:
+        self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            holder = read_holder(self.path)
+            if holder is None or holder.token != self.token:
+                self.lost = "another job took it over" if holder else "its lease file was removed"
+                return
+            try:
+                os.utime(self.path)  # needs no free space, unlike a rewrite
+            except OSError as exc:
+                log.warning("cannot renew %s: %s", self.path, exc)
+
+    def check(self) -> None:
+        """Raise UserError unless the lease still has this job's token (called before every
+        commit, on every rank: ranks other than the holder build a Lease with the same token)."""
+        if self.lost is None:
+            holder = read_holder(self.path)
+            if holder is None or holder.token != self.token:
+                self.lost = "another job took it over" if holder else "its lease file was removed"
+        if self.lost:
+            raise UserError(
+                f"output.dir {self.path.parent}: this job lost its lease ({self.lost}); "
+                "it stops without committing more"
+            )
+
+    def release(self) -> None:
+        """Stop renewing and remove the lease file if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        holder = read_holder(self.path)
+        if holder is not None and holder.token == self.token:
+            self.path.unlink(missing_ok=True)
