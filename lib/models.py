@@ -10,9 +10,11 @@ full forward, detected at load time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -405,3 +407,61 @@ def generate(
     else:
         valid = torch.ones_like(tokens, dtype=torch.bool)
     return logits, tokens, valid
+
+
+@dataclass
+class Scored:
+    """What one forward pass hands the reduction, whatever the family and task.
+
+    `states` are the head's inputs at the scored positions (or logits, with `head` the
+    identity); `labels` the actual next tokens on the device (-1: none); `row`, `position` and
+    `token_id` say where each goes (host arrays, or device tensors when only the forward pass
+    knows them, as in generate mode).
+    """
+
+    states: torch.Tensor
+    labels: torch.Tensor
+    head: Callable[..., torch.Tensor]
+    row: torch.Tensor
+    position: torch.Tensor
+    token_id: torch.Tensor
+    has_tokens: bool  # False when no position has a next token (seq2seq start mode)
+    real_tokens: int
+    padded_tokens: int
+
+
+def _identity(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return logits
+
+
+def score(lm: LoadedModel, batch: Batch, task: str, max_new_tokens: int) -> Scored:
+    """Run the no-label forward pass of `task` on a padded batch already on the device."""
+    if task != batching.GENERATE:
+        return Scored(
+            states=scored_states(lm, batch),
+            labels=batch.labels,
+            head=functools.partial(head_logits, lm),
+            row=batch.row,
+            position=batch.position,
+            token_id=batch.labels.to(torch.int32),
+            has_tokens=task != batching.START,
+            real_tokens=batch.real_tokens,
+            padded_tokens=batch.padded_tokens,
+        )
+    logits, tokens, valid = generate(lm, batch, max_new_tokens)
+    chosen = valid.flatten().nonzero().squeeze(1)
+    labels = tokens.flatten().index_select(0, chosen)
+    # Rows and steps are known only now, on the device.
+    rows = torch.tensor([r.row for r in batch.requests], dtype=torch.int32, device=lm.device)
+    steps = logits.shape[1]
+    return Scored(
+        states=logits.flatten(0, 1).index_select(0, chosen),
+        labels=labels,
+        head=_identity,  # generate already returns logits
+        row=rows[chosen // steps],
+        position=(chosen % steps).to(torch.int32),
+        token_id=labels.to(torch.int32),
+        has_tokens=True,
+        real_tokens=batch.real_tokens + int(valid.sum()),
+        padded_tokens=batch.padded_tokens + valid.numel(),
+    )

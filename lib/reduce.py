@@ -100,6 +100,7 @@ def reduce_states(
     head: Callable[..., torch.Tensor],
     states: torch.Tensor,
     labels: torch.Tensor,
+    *,
     k: int,
     output_dtype: torch.dtype,
     full: bool,

@@ -134,13 +134,27 @@ def test_chunked_reduce_equals_one_chunk(full):
     labels[7] = -1
     with torch.inference_mode():
         whole = reduce.reduce_states(
-            head, states, labels, K, torch.float32, full, VOCAB, chunk_bytes=2**30
+            head,
+            states,
+            labels,
+            k=K,
+            output_dtype=torch.float32,
+            full=full,
+            vocab_size=VOCAB,
+            chunk_bytes=2**30,
         )
         assert head.calls == [50]
         head.calls.clear()
         # Room for 3 positions' float32 logits per chunk: 17 chunks, the last one of 2 positions.
         chunked = reduce.reduce_states(
-            head, states, labels, K, torch.float32, full, VOCAB, chunk_bytes=3 * 4 * VOCAB
+            head,
+            states,
+            labels,
+            k=K,
+            output_dtype=torch.float32,
+            full=full,
+            vocab_size=VOCAB,
+            chunk_bytes=3 * 4 * VOCAB,
         )
     assert head.calls == [3] * 16 + [2]
     assert whole.keys() == chunked.keys()
@@ -201,10 +215,10 @@ def test_empty_input(full):
             head,
             torch.zeros(0, 16),
             torch.zeros(0, dtype=torch.long),
-            K,
-            torch.float16,
-            full,
-            VOCAB,
+            k=K,
+            output_dtype=torch.float16,
+            full=full,
+            vocab_size=VOCAB,
             chunk_bytes=4 * VOCAB,
         )
     assert (

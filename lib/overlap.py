@@ -1,0 +1,107 @@
+"""Run a pipeline stage in a thread behind a bounded queue, with its error raised in the caller.
+
+`Background(generator)` produces in a thread and is iterated by the caller; `Sink(consume)` is
+fed by the caller and consumes in a thread. Either way the queue bounds memory, an exception in
+the thread is raised in the caller, and `close()` stops and joins the thread, so no thread
+outlives the stage.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+
+_END = object()
+_POLL_S = 0.1
+
+
+class Background:
+    """Iterate `items` in a thread, at most `maxsize` items ahead of the caller."""
+
+    def __init__(self, items: Iterable, maxsize: int, name: str):
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        iterator = iter(self._items)
+        try:
+            for item in iterator:
+                if not self._put(item):
+                    break
+        except BaseException as exc:  # raised in the consumer
+            self._error = exc
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # a generator stopped early runs its own cleanup here, in its thread
+        self._put(_END)
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def close(self) -> None:
+        """Stop producing and wait for the thread (it finishes the item in hand)."""
+        self._stop.set()
+        self._thread.join()
+
+
+class Sink:
+    """Hand items to `consume(items)` running in a thread, at most `maxsize` waiting."""
+
+    def __init__(self, consume: Callable[[Iterable], None], maxsize: int, name: str):
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._consume = consume
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _items(self) -> Iterator:
+        while (item := self._queue.get()) is not _END:
+            yield item
+
+    def _run(self) -> None:
+        try:
+            self._consume(self._items())
+        except BaseException as exc:
+            self.error = exc
+
+    def put(self, item) -> None:
+        """Queue an item; raise the consumer's error as soon as it has failed."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Let the consumer finish what is queued, then wait for it (errors stay in `error`)."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_END, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
