@@ -7,8 +7,6 @@ numbers as the positions layout, one row per input, and train a student through 
 
 from __future__ import annotations
 
-import os
-
 import duckdb
 import pandas as pd
 import polars as pl
