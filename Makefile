@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: extract test bench lint format verify clean
+.PHONY: extract test test-fast bench lint format verify clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ extract: data/sample/sample.json
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The unit tests only: no real kills, second processes or benchmark runs (about half the time).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(VENV)/.installed
 	$(PY) -m jobs.bench $(ARGS)

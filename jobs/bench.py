@@ -277,6 +277,69 @@ def rss_child(payload: str) -> None:
     print(json.dumps({"peak_rss_mib": peak_kib / 1024}))
 
 
+def _against_naive(
+    spec, model: str, root: Path, corpora: dict, tokens: dict, marginal: float, args
+) -> dict:
+    """The naive loop's rates on N and 3N rows, and (T5) both end to end on the e2e corpus."""
+    naive = {
+        size: naive_loop(
+            model,
+            corpora[size],
+            str(root / f"naive-{spec.name}-{size}.parquet"),
+            args.k,
+            args.max_length,
+            args.device,
+        )
+        for size in ("N", "3N")
+    }
+    naive_marginal = (tokens["3N"] - tokens["N"]) / (naive["3N"] - naive["N"])
+    result = {
+        "naive_tok_s": round(tokens["3N"] / naive["3N"]),
+        "naive_marginal_tok_s": round(naive_marginal),
+        "steady_speedup": round(marginal / naive_marginal, 2),
+    }
+    if spec.family == "t5":
+        job_s, _ = run_job_timed(
+            job_config(model, corpora["e2e"], str(root / f"out-{spec.name}-e2e"), args)
+        )
+        naive_s = naive_loop(
+            model,
+            corpora["e2e"],
+            str(root / f"naive-{spec.name}-e2e.parquet"),
+            args.k,
+            args.max_length,
+            args.device,
+        )
+        result.update(
+            {
+                "e2e_rows": args.e2e_rows,
+                "e2e_job_s": round(job_s, 2),
+                "e2e_naive_s": round(naive_s, 2),
+                "e2e_speedup": round(naive_s / job_s, 2),
+            }
+        )
+    return result
+
+
+def _peak_memory(spec, model: str, root: Path, corpora: dict, args) -> dict:
+    """Peak RSS of the job at N and 10N rows, each in a process of its own."""
+    # Memory is bounded by the shard, so both runs use shards the N run can fill: with
+    # 2,000-row shards the N run would hold one partial shard and never reach the steady
+    # state (the widest full batches of a shard) that any longer run reaches.
+    rss_args = argparse.Namespace(**{**vars(args), "shard_rows": min(args.shard_rows, args.rows)})
+    rss = {
+        size: peak_rss_child(
+            job_config(model, corpora[size], str(root / f"rss-{spec.name}-{size}"), rss_args)
+        )
+        for size in ("N", "10N")
+    }
+    return {
+        "rss_N_mib": round(rss["N"]),
+        "rss_10N_mib": round(rss["10N"]),
+        "rss_ratio": round(rss["10N"] / rss["N"], 2),
+    }
+
+
 def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full: bool) -> dict:
     if (
         not full
@@ -330,72 +393,13 @@ def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full
         }
     )
     if full:
-        naive = {
-            size: naive_loop(
-                model,
-                corpora[size],
-                str(root / f"naive-{spec.name}-{size}.parquet"),
-                args.k,
-                args.max_length,
-                args.device,
-            )
-            for size in ("N", "3N")
-        }
-        naive_marginal = (tokens["3N"] - tokens["N"]) / (naive["3N"] - naive["N"])
-        result.update(
-            {
-                "naive_tok_s": round(tokens["3N"] / naive["3N"]),
-                "naive_marginal_tok_s": round(naive_marginal),
-                "steady_speedup": round(marginal / naive_marginal, 2),
-            }
-        )
-        if spec.family == "t5":
-            e2e = args.e2e_rows
-            job_s, _ = run_job_timed(
-                job_config(model, corpora["e2e"], str(root / f"out-{spec.name}-e2e"), args)
-            )
-            naive_s = naive_loop(
-                model,
-                corpora["e2e"],
-                str(root / f"naive-{spec.name}-e2e.parquet"),
-                args.k,
-                args.max_length,
-                args.device,
-            )
-            result.update(
-                {
-                    "e2e_rows": e2e,
-                    "e2e_job_s": round(job_s, 2),
-                    "e2e_naive_s": round(naive_s, 2),
-                    "e2e_speedup": round(naive_s / job_s, 2),
-                }
-            )
+        result.update(_against_naive(spec, model, root, corpora, tokens, marginal, args))
         if args.rss:
-            # Memory is bounded by the shard, so both runs use shards the N run can fill: with
-            # 2,000-row shards the N run would hold one partial shard and never reach the steady
-            # state (the widest full batches of a shard) that any longer run reaches.
-            rss_args = argparse.Namespace(
-                **{**vars(args), "shard_rows": min(args.shard_rows, args.rows)}
-            )
-            rss = {
-                size: peak_rss_child(
-                    job_config(
-                        model, corpora[size], str(root / f"rss-{spec.name}-{size}"), rss_args
-                    )
-                )
-                for size in ("N", "10N")
-            }
-            result.update(
-                {
-                    "rss_N_mib": round(rss["N"]),
-                    "rss_10N_mib": round(rss["10N"]),
-                    "rss_ratio": round(rss["10N"] / rss["N"], 2),
-                }
-            )
+            result.update(_peak_memory(spec, model, root, corpora, args))
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.bench", description=__doc__.splitlines()[0]
     )
@@ -423,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     if args.rss_child:
         rss_child(args.rss_child)
@@ -432,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_tokens is None:
         args.max_tokens = 65536 if args.preset == "gpu" else 16384
     if args.quick:
-        args.rows, args.e2e_rows, args.rss, args.max_length = 40, 60, False, 128
+        args.rows, args.e2e_rows, args.rss, args.max_length = 20, 30, False, 64
         specs = [TINY["t5"], TINY["gpt2"]]
     root = Path(args.work or tempfile.mkdtemp(prefix="logit-bench-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ def key_padding_mask(
     return keep[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
 
 
-def _attention_per_key_length(
+def attention_per_key_length(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -152,9 +152,7 @@ def key_mask_sdpa_forward(
     if scaling is None:  # SDPA's default, taken before the head dimension grows
         scaling = head_dim**-0.5
     if query.device.type == "cpu":
-        output = _attention_per_key_length(
-            query, key, value, attention_mask, position_bias, scaling
-        )
+        output = attention_per_key_length(query, key, value, attention_mask, position_bias, scaling)
         if output is not None:
             return output, None
     extra = _extra_columns(query)

@@ -24,6 +24,15 @@ def _record(out_dir: Path, unit: corpus.WorkUnit, fmt: str) -> dict:
     return record
 
 
+def _write_skipped(out_dir: Path, ids: list, reasons: list[str], id_type: pa.DataType) -> None:
+    skipped = pa.table(
+        {"id": pa.array(ids, type=id_type), "reason": pa.array(reasons, pa.string())}
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(skipped, sink)
+    layout.write_atomic(out_dir / layout.SKIPPED, sink.getvalue().to_pybytes(), out_dir)
+
+
 def finalize(
     out_dir: Path,
     units: list[corpus.WorkUnit],
@@ -57,15 +66,7 @@ def finalize(
             run["rows"] += record["input_rows"]
             run["tokens"] += record["tokens"]
             run["padded_tokens"] += record["padded_tokens"]
-    skipped = pa.table(
-        {
-            "id": pa.array(skipped_ids, type=id_type),
-            "reason": pa.array(skipped_reasons, pa.string()),
-        }
-    )
-    sink = pa.BufferOutputStream()
-    pq.write_table(skipped, sink)
-    layout.write_atomic(out_dir / layout.SKIPPED, sink.getvalue().to_pybytes(), out_dir)
+    _write_skipped(out_dir, skipped_ids, skipped_reasons, id_type)
     return {
         "format_version": layout.FORMAT_VERSION,
         "fingerprint": fingerprint,

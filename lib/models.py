@@ -75,7 +75,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
-def _load_error(path: str, exc: Exception) -> UserError:
+def load_error(path: str, exc: Exception) -> UserError:
     """Say why `path` did not load: a file, a broken directory, no such directory, or the hub."""
     log.debug("loading %s failed", path, exc_info=exc)
     offline = [
@@ -127,7 +127,7 @@ def _may_have_pickled_weights(path: str) -> bool:
     return any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in os.listdir(path))
 
 
-def _task_kind(config) -> bool:
+def is_seq2seq_config(config) -> bool:
     """True for seq2seq, False for causal; a UserError for anything else."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -215,36 +215,43 @@ def _split_head_is_exact(lm: LoadedModel) -> bool:
     return bool((split - reference).abs().max().item() <= tolerance * scale)
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
-    """Load tokenizer and model from a hub id or a local directory, pick the family, move it."""
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+@contextlib.contextmanager
+def _about_the_checkpoint(cfg: ModelConfig):
+    """Whatever from_pretrained raises (missing files, bad JSON, corrupt weights, hub errors) is
+    about the checkpoint the user named: it becomes a one-line UserError naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        refused = isinstance(exc, OSError) and "safetensors" in str(exc).lower()
+        if not cfg.allow_pickle and refused and _may_have_pickled_weights(cfg.path):
+            raise UserError(
+                f"model.path {cfg.path}: no safetensors weights; pickled weights can "
+                "run code when loaded, so they need model.allow_pickle=true"
+            ) from None
+        raise _remote_code_error(cfg.path, exc) or load_error(cfg.path, exc) from None
 
-    # A progress bar on stderr would turn a later one-line error into several lines.
-    transformers.utils.logging.disable_progress_bar()
-    # Whatever from_pretrained raises (missing files, bad JSON, corrupt weights, hub errors) is
-    # about the checkpoint the user named, so each becomes a one-line UserError naming it.
-    try:
-        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    except Exception as exc:
-        raise _remote_code_error(cfg.path, exc) or _load_error(cfg.path, exc) from None
-    is_seq2seq = _task_kind(config)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if dtype == torch.float16 and config.model_type in ("t5", "mt5", "umt5", "longt5"):
-        warnings.warn(
-            "model.dtype=float16 with a T5-family model overflows to inf/nan; use bfloat16",
-            stacklevel=2,
-        )
-    try:
+
+def _load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    with _about_the_checkpoint(cfg):
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    except Exception as exc:
-        raise _remote_code_error(cfg.path, exc) or _load_error(cfg.path, exc) from None
     if len(tokenizer) < 4:  # transformers builds an empty tokenizer when the files are missing
         raise UserError(
             f"model.path {cfg.path}: no usable tokenizer (the one found has "
             f"{len(tokenizer)} token(s)); the checkpoint needs its tokenizer files, "
             "e.g. tokenizer.json"
         )
+    return tokenizer
+
+
+def _load_weights(cfg: ModelConfig, config, is_seq2seq: bool, dtype: torch.dtype) -> nn.Module:
+    """The model with SDPA attention where it has it; refuses a checkpoint with missing weights."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     model_class = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
     kwargs = dict(
         config=config,
@@ -257,22 +264,15 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     # Its multi-line load report is about missing weights, which are an error below.
     transformers.utils.logging.set_verbosity_error()
     try:
-        try:
-            model, info = model_class.from_pretrained(
-                cfg.path, attn_implementation="sdpa", **kwargs
-            )
-        except ValueError as exc:
-            if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
-                raise
-            model, info = model_class.from_pretrained(cfg.path, **kwargs)
-    except Exception as exc:
-        refused = isinstance(exc, OSError) and "safetensors" in str(exc).lower()
-        if not cfg.allow_pickle and refused and _may_have_pickled_weights(cfg.path):
-            raise UserError(
-                f"model.path {cfg.path}: no safetensors weights; pickled weights can "
-                "run code when loaded, so they need model.allow_pickle=true"
-            ) from None
-        raise _remote_code_error(cfg.path, exc) or _load_error(cfg.path, exc) from None
+        with _about_the_checkpoint(cfg):
+            try:
+                model, info = model_class.from_pretrained(
+                    cfg.path, attn_implementation="sdpa", **kwargs
+                )
+            except ValueError as exc:
+                if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
+                    raise
+                model, info = model_class.from_pretrained(cfg.path, **kwargs)
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or ())
@@ -288,13 +288,11 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
             len(info["unexpected_keys"]),
             type(model).__name__,
         )
-    model.eval().requires_grad_(False).to(device)
-    # T5's padded batches otherwise build a (batch, heads, length, length) bias in every layer.
-    if attention.use_key_mask_attention(model):
-        log.info("attention: %s, without a per-row bias tensor", attention.NAME)
+    return model
 
-    head = model.get_output_embeddings()
-    vocab_size = head.weight.shape[0] if head is not None else config.vocab_size
+
+def _special_ids(cfg: ModelConfig, config, model, tokenizer, is_seq2seq: bool):
+    """The pad id, the EOS ids and (seq2seq) the decoder start id."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # causal tokenizers often have none; padded positions are masked anyway
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -307,13 +305,41 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
         start = getattr(model.generation_config, "decoder_start_token_id", None)
     if is_seq2seq and start is None:
         raise UserError(f"model.path {cfg.path}: seq2seq config has no decoder_start_token_id")
+    return int(pad_id), eos_ids, start
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    """Load tokenizer and model from a hub id or a local directory, pick the family, move it."""
+    import transformers
+    from transformers import AutoConfig
+
+    # A progress bar on stderr would turn a later one-line error into several lines.
+    transformers.utils.logging.disable_progress_bar()
+    with _about_the_checkpoint(cfg):
+        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    is_seq2seq = is_seq2seq_config(config)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if dtype == torch.float16 and config.model_type in ("t5", "mt5", "umt5", "longt5"):
+        warnings.warn(
+            "model.dtype=float16 with a T5-family model overflows to inf/nan; use bfloat16",
+            stacklevel=2,
+        )
+    tokenizer = _load_tokenizer(cfg)
+    model = _load_weights(cfg, config, is_seq2seq, dtype)
+    model.eval().requires_grad_(False).to(device)
+    # T5's padded batches otherwise build a (batch, heads, length, length) bias in every layer.
+    if attention.use_key_mask_attention(model):
+        log.info("attention: %s, without a per-row bias tensor", attention.NAME)
+    head = model.get_output_embeddings()
+    vocab_size = int(head.weight.shape[0] if head is not None else config.vocab_size)
+    pad_id, eos_ids, start = _special_ids(cfg, config, model, tokenizer, is_seq2seq)
     head_attr = _head_attr(model)
     lm = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         is_seq2seq=is_seq2seq,
-        vocab_size=int(vocab_size),
-        pad_id=int(pad_id),
+        vocab_size=vocab_size,
+        pad_id=pad_id,
         decoder_start_token_id=start,
         eos_token_ids=eos_ids,
         head_attr=head_attr,
@@ -325,7 +351,7 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
             "model_type": config.model_type,
             "architecture": type(model).__name__,
             "commit": getattr(config, "_commit_hash", None),
-            "vocab_size": int(vocab_size),
+            "vocab_size": vocab_size,
             "dtype": str(dtype).removeprefix("torch."),
             "tokenizer": type(tokenizer).__name__,
             "tokenizer_size": len(tokenizer),

@@ -535,6 +535,6 @@ def _finish(config: JobConfig, setup: _Setup, claim: dict, wall: float, state) -
         world_size=state.num_processes,
         recomputed=claim["recomputed"],
     )
-    result["throughput"]["input_checksum_s"] = round(claim["checksum_s"], 3)
+    result["throughput"]["input_checksum_s"] = round(claim["checksum_s"], 6)
     manifest.write(out_dir, result)
     return result

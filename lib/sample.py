@@ -149,6 +149,60 @@ def _train_bpe(texts: list[str], vocab_size: int, bos_eos: tuple[str, str]):
     return tok
 
 
+def _gpt2(
+    texts: list[str], vocab_size: int, d_model: int, num_layers: int, model_vocab: int | None
+):
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    raw = _train_bpe(texts, vocab_size, ("<|endoftext|>", "<|endoftext|>"))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        model_max_length=1024,
+    )
+    config = GPT2Config(
+        vocab_size=model_vocab or len(tokenizer),
+        n_embd=d_model,
+        n_layer=num_layers,
+        n_head=4,
+        n_positions=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer, GPT2LMHeadModel(config)
+
+
+def _llama(
+    texts: list[str], vocab_size: int, d_model: int, num_layers: int, model_vocab: int | None
+):
+    from tokenizers import processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    raw = _train_bpe(texts, vocab_size, ("<s>", "</s>"))
+    bos = raw.token_to_id("<s>")
+    # Llama tokenizers prepend BOS, so truncation has a special token to keep.
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", model_max_length=2048
+    )
+    config = LlamaConfig(
+        vocab_size=model_vocab or len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=d_model * 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=bos,
+        eos_token_id=raw.token_to_id("</s>"),
+        tie_word_embeddings=False,
+    )
+    return tokenizer, LlamaForCausalLM(config)
+
+
 def build_causal(
     out_dir: str | Path,
     texts: list[str],
@@ -164,61 +218,14 @@ def build_causal(
     `model_vocab_size` sets the output vocabulary (default: the tokenizer's size).
     """
     import torch
-    from tokenizers import processors
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
 
+    builders = {"gpt2": _gpt2, "llama": _llama}
+    if family not in builders:
+        raise ValueError(f"unknown causal family {family!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    if family == "gpt2":
-        raw = _train_bpe(texts, vocab_size, ("<|endoftext|>", "<|endoftext|>"))
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=raw,
-            bos_token="<|endoftext|>",
-            eos_token="<|endoftext|>",
-            model_max_length=1024,
-        )
-        config = GPT2Config(
-            vocab_size=model_vocab_size or len(tokenizer),
-            n_embd=d_model,
-            n_layer=num_layers,
-            n_head=4,
-            n_positions=1024,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = GPT2LMHeadModel(config)
-    elif family == "llama":
-        raw = _train_bpe(texts, vocab_size, ("<s>", "</s>"))
-        bos = raw.token_to_id("<s>")
-        # Llama tokenizers prepend BOS, so truncation has a special token to keep.
-        raw.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-        )
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=raw, bos_token="<s>", eos_token="</s>", model_max_length=2048
-        )
-        config = LlamaConfig(
-            vocab_size=model_vocab_size or len(tokenizer),
-            hidden_size=d_model,
-            intermediate_size=d_model * 3,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            bos_token_id=bos,
-            eos_token_id=raw.token_to_id("</s>"),
-            tie_word_embeddings=False,
-        )
-        model = LlamaForCausalLM(config)
-    else:
-        raise ValueError(f"unknown causal family {family!r}")
+    tokenizer, model = builders[family](texts, vocab_size, d_model, num_layers, model_vocab_size)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -119,6 +119,25 @@ def _check_manifest(manifest: object) -> str | None:
     return None
 
 
+def _check_keys(
+    name: str, schema: pa.Schema, keys: pa.Table, expected: list, rows: int | None, problems: list
+) -> None:
+    """One shard's schema, row count and keys against the manifest."""
+    difference = _schema_difference(schema, expected)
+    if difference:
+        problems.append(f"shard {name}: schema differs from the manifest: {difference}")
+    if rows is not None and rows != keys.num_rows:
+        problems.append(f"shard {name} has {keys.num_rows} rows, the manifest says {rows}")
+    counts = keys.group_by(keys.column_names).aggregate([([], "count_all")])
+    if counts.num_rows != keys.num_rows:
+        repeated = counts.filter(pc.greater(counts["count_all"], 1))
+        extra = keys.num_rows - counts.num_rows
+        where = "".join(f" {key} {repeated[key][0].as_py()!r}" for key in keys.column_names)
+        problems.append(
+            f"shard {name} has {extra} duplicate ({', '.join(keys.column_names)}) rows, e.g.{where}"
+        )
+
+
 def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[pa.Array, int, bool]:
     """Check every shard against the manifest.
 
@@ -149,22 +168,7 @@ def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[p
             problems.append(f"shard {name} is not readable: {first_line(exc)}")
             continue
         rows += keys.num_rows
-        difference = _schema_difference(schema, manifest["schema"])
-        if difference:
-            problems.append(f"shard {name}: schema differs from the manifest: {difference}")
-        if name in listed and listed[name] != keys.num_rows:
-            problems.append(
-                f"shard {name} has {keys.num_rows} rows, the manifest says {listed[name]}"
-            )
-        counts = keys.group_by(keys.column_names).aggregate([([], "count_all")])
-        if counts.num_rows != keys.num_rows:
-            repeated = counts.filter(pc.greater(counts["count_all"], 1))
-            extra = keys.num_rows - counts.num_rows
-            where = "".join(f" {key} {repeated[key][0].as_py()!r}" for key in keys.column_names)
-            problems.append(
-                f"shard {name} has {extra} duplicate ({', '.join(keys.column_names)}) rows, "
-                f"e.g.{where}"
-            )
+        _check_keys(name, schema, keys, manifest["schema"], listed.get(name), problems)
         ids = pc.unique(keys.column("id").combine_chunks())
         unique_ids.append(ids)
         owners.append(np.full(len(ids), len(readable), dtype=np.int64))
@@ -268,6 +272,76 @@ def _check_input(
             )
 
 
+def _check_totals(manifest: dict, scored: pa.Array, all_read: bool, problems: list[str]) -> None:
+    """The manifest's totals against its shard list and the ids the shards hold."""
+    totals = manifest["totals"]
+    listed = sum(s["rows"] for s in manifest["shards"])
+    if totals["output_rows"] != listed:
+        problems.append(
+            f"manifest totals.output_rows is {totals['output_rows']}, its shards hold {listed}"
+        )
+    if totals["input_rows"] != totals["scored_rows"] + totals["skipped_rows"]:
+        problems.append(
+            f"manifest totals: input_rows {totals['input_rows']} != scored_rows "
+            f"{totals['scored_rows']} + skipped_rows {totals['skipped_rows']}"
+        )
+    # Every scored row has at least one output row (a row with none is skipped), so the
+    # shards must hold exactly scored_rows distinct ids (when all of them could be read).
+    if all_read and len(scored) != totals["scored_rows"]:
+        problems.append(
+            f"manifest totals.scored_rows is {totals['scored_rows']}, the shards hold rows of "
+            f"{len(scored)} ids"
+        )
+
+
+def _check_skipped(skipped: pa.Array, scored: pa.Array, totals: dict, problems: list[str]) -> None:
+    if len(skipped) != totals["skipped_rows"]:
+        problems.append(
+            f"manifest totals.skipped_rows is {totals['skipped_rows']}, {layout.SKIPPED} "
+            f"has {len(skipped)} rows"
+        )
+    if len(scored) and len(skipped):
+        try:
+            both = skipped.filter(pc.is_in(skipped, value_set=_same_type(scored, skipped.type)))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            both = pa.array([])
+        if len(both):
+            problems.append(
+                f"{len(both)} ids are both in the output and in {layout.SKIPPED}, "
+                f"e.g. {_examples(both)}"
+            )
+
+
+def _read_input_ids(manifest: dict, path: str | None, column: str | None, problems: list[str]):
+    """The input's ids (path and id column default to the manifest's); None, with a problem
+    line, when they cannot be read."""
+    config_input = (manifest.get("config") or {}).get("input") or {}
+    path = path or config_input.get("path")
+    column = column if column is not None else config_input.get("id_column")
+    if not path:
+        problems.append("no input to check: give --input PATH (the manifest names none)")
+        return None
+    try:
+        return input_ids(path, column)
+    except UserError as exc:
+        problems.append(f"input: {exc}")
+    except Exception as exc:  # an unreadable input file is a finding, not a crash
+        problems.append(f"input {path} is not readable: {first_line(exc)}")
+    return None
+
+
+def _read_manifest(out_dir: Path, problems: list[str]) -> dict | None:
+    if not (out_dir / layout.MANIFEST).exists():
+        problems.append(f"{layout.MANIFEST} is missing")
+        return None
+    manifest = layout.read_json(out_dir / layout.MANIFEST)
+    malformed = "is not readable JSON" if manifest is None else _check_manifest(manifest)
+    if malformed:
+        problems.append(f"{layout.MANIFEST} {malformed}")
+        return None
+    return manifest
+
+
 def verify(
     out_dir: str | Path,
     input_path: str | None = None,
@@ -284,67 +358,24 @@ def verify(
         problems.append(f"{layout.SUCCESS} is missing: the job has not finished")
     for path in layout.temporaries(out_dir):
         problems.append(f"temporary file {path.relative_to(out_dir)} left behind")
-    if not (out_dir / layout.MANIFEST).exists():
-        return Report(problems + [f"{layout.MANIFEST} is missing"])
-    manifest = layout.read_json(out_dir / layout.MANIFEST)
+    manifest = _read_manifest(out_dir, problems)
     if manifest is None:
-        return Report(problems + [f"{layout.MANIFEST} is not readable JSON"])
-    malformed = _check_manifest(manifest)
-    if malformed:
-        return Report(problems + [f"{layout.MANIFEST} {malformed}"])
-
+        return Report(problems)
     scored, rows, all_read = _check_shards(out_dir, manifest, problems)
     report = Report(problems, len(manifest["shards"]), rows)
-    totals = manifest["totals"]
-    if totals["output_rows"] != sum(s["rows"] for s in manifest["shards"]):
-        problems.append(
-            f"manifest totals.output_rows is {totals['output_rows']}, its shards hold "
-            f"{sum(s['rows'] for s in manifest['shards'])}"
-        )
-    if totals["input_rows"] != totals["scored_rows"] + totals["skipped_rows"]:
-        problems.append(
-            f"manifest totals: input_rows {totals['input_rows']} != scored_rows "
-            f"{totals['scored_rows']} + skipped_rows {totals['skipped_rows']}"
-        )
-    # Every scored row has at least one output row (a row with none is skipped), so the
-    # shards must hold exactly scored_rows distinct ids (when all of them could be read).
-    if all_read and len(scored) != totals["scored_rows"]:
-        problems.append(
-            f"manifest totals.scored_rows is {totals['scored_rows']}, the shards hold rows of "
-            f"{len(scored)} ids"
-        )
+    _check_totals(manifest, scored, all_read, problems)
     skipped = _read_skipped(out_dir, problems)
     if skipped is not None:
-        if len(skipped) != totals["skipped_rows"]:
-            problems.append(
-                f"manifest totals.skipped_rows is {totals['skipped_rows']}, {layout.SKIPPED} "
-                f"has {len(skipped)} rows"
-            )
-        if not check_input and len(scored) and len(skipped):
-            try:
-                both = skipped.filter(pc.is_in(skipped, value_set=_same_type(scored, skipped.type)))
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                both = pa.array([])
-            if len(both):
-                problems.append(
-                    f"{len(both)} ids are both in the output and in {layout.SKIPPED}, "
-                    f"e.g. {_examples(both)}"
-                )
+        # With the input at hand, _check_input says the same about both lists, per input id.
+        _check_skipped(
+            skipped,
+            pa.array([], skipped.type) if check_input else scored,
+            manifest["totals"],
+            problems,
+        )
     if check_input:
-        config_input = (manifest.get("config") or {}).get("input") or {}
-        path = input_path or config_input.get("path")
-        column = id_column if id_column is not None else config_input.get("id_column")
-        if not path:
-            problems.append("no input to check: give --input PATH (the manifest names none)")
-            return report
-        try:
-            ids_in = input_ids(path, column)
-        except UserError as exc:
-            problems.append(f"input: {exc}")
-            return report
-        except Exception as exc:  # an unreadable input file is a finding, not a crash
-            problems.append(f"input {path} is not readable: {first_line(exc)}")
-            return report
-        report.input_rows = len(ids_in)
-        _check_input(ids_in, scored, skipped, totals, problems)
+        ids_in = _read_input_ids(manifest, input_path, id_column, problems)
+        if ids_in is not None:
+            report.input_rows = len(ids_in)
+            _check_input(ids_in, scored, skipped, manifest["totals"], problems)
     return report

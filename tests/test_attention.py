@@ -47,7 +47,7 @@ def test_padded_batch_equals_unpadded_rows(model_dirs):
 @torch.inference_mode()
 def test_equals_transformers_sdpa(model_dirs, dtype, path, monkeypatch):
     if path != "per-key-length":  # the extra-dimension path, which CUDA takes
-        monkeypatch.setattr(attention, "_attention_per_key_length", lambda *args: None)
+        monkeypatch.setattr(attention, "attention_per_key_length", lambda *args: None)
     if path == "cuda-columns":  # the head size CUDA gets, a multiple of 8
         monkeypatch.setattr(attention, "_extra_columns", lambda query: 8 - query.shape[-1] % 8)
     ours, theirs = _t5(model_dirs["t5"], dtype), _t5(model_dirs["t5"], dtype, switched=False)
@@ -104,11 +104,11 @@ def test_per_key_length_path_takes_only_right_padding():
     empty_row = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     for keep, taken in ((right, True), (left, False), (empty_row, False), (right[:1], False)):
         mask = keep[:, None, None, :].expand(len(keep), 1, 6, 6)
-        output = attention._attention_per_key_length(query, key, value, mask, bias, 1.0)
+        output = attention.attention_per_key_length(query, key, value, mask, bias, 1.0)
         assert (output is not None) == taken
     expected = torch.nn.functional.scaled_dot_product_attention(
         query[1:], key[1:, :, :3], value[1:, :, :3], attn_mask=bias[..., :3], scale=1.0
     )
     mask = right[:, None, None, :].expand(2, 1, 6, 6)
-    output = attention._attention_per_key_length(query, key, value, mask, bias, 1.0)
+    output = attention.attention_per_key_length(query, key, value, mask, bias, 1.0)
     torch.testing.assert_close(output[1], expected[0].transpose(0, 1))

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from jobs import extract
 from lib import sample
 from lib.verify import verify
 from tests.conftest import write_rows
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import pytest
 
 from jobs import extract
 from lib.errors import UserError
-from lib.models import _load_error, _task_kind
+from lib.models import is_seq2seq_config, load_error
 from tests.conftest import write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -399,24 +399,28 @@ def test_load_error_messages_for_the_hub(monkeypatch):
     exc = OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nMore text")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    assert str(_load_error("org/model", exc)) == (
+    assert str(load_error("org/model", exc)) == (
         "model.path org/model: no such local directory, and the hub could not provide it: "
         "We couldn't connect to 'https://huggingface.co' to load the files."
     )
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    assert str(_load_error("org/model", exc)).endswith(
+    assert str(load_error("org/model", exc)).endswith(
         "the hub was not asked because offline mode is on (TRANSFORMERS_OFFLINE=1)"
     )
-    assert str(_load_error("./models/t5", exc)) == "model.path ./models/t5: no such directory"
+    assert str(load_error("./models/t5", exc)) == "model.path ./models/t5: no such directory"
 
 
 def test_task_kind_from_config():
     from transformers import BertConfig, GPT2Config, T5Config, ViTConfig
 
-    assert _task_kind(T5Config(architectures=["T5ForConditionalGeneration"])) is True
-    assert _task_kind(T5Config(architectures=["T5WithLMHeadModel"])) is True  # legacy t5-small name
-    assert _task_kind(GPT2Config()) is False
-    assert _task_kind(BertConfig(architectures=["BertLMHeadModel"], is_decoder=True)) is False
+    assert is_seq2seq_config(T5Config(architectures=["T5ForConditionalGeneration"])) is True
+    assert (
+        is_seq2seq_config(T5Config(architectures=["T5WithLMHeadModel"])) is True
+    )  # legacy t5-small name
+    assert is_seq2seq_config(GPT2Config()) is False
+    assert (
+        is_seq2seq_config(BertConfig(architectures=["BertLMHeadModel"], is_decoder=True)) is False
+    )
     cases = [
         (BertConfig(architectures=["BertForMaskedLM"]), "architecture BertForMaskedLM) is neither"),
         (
@@ -427,7 +431,7 @@ def test_task_kind_from_config():
     ]
     for config, expected in cases:
         with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-            _task_kind(config)
+            is_seq2seq_config(config)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,8 @@ from lib import sample
 from lib.verify import verify
 from tests.conftest import write_rows
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_ROWS = 6
 NULL_ROWS = {3, 29, 41}  # null texts: skipped, and no unit is made of them alone

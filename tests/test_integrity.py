@@ -1,0 +1,874 @@
+"""Integrity under operator faults, through the command line `python -m jobs.extract key=value`.
+
+Two jobs on one directory, kills, signals, full disks (injected and real), inputs edited in
+place, damaged shards and lost bookkeeping: every scenario ends either with output identical to
+an uninterrupted run (the sorted token table bit for bit, the manifest's shard checksums,
+`lib.verify` clean, nothing left in `_tmp`) or with a one-line refusal, never with a traceback.
+
+Speed: `python -m jobs.extract` spends about 4 s importing torch and transformers, which would
+put this file's ~50 runs at several minutes on 2 cores. Runs therefore start from a fork server
+(`SERVER`): a process that has done those imports once and forks a child per run. The child
+becomes `python -m jobs.extract ARGS` the way the interpreter's `-m` does it
+(`runpy._run_module_as_main`): its own pid, environment, stdin/stdout/stderr, signal handlers,
+exit status and interpreter shutdown. One test always starts the real interpreter command, and
+LOGIT_EXTRACT_TEST_REAL_CLI=1 sends every run through it (several times slower, same checks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from lib import sample
+from lib.verify import verify
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = 48  # 20 + 28 rows in two files
+SHARD_ROWS = 6  # 4 + 5 = 9 units, two of them ending a file early
+UNITS = 9
+NULL_ROW = 7  # a null text: skipped, so _skipped.parquet has a row
+REAL_CLI = os.environ.get("LOGIT_EXTRACT_TEST_REAL_CLI") == "1"
+TIMEOUT = 300 if REAL_CLI else 30  # a run that takes longer hangs (runs take about 0.5 s)
+PAUSE = 1.5 if REAL_CLI else 0.25  # seconds per shard for a job that must outlive new starts
+BASE_ENV = {
+    **{key: value for key, value in os.environ.items() if not key.startswith("LOGIT_EXTRACT_")},
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
+SERVER = r"""
+import gc, json, os, select, sys
+
+import jobs  # the package only: jobs.extract itself runs as __main__ in each child
+import lib.pipeline, lib.summary  # torch, transformers, accelerate, pyarrow: the slow imports
+import pandas, pyarrow.dataset  # imported by the job on first use
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+try:  # a cache transformers builds on a first model load (1,000 regexes); no tensors involved
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    get_checkpoint_conversion_mapping("gpt2")
+except ImportError:
+    pass
+gc.freeze()  # children do not collect the imported modules: their exit takes 0.3 s, not 1 s
+
+
+def serve():
+    # Fork a child per request line; report 'started ID PID' and 'exited ID STATUS'.
+    running, pending = {}, b""
+    while True:
+        if select.select([0], [], [], 0.01)[0]:
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                return None  # the tests are done
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                request = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    return request
+                running[pid] = request["id"]
+                os.write(1, f"started {request['id']} {pid}\n".encode())
+        while running:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if not pid:
+                break
+            os.write(1, f"exited {running.pop(pid)} {status}\n".encode())
+
+
+request = serve()
+if request is None:
+    sys.exit(0)
+# The child: from here on it is `python -m MODULE ARGS` with the request's environment and files.
+os.environ.update(request["env"])
+for fd, path in ((0, os.devnull), (1, request["stdout"]), (2, request["stderr"])):
+    flags = os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    target = os.open(path, flags, 0o644)
+    os.dup2(target, fd)
+    os.close(target)
+sys.argv = ["-m", *request["args"]]
+import runpy
+
+runpy._run_module_as_main(request["module"])
+"""
+
+
+# -- launching runs ----------------------------------------------------------------------------
+@dataclass
+class Result:
+    """A finished run: exit status (negative: killed by that signal), stdout and stderr."""
+
+    code: int
+    stdout: str
+    stderr: str
+    hung: float | None = None  # the seconds after which a run that had not exited was killed
+
+    @property
+    def lines(self) -> list[str]:
+        """stderr's lines other than the progress bar's (which redraws with carriage returns)."""
+        lines = self.stderr.replace("\r", "\n").splitlines()
+        return [line for line in lines if line.strip() and not line.startswith("extract:")]
+
+    @property
+    def errors(self) -> list[str]:
+        return [line for line in self.lines if line.startswith("error:")]
+
+    def assert_exit(self, code: int) -> None:
+        """Exit status `code` and no traceback."""
+        assert self.hung is None, f"no exit after {self.hung} s (killed): {self.stderr[-3000:]}"
+        assert self.code == code, self.stderr[-3000:]
+        assert "Traceback" not in self.stderr, self.stderr[-3000:]
+
+    def assert_one_error(self, code: int, *fragments: str) -> str:
+        """Exit status `code` and exactly one `error:` line, the last on stderr, holding every
+        fragment."""
+        self.assert_exit(code)
+        [line] = self.errors
+        assert self.stderr.endswith(line + "\n"), self.stderr[-3000:]
+        for fragment in fragments:
+            assert fragment in line, line
+        return line
+
+    def assert_ok(self) -> None:
+        self.assert_exit(0)
+        assert "Traceback" not in self.stderr and not self.errors, self.stderr[-3000:]
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Run:
+    """One `python -m MODULE ARGS` process started by a `Launcher`; a small Popen."""
+
+    def __init__(self, launcher: Launcher, number: int, files: tuple[Path, Path]):
+        self.launcher = launcher
+        self.number = number
+        self.files = files
+        self.pid = 0
+        self.popen: subprocess.Popen | None = None
+
+    def poll(self) -> int | None:
+        if self.popen is not None:
+            return self.popen.poll()
+        return self.launcher.exit_codes.get(self.number)
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = TIMEOUT) -> Result:
+        """Wait for the exit and return the result; SIGKILL a run still there after `timeout`
+        seconds (its result says so, and fails every assert_* check)."""
+        hung = None
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                hung = timeout
+                self.popen.kill()
+                self.popen.wait()
+        else:
+            with self.launcher.changed:
+                if not self.launcher.changed.wait_for(lambda: self.poll() is not None, timeout):
+                    hung = timeout
+                    kill(self.pid)
+                    self.launcher.changed.wait_for(lambda: self.poll() is not None, 30)
+        return Result(self.poll(), self.files[0].read_text(), self.files[1].read_text(), hung)
+
+    def tail(self) -> str:
+        return self.files[1].read_text()[-2000:]
+
+
+class Launcher:
+    """Starts runs as children of the fork server, or as real `python -m` processes."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.count = 0
+        self.exit_codes: dict[int, int] = {}
+        self.pids: dict[int, int] = {}
+        self.popens: list[subprocess.Popen] = []
+        self.changed = threading.Condition()
+        self.server: subprocess.Popen | None = None
+        if not REAL_CLI:
+            with open(folder / "server.err", "wb") as log:
+                self.server = subprocess.Popen(
+                    [sys.executable, "-c", SERVER],
+                    cwd=ROOT,
+                    env=BASE_ENV,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                )
+            threading.Thread(target=self._listen, name="fork-server", daemon=True).start()
+
+    def _listen(self) -> None:
+        for line in self.server.stdout:
+            event, number, value = line.decode().split()
+            with self.changed:
+                if event == "started":
+                    self.pids[int(number)] = int(value)
+                else:
+                    self.exit_codes[int(number)] = os.waitstatus_to_exitcode(int(value))
+                self.changed.notify_all()
+
+    def start(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        module: str = "jobs.extract",
+        real: bool = False,
+    ) -> Run:
+        """Start `python -m MODULE *args`, with `env` added to the base environment; `real`:
+        as a new interpreter even when the fork server is in use."""
+        self.count += 1
+        files = (self.folder / f"{self.count:03d}.out", self.folder / f"{self.count:03d}.err")
+        run = Run(self, self.count, files)
+        if REAL_CLI or real:
+            with open(files[0], "wb") as out, open(files[1], "wb") as err:
+                run.popen = subprocess.Popen(
+                    [sys.executable, "-m", module, *args],
+                    cwd=ROOT,
+                    env={**BASE_ENV, **(env or {})},
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                )
+            run.pid = run.popen.pid
+            self.popens.append(run.popen)
+            return run
+        request = {"id": self.count, "module": module, "args": args, "env": env or {}}
+        request.update(stdout=str(files[0]), stderr=str(files[1]))
+        self.server.stdin.write((json.dumps(request) + "\n").encode())
+        self.server.stdin.flush()
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.count in self.pids, TIMEOUT):
+                log = (self.folder / "server.err").read_text()[-3000:]
+                pytest.fail(f"the fork server started no run: {log}")
+        run.pid = self.pids[self.count]
+        return run
+
+    def close(self) -> None:
+        """Kill what still runs, then the server (it has nothing to clean up)."""
+        for popen in self.popens:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait(30)
+        if self.server is None:
+            return
+        with self.changed:
+            running = [pid for n, pid in self.pids.items() if n not in self.exit_codes]
+        for pid in running:
+            kill(pid)
+        self.server.kill()
+        self.server.wait(30)
+
+
+# -- the corpus, the clean run and what "identical" means --------------------------------------
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    launcher = Launcher(tmp_path_factory.mktemp("runs"))
+    yield launcher
+    launcher.close()
+
+
+@pytest.fixture(scope="module")
+def model(launcher, model_dirs) -> str:
+    """The tiny GPT-2 (requested after the launcher: the fork server imports meanwhile)."""
+    return model_dirs["gpt2"]
+
+
+def write_corpus(folder: Path) -> str:
+    """Two uncompressed Parquet files with string ids (uncompressed, so a test can edit a text
+    in place without changing the file's size)."""
+    texts = sample.generate_texts(ROWS, seed=31, mean_words=8)
+    texts[NULL_ROW] = None
+    ids = [f"doc-{i:02d}" for i in range(ROWS)]
+    folder.mkdir(parents=True)
+    for name, rows in (("a.parquet", slice(0, 20)), ("b.parquet", slice(20, ROWS))):
+        table = pa.table({"text": pa.array(texts[rows], pa.string()), "doc_id": ids[rows]})
+        pq.write_table(table, folder / name, compression="none", row_group_size=7)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("integrity")
+
+
+@pytest.fixture(scope="module")
+def inputs(root) -> str:
+    return write_corpus(root / "corpus")
+
+
+def job_args(model: str, corpus: str, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.path={model}",
+        f"input.path={corpus}",
+        f"output.dir={out}",
+        "input.id_column=doc_id",
+        "input.max_length=24",
+        "batching.max_tokens=64",
+        "output.k=5",
+        f"output.shard_rows={SHARD_ROWS}",
+        *extra,
+    ]
+
+
+def read_tokens(out: Path) -> pa.Table:
+    """Every token row in OUT/tokens, sorted by (id, position)."""
+    table = ds.dataset(out / "tokens", format="parquet").to_table()
+    return table.sort_by([("id", "ascending"), ("position", "ascending")]).combine_chunks()
+
+
+def shards(out: Path) -> list[str]:
+    """The committed shards, as `tokens/part-NNNNN.parquet`."""
+    folder = out / "tokens"
+    return sorted(f"tokens/{p.name}" for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def leftovers(out: Path) -> list[str]:
+    """What no run may leave once it has exited, however it failed: anything in `_tmp`, a
+    `*.tmp` or `*.stale` file anywhere, a lease."""
+    found = [p for p in out.rglob("*") if p.is_file() and p.name.endswith((".tmp", ".stale"))]
+    found += [*(out / "_tmp").glob("*"), *out.glob("_lock.json")]
+    return sorted({str(p.relative_to(out)) for p in found})
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Size and mtime of every file and folder under `folder` (a folder's mtime changes when
+    anything is created or removed in it, even for a moment)."""
+    paths = [folder, *folder.rglob("*")]
+    return {str(p): (p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns) for p in paths}
+
+
+def job_state(out: Path) -> dict[str, tuple[int, int]]:
+    """A snapshot of what a refused run must leave alone: shards, unit records, job record."""
+    record = out / "_job.json"
+    state = {**snapshot(out / "tokens"), **snapshot(out / "_units")}
+    return {**state, str(record): (record.stat().st_size, record.stat().st_mtime_ns)}
+
+
+def holder_pid(out: Path) -> int | None:
+    """The pid in OUT's lease file, None when there is none."""
+    try:
+        return json.loads((out / "_lock.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def wait_until(condition, run: Run, what: str, timeout: float = 60) -> None:
+    """Poll `condition` every 10 ms until it holds; fail if `run` exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if run.poll() is not None:
+            pytest.fail(f"the run exited ({run.poll()}) before {what}: {run.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout} s: {run.tail()}")
+        time.sleep(0.01)
+
+
+@dataclass
+class Clean:
+    out: Path
+    table: pa.Table
+    manifest: dict
+
+
+def read_clean(out: Path) -> Clean:
+    return Clean(out, read_tokens(out), json.loads((out / "_manifest.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def clean(launcher, model, inputs, root) -> Clean:
+    """The uninterrupted run that every scenario must reproduce."""
+    out = root / "clean"
+    launcher.start(job_args(model, inputs, out)).wait().assert_ok()
+    reference = read_clean(out)
+    assert len(reference.manifest["shards"]) == UNITS
+    assert reference.manifest["totals"]["skipped_rows"] == 1
+    assert leftovers(out) == []
+    return reference
+
+
+def assert_clean(out: Path, clean: Clean) -> None:
+    """`out` holds exactly what the uninterrupted run wrote, and nothing else."""
+    table = read_tokens(out)
+    assert table.num_rows == clean.table.num_rows
+    assert table.equals(clean.table)  # every column, every bit
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["shards"] == clean.manifest["shards"]  # names, rows, bytes and sha256
+    assert manifest["totals"] == clean.manifest["totals"]
+    assert (out / "_SUCCESS").is_file()
+    assert leftovers(out) == []
+    assert verify(out, check_input=True).problems == []
+
+
+def stopped_line(result: Result, name: str, out: Path, committed: int) -> None:
+    """A run stopped by a signal says so in one line of its own, the last on stderr, with the
+    number of shards it left committed."""
+    message = (
+        f"stopped by {name}: {committed} shards committed in {out}; run the same command to resume"
+    )
+    assert result.lines == [message], result.stderr[-3000:]
+    assert result.stderr.endswith(message + "\n"), result.stderr[-3000:]
+
+
+# -- 1. two jobs on one directory -------------------------------------------------------------
+def test_second_job_is_refused_while_the_first_runs(launcher, model, inputs, clean, tmp_path):
+    """While job A works (slowed down), the same command is refused with one line naming A's
+    pid, and a third copy stopped by SIGINT while still starting (a real `python -m`, in its
+    torch import) exits 130 with one line. Neither touches A's lease or work: A's output equals
+    the clean run."""
+    out = tmp_path / "out"
+    args = job_args(model, inputs, out)
+    a = launcher.start(args, {"LOGIT_EXTRACT_PAUSE_AT": f"shard_write={PAUSE}"})
+    wait_until(lambda: shards(out), a, "a first shard")
+    b = launcher.start(args)
+    c = launcher.start(args, real=True)
+
+    def importing_torch() -> bool:
+        try:
+            return "libtorch" in Path(f"/proc/{c.pid}/maps").read_text()
+        except OSError:
+            return False
+
+    wait_until(importing_torch, c, "the torch import")
+    c.send_signal(signal.SIGINT)
+
+    refused = b.wait()
+    refused.assert_one_error(2, f"output.dir {out} is in use by another job", f"(pid {a.pid} ")
+    assert refused.stdout == ""
+    interrupted = c.wait()
+    interrupted.assert_exit(130)
+    assert re.fullmatch(
+        rf"stopped by SIGINT: \d shards committed in {re.escape(str(out))}; "
+        "run the same command to resume",
+        "\n".join(interrupted.lines),
+    ), interrupted.stderr
+    assert a.poll() is None, "job A ended before the other two were checked: slow it down more"
+    assert holder_pid(out) == a.pid
+    a.wait().assert_ok()
+    assert_clean(out, clean)
+
+
+def test_killed_job_does_not_block_the_next(launcher, model, inputs, clean, tmp_path):
+    """Job A is SIGKILLed after committing 3 shards, with a 4th in its temporary and its lease
+    still on disk: the same command takes over at once, says so, drops A's temporary and ends
+    identical to the clean run."""
+    out = tmp_path / "out"
+    args = job_args(model, inputs, out)
+    a = launcher.start(args, {"LOGIT_EXTRACT_CRASH_AT": "shard_write:4"})
+    assert a.wait().code == -signal.SIGKILL
+    assert len(shards(out)) == 3
+    assert holder_pid(out) == a.pid
+    assert [p.name for p in (out / "_tmp").iterdir() if f"@{a.pid}@" in p.name]
+
+    b = launcher.start(args).wait()
+    b.assert_ok()
+    assert f"took over from a job that is gone (pid {a.pid} " in b.stderr
+    assert_clean(out, clean)
+
+
+HOLD_AND_DIE = """
+import os, signal, sys
+from pathlib import Path
+from lib.lease import Lease
+
+out = Path(sys.argv[1])
+Lease(out / "_lock.json", "killed-job").acquire(out)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_killed_job_not_yet_reaped_does_not_block_the_next(
+    launcher, model, inputs, clean, tmp_path
+):
+    """A process that took OUT's lease (with lib.lease, as the job does) and was SIGKILLed is
+    dead even before its parent reaps it (a zombie, whose pid and /proc entry remain): the same
+    command takes over at once."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_DIE, str(out)], cwd=ROOT, env=BASE_ENV
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the lease holder did not die"
+            time.sleep(0.01)
+        assert holder_pid(out) == holder.pid
+        rerun = launcher.start(job_args(model, inputs, out)).wait()
+        rerun.assert_ok()
+        assert_clean(out, clean)
+    finally:
+        holder.wait(30)
+
+
+# -- 2. an input file edited in place -----------------------------------------------------------
+def edit_in_place(path: Path) -> str:
+    """Change one letter of a text in an uncompressed Parquet file, keeping the file's size and
+    modification time; returns the new text."""
+    before = path.stat()
+    data = path.read_bytes()
+    texts = pq.read_table(path).column("text").to_pylist()
+    # A text whose bytes occur once in the file (not also as a row group's min or max).
+    row = next(i for i, t in enumerate(texts) if t and data.count(t.encode()) == 1)
+    at = data.index(texts[row].encode()) + 1  # the first word's second letter
+    with open(path, "r+b") as handle:
+        handle.seek(at)
+        handle.write(b"q" if data[at : at + 1] != b"q" else b"z")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    edited = pq.read_table(path).column("text")[row].as_py()
+    assert edited != texts[row] and len(edited) == len(texts[row])
+    return edited
+
+
+def test_input_edited_in_place_is_refused_until_overwrite(launcher, model, clean, tmp_path):
+    """A job killed after 3 shards; then one letter of an input text changes in place, with the
+    file's size and mtime kept. The rerun refuses in one line naming the file and changes
+    nothing; with output.overwrite=true it starts over and equals a clean run on the edited
+    input (which differs from the original output)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = job_args(model, corpus, out)
+    crashed = launcher.start(args, {"LOGIT_EXTRACT_CRASH_AT": "shard_close:4"}).wait()
+    assert crashed.code == -signal.SIGKILL, crashed.stderr
+    assert len(shards(out)) == 3
+    edited = Path(corpus) / "b.parquet"
+    edit_in_place(edited)
+
+    before = job_state(out)
+    refused = launcher.start(args).wait()
+    refused.assert_one_error(2, f"input file {edited} changed since this output was started")
+    assert job_state(out) == before
+
+    expected_out = tmp_path / "expected"
+    overwrite = launcher.start([*args, "output.overwrite=true"])
+    reference = launcher.start(job_args(model, corpus, expected_out))
+    overwrite.wait().assert_ok()
+    reference.wait().assert_ok()
+    expected = read_clean(expected_out)
+    assert not expected.table.equals(clean.table)  # the edit changed the output
+    assert_clean(out, expected)
+
+
+# -- 3. damaged shards --------------------------------------------------------------------------
+def zero_bytes(path: Path, count: int = 8) -> None:
+    """Overwrite `count` bytes in the middle of the file with zeros (bytes that were not zero)."""
+    data = path.read_bytes()
+    at = next(i for i in range(len(data) // 2, len(data)) if any(data[i : i + count]))
+    with open(path, "r+b") as handle:
+        handle.seek(at)
+        handle.write(bytes(count))
+
+
+def test_damaged_shards_are_found_and_recomputed(launcher, model, inputs, clean, tmp_path):
+    """In a finished output, 8 bytes of one shard are zeroed and another is cut to half its
+    size: `python -m jobs.verify` exits 1 naming both; the rerun recomputes exactly those two,
+    says so, keeps the others and ends identical to the clean run."""
+    out = Path(shutil.copytree(clean.out, tmp_path / "out"))
+    flipped, truncated = out / "tokens/part-00001.parquet", out / "tokens/part-00004.parquet"
+    zero_bytes(flipped)
+    os.truncate(truncated, truncated.stat().st_size // 2)
+    kept = {p: p.stat().st_ino for p in (out / "tokens").iterdir() if p not in (flipped, truncated)}
+
+    check = launcher.start([str(out)], module="jobs.verify").wait()
+    assert check.code == 1 and "Traceback" not in check.stderr, check.stderr
+    problems = check.stderr.splitlines()
+    for name in ("tokens/part-00001.parquet", "tokens/part-00004.parquet"):
+        assert any(name in line for line in problems), check.stderr
+    assert not any("part-00000" in line for line in problems), check.stderr
+
+    rerun = launcher.start(job_args(model, inputs, out)).wait()
+    rerun.assert_ok()
+    assert re.search(
+        r"recomputed\s+2 shards .*: tokens/part-00001.parquet, tokens/part-00004.parquet\n",
+        rerun.stdout,
+    ), rerun.stdout
+    for name in ("tokens/part-00001.parquet", "tokens/part-00004.parquet"):
+        assert f"WARNING lib.pipeline: shard {name} failed its checksum" in rerun.stderr
+    assert {p: p.stat().st_ino for p in kept} == kept  # the sound shards were not rewritten
+    assert_clean(out, clean)
+
+
+# -- 4. lost or damaged bookkeeping -------------------------------------------------------------
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _garble(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:40])  # cut inside the JSON object
+
+
+METADATA_CASES = {  # case -> (file, damage, shard the rerun must recompute)
+    "manifest-deleted": ("_manifest.json", _delete, None),
+    "manifest-emptied": ("_manifest.json", _empty, None),
+    "job-deleted": ("_job.json", _delete, None),
+    "job-emptied": ("_job.json", _empty, None),
+    "record-deleted": ("_units/part-00003.json", _delete, "tokens/part-00003.parquet"),
+    "record-emptied": ("_units/part-00003.json", _empty, "tokens/part-00003.parquet"),
+    "record-garbled": ("_units/part-00003.json", _garble, "tokens/part-00003.parquet"),
+    "success-deleted": ("_SUCCESS", _delete, None),
+    "skipped-deleted": ("_skipped.parquet", _delete, None),
+}
+
+
+@pytest.fixture(scope="module")
+def metadata_reruns(launcher, model, inputs, clean, root) -> dict[str, tuple[Path, Result]]:
+    """Each case's damage to its own copy of the clean output, then all reruns at once."""
+    runs = {}
+    for case, (name, damage, _) in METADATA_CASES.items():
+        out = Path(shutil.copytree(clean.out, root / "metadata" / case))
+        damage(out / name)
+        runs[case] = (out, launcher.start(job_args(model, inputs, out)))
+    return {case: (out, run.wait()) for case, (out, run) in runs.items()}
+
+
+@pytest.mark.parametrize("case", METADATA_CASES)
+def test_lost_bookkeeping_heals(case, metadata_reruns, clean):
+    """A deleted, emptied or garbled manifest, job record, unit record, success marker or skip
+    list: the rerun exits 0 without a traceback and the output equals the clean run; a shard
+    whose record is gone is recomputed, and the summary says so."""
+    out, rerun = metadata_reruns[case]
+    rerun.assert_ok()
+    recomputed = METADATA_CASES[case][2]
+    if recomputed:
+        assert re.search(rf"recomputed\s+1 shards .*: {recomputed}\n", rerun.stdout), rerun.stdout
+        assert f"WARNING lib.pipeline: shard {recomputed} failed its checksum" in rerun.stderr
+    else:
+        assert "recomputed" not in rerun.stdout
+    assert_clean(out, clean)
+
+
+# -- 5. a full disk -----------------------------------------------------------------------------
+# LOGIT_EXTRACT_FAIL_AT=point:N -> shards committed before the failure. Each run reaches the
+# points in one order: _job.json's write, fsync and rename (1), then per unit the shard (write,
+# fsync of the closed temporary, rename) and its record (write, fsync, rename: the record
+# before the shard), then _skipped.parquet, _manifest.json and _SUCCESS.
+DISK_FULL_CASES = {
+    "write:1": 0,  # _job.json, before any shard
+    "write:6": 2,  # the third shard's rows
+    "fsync:1": 0,  # _job.json
+    "fsync:6": 2,  # the third shard's temporary
+    "rename:1": 0,  # _job.json
+    "rename:6": 2,  # the third shard's unit record
+    f"rename:{1 + 2 * UNITS + 3}": UNITS,  # _SUCCESS, after the manifest
+    "shard_close:1": 0,
+    "shard_close:3": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def disk_full_runs(launcher, model, inputs, root) -> dict[str, dict]:
+    """Each injected ENOSPC in a directory of its own, all at once; what each failed run left;
+    then the reruns without the fault, all at once."""
+    cases = {}
+    for fault in DISK_FULL_CASES:
+        out = root / "disk-full" / fault.replace(":", "-")
+        env = {"LOGIT_EXTRACT_FAIL_AT": fault}
+        cases[fault] = {"out": out, "run": launcher.start(job_args(model, inputs, out), env)}
+    for case in cases.values():
+        out = case["out"]
+        case["failed"] = case.pop("run").wait()
+        case.update(shards=shards(out), leftovers=leftovers(out))
+        case["success"] = (out / "_SUCCESS").exists()
+    reruns = {
+        fault: launcher.start(job_args(model, inputs, c["out"])) for fault, c in cases.items()
+    }
+    for fault, run in reruns.items():
+        cases[fault]["rerun"] = run.wait()
+    return cases
+
+
+@pytest.mark.parametrize("fault", DISK_FULL_CASES)
+def test_injected_disk_full_then_rerun(fault, disk_full_runs, clean):
+    """ENOSPC at a write, fsync, rename or shard close, the first time or later: exit 1 with one
+    line `error: cannot write PATH: No space left on device`, no temporary or lease left, the
+    shards committed before kept; the rerun without the fault equals the clean run."""
+    case = disk_full_runs[fault]
+    out, failed = case["out"], case["failed"]
+    line = failed.assert_one_error(1)
+    assert re.fullmatch(
+        rf"error: cannot write {re.escape(str(out))}/\S+: No space left on device", line
+    ), line
+    assert case["leftovers"] == []
+    assert len(case["shards"]) == DISK_FULL_CASES[fault]
+    assert not case["success"]
+    case["rerun"].assert_ok()
+    assert_clean(out, clean)
+
+
+class Tmpfs:
+    """A tmpfs of a given size at `path`, or a skip where mounting is not allowed."""
+
+    def __init__(self, path: Path, size: str):
+        self.path = path
+        path.mkdir()
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def resize(self, size: str) -> None:
+        subprocess.run(
+            ["mount", "-o", f"remount,size={size}", str(self.path)], check=True, timeout=30
+        )
+
+    def __enter__(self) -> Tmpfs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if subprocess.run(["umount", str(self.path)], timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(self.path)], timeout=30)
+
+
+def test_real_disk_full_then_more_space(launcher, model, inputs, clean, tmp_path):
+    """A tmpfs with room for two shards: the run exits 1 with one `No space left on device`
+    line and leaves no temporary or lease; after the filesystem grows, the rerun equals the
+    clean run."""
+    with Tmpfs(tmp_path / "small", "40k") as disk:
+        out = disk.path / "out"
+        args = job_args(model, inputs, out)
+        failed = launcher.start(args).wait()
+        failed.assert_one_error(1, "error: cannot write", ": No space left on device")
+        assert leftovers(out) == []
+        assert len(shards(out)) < UNITS and not (out / "_SUCCESS").exists()
+        disk.resize("2m")
+        launcher.start(args).wait().assert_ok()
+        assert_clean(out, clean)
+
+
+def test_disk_full_at_start_then_space_freed(launcher, model, inputs, clean, tmp_path):
+    """A filesystem already full when the job starts (even the lease cannot be written): exit 1
+    with one line and nothing left behind, not even an empty lease that would read as another
+    job's; once space is freed, the same command runs and equals the clean run."""
+    with Tmpfs(tmp_path / "full", "1m") as disk:
+        filler = disk.path / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, bytes(4096)):
+                pass
+        except OSError:
+            pass  # full
+        finally:
+            os.close(fd)
+        out = disk.path / "out"
+        args = job_args(model, inputs, out)
+        failed = launcher.start(args).wait()
+        failed.assert_one_error(1, f"error: cannot write {out}", ": No space left on device")
+        filler.unlink()
+        assert leftovers(out) == []
+        launcher.start(args).wait().assert_ok()
+        assert_clean(out, clean)
+
+
+def test_output_error_while_the_next_unit_is_read(launcher, model, tmp_path):
+    """ENOSPC at the first shard while the loader is still tokenizing the second unit (six long
+    texts) and the main thread waits for it: the job still exits 1 at once (it used to wait
+    forever for a loader that had stopped) with one error line, and leaves nothing behind."""
+    texts = sample.generate_texts(12, seed=5, mean_words=8)
+    long_text = " ".join(sample.generate_texts(400, seed=6, mean_words=8))  # about 33 kB
+    texts[6:] = [long_text] * 6
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(
+        pa.table({"text": texts, "doc_id": [f"d{i}" for i in range(12)]}), corpus / "a.parquet"
+    )
+    out = tmp_path / "out"
+    env = {"LOGIT_EXTRACT_FAIL_AT": "shard_close:1"}
+    # Such a run takes under a second (the real interpreter adds 4 s of imports).
+    failed = launcher.start(job_args(model, str(corpus), out), env).wait(30 if REAL_CLI else 3)
+    failed.assert_one_error(1, "No space left on device")
+    assert leftovers(out) == [] and shards(out) == []
+
+
+# -- 6. SIGINT and SIGTERM ----------------------------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_run_then_resume(signum, launcher, model, inputs, clean, tmp_path):
+    """A signal once the first shard is committed: exit 128+N, one line saying how many shards
+    are committed and to run the same command, no traceback, no temporary or lease left; the
+    same command then finishes identical to the clean run."""
+    out = tmp_path / "out"
+    args = job_args(model, inputs, out)
+    job = launcher.start(args, {"LOGIT_EXTRACT_PAUSE_AT": "shard_write=0.1"})
+    wait_until(lambda: shards(out), job, "a first shard")
+    job.send_signal(signum)
+    stopped = job.wait()
+    stopped.assert_exit(128 + signum)
+    stopped_line(stopped, signal.Signals(signum).name, out, len(shards(out)))
+    assert leftovers(out) == []
+    assert len(shards(out)) < UNITS and not (out / "_SUCCESS").exists()
+    launcher.start(args).wait().assert_ok()
+    assert_clean(out, clean)
+
+
+def test_signal_while_the_last_shards_are_written(launcher, model, inputs, clean, tmp_path):
+    """SIGTERM once every batch is computed and only the last two shards are still being written
+    (the job is waiting for its writer thread): the same one-line stop as mid-run, last on
+    stderr (not glued to a progress bar that is redrawn after it), nothing left behind, and the
+    rerun equals the clean run."""
+    out = tmp_path / "out"
+    args = job_args(model, inputs, out)
+    job = launcher.start(args, {"LOGIT_EXTRACT_PAUSE_AT": f"shard_write={PAUSE * 0.8}"})
+    # The last two units' batches fit in the writer's queue: the model is done by then.
+    wait_until(lambda: len(shards(out)) >= UNITS - 2, job, "all shards but the last two")
+    job.send_signal(signal.SIGTERM)
+    stopped = job.wait()
+    stopped.assert_exit(143)
+    assert leftovers(out) == [] and not (out / "_SUCCESS").exists()
+    committed = len(shards(out))
+    launcher.start(args).wait().assert_ok()
+    assert_clean(out, clean)
+    stopped_line(stopped, "SIGTERM", out, committed)
+
+
+# -- 7. output and input in each other ----------------------------------------------------------
+@pytest.mark.parametrize("layout", ["inside-input-dir", "matched-by-input-glob", "holds-input"])
+def test_output_and_input_overlap_is_refused(layout, launcher, model, tmp_path):
+    """output.dir inside the input directory, matched by an input glob such as
+    DIR/**/*.parquet, or holding the input: exit 2 with one line before anything is written
+    (no output folder, no lease, not even for a moment)."""
+    if layout == "inside-input-dir":
+        corpus = write_corpus(tmp_path / "data")
+        out, fragment = tmp_path / "data" / "out", f"is inside input.path {corpus}"
+    elif layout == "matched-by-input-glob":
+        write_corpus(tmp_path / "data" / "texts")
+        corpus = f"{tmp_path}/data/**/*.parquet"
+        out, fragment = tmp_path / "data" / "out", f"input.path {corpus} matches the job's own"
+    else:
+        corpus = write_corpus(tmp_path / "out" / "corpus")
+        out, fragment = tmp_path / "out", f"output.dir {tmp_path / 'out'} holds input file"
+    before = snapshot(tmp_path)
+    refused = launcher.start(job_args(model, corpus, out)).wait()
+    refused.assert_one_error(2, fragment, "output.dir")
+    assert snapshot(tmp_path) == before
