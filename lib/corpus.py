@@ -143,7 +143,7 @@ def _read_column(path: str, column: str) -> pa.ChunkedArray:
         ) from None
 
 
-def _as_id(column: pa.ChunkedArray | pa.Array, path: str, name: str) -> pa.ChunkedArray | pa.Array:
+def as_ids(column: pa.ChunkedArray | pa.Array, path: str, name: str) -> pa.ChunkedArray | pa.Array:
     """Ids as string or int64, the two types the output's `id` column can have."""
     try:
         return column.cast(pa.string()) if is_string(column.type) else column.cast(pa.int64())
@@ -165,7 +165,7 @@ def check_unique_ids(inputs: list[InputFile], cfg: InputConfig) -> None:
                 f"input.id_column: column {cfg.id_column!r} in {item.path} has "
                 f"{column.null_count} null id(s); every row needs an id"
             )
-        columns.append(_as_id(column, item.path, cfg.id_column))
+        columns.append(as_ids(column, item.path, cfg.id_column))
     chunks = [chunk for column in columns for chunk in column.chunks]
     ids = pa.chunked_array(chunks, type=columns[0].type)
     counts = pc.value_counts(ids)
@@ -222,7 +222,7 @@ def read_unit(unit: WorkUnit, cfg: InputConfig) -> pa.Table:
     if cfg.id_column is None:
         ids = pa.array(np.arange(unit.row_offset, unit.row_offset + unit.rows, dtype=np.int64))
     else:
-        ids = _as_id(table.column(cfg.id_column).combine_chunks(), unit.file, cfg.id_column)
+        ids = as_ids(table.column(cfg.id_column).combine_chunks(), unit.file, cfg.id_column)
     out = {"id": ids, "text": _plain_strings(table.column(cfg.text_column))}
     if cfg.target_column is not None:
         out["target"] = _plain_strings(table.column(cfg.target_column))

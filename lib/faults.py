@@ -25,6 +25,11 @@ def _nth(spec: str, name: str) -> tuple[bool, int]:
     return point == name, int(nth or 1)
 
 
+def reset() -> None:
+    """Count every point from zero again (for tests that set a hook in this process)."""
+    _seen.clear()
+
+
 def point(name: str, path: os.PathLike | str | None = None) -> None:
     """Kill, fail or pause here when an environment variable names this point."""
     crash = os.environ.get("LOGIT_EXTRACT_CRASH_AT")

@@ -66,7 +66,7 @@ _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "WithLMHead")
 
 
-def _first_line(exc: BaseException) -> str:
+def _error_text(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else ""
     # OSError and ValueError carry a readable message; anything else needs its type to make sense.
@@ -94,7 +94,7 @@ def load_error(path: str, exc: Exception) -> UserError:
                 "Hugging Face checkpoint"
             )
         return UserError(
-            f"model.path {path}: cannot load the checkpoint in this directory: {_first_line(exc)}"
+            f"model.path {path}: cannot load the checkpoint in this directory: {_error_text(exc)}"
         )
     # `org/name` or `name` is a hub id; anything else that does not exist is a mistyped local path.
     if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
@@ -107,7 +107,7 @@ def load_error(path: str, exc: Exception) -> UserError:
         )
     return UserError(
         f"model.path {path}: no such local directory, and the hub could not provide "
-        f"it: {_first_line(exc)}"
+        f"it: {_error_text(exc)}"
     )
 
 

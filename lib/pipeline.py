@@ -460,7 +460,11 @@ def _set_up(config: JobConfig, device: torch.device) -> _Setup:
         )
     task = models.task_for(lm, config.decoder, has_targets=config.input.target_column is not None)
     schema = writer.output_schema(
-        id_type, config.output.k, lm.vocab_size, config.output.dtype, config.output.logits == "full"
+        id_type,
+        config.output.k,
+        lm.vocab_size,
+        config.output.dtype,
+        full=config.output.logits == "full",
     )
     shard_schema = schema
     if config.output.rows == "examples":

@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lib import layout
-from lib.corpus import find_input_files, is_string
+from lib.corpus import as_ids, find_input_files, is_string
 from lib.errors import UserError
 
 # Nullable columns and the value that stands for null in numpy.
@@ -237,7 +237,7 @@ def input_frame(
         ids = pa.array(np.arange(table.num_rows, dtype=np.int64))
     else:
         ids = table.column(id_column)
-        ids = ids.cast(pa.string() if is_string(ids.type) else pa.int64())  # the job's id types
+        ids = as_ids(ids, input_path, id_column)
         if columns is not None and id_column not in columns:
             table = table.drop_columns([id_column])
     if "id" in table.column_names:

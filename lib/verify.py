@@ -224,7 +224,7 @@ def input_ids(path: str, id_column: str | None) -> pa.Array:
                 f"id column {id_column!r} not in {file}; columns are {', '.join(schema.names)}"
             )
         column = pq.read_table(file, columns=[id_column]).column(0)
-        column = column.cast(pa.string() if corpus.is_string(column.type) else pa.int64())
+        column = corpus.as_ids(column, file, id_column)
         chunks.extend(column.chunks)
     if not chunks:
         return pa.array([], pa.string())

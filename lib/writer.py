@@ -21,7 +21,7 @@ from lib.errors import output_error
 
 
 def output_schema(
-    id_type: pa.DataType, k: int, vocab_size: int, logits_dtype: str, full: bool
+    id_type: pa.DataType, k: int, vocab_size: int, logits_dtype: str, *, full: bool
 ) -> pa.Schema:
     """One row per scored position; top-k columns, or a `logits` column in full mode."""
     value_type = pa.float16() if logits_dtype == "float16" else pa.float32()

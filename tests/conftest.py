@@ -69,3 +69,13 @@ def corpus(tmp_path_factory, texts) -> str:
     write_rows(root / "a.parquet", body[:half], targets[:half], ids[:half])
     write_rows(root / "b.parquet", body[half:], targets[half:], ids[half:])
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def launcher(tmp_path_factory):
+    """Starts `python -m jobs.extract` runs as children of one fork server (tests/launcher.py)."""
+    from tests.launcher import Launcher
+
+    launcher = Launcher(tmp_path_factory.mktemp("runs"))
+    yield launcher
+    launcher.close()

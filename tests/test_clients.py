@@ -185,3 +185,37 @@ def test_distillation_loop_over_to_hf_dataset(runs, tmp_path):
             losses.append(loss.item())
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.7 * first, losses
+
+
+@pytest.mark.parametrize(
+    "model,settings",
+    [
+        ("t5", ["decoder.mode=generate", "decoder.max_new_tokens=5"]),
+        ("t5", ["decoder.mode=start"]),
+        ("gpt2", ["input.target_column=target"]),  # a continuation: positions start mid-sequence
+    ],
+    ids=["generate", "start", "continuation"],
+)
+def test_examples_in_every_task(runs, model_dirs, model, settings):
+    base = [
+        f"model.path={model_dirs[model]}",
+        f"input.path={runs['root'] / 'pairs.parquet'}",
+        "output.k=4",
+        "input.max_length=20",
+        *settings,
+    ]
+    name = "-".join(s.split("=")[1] for s in settings[:1])
+    outs = {}
+    for rows in ("positions", "examples"):
+        outs[rows] = runs["root"] / f"{model}-{name}-{rows}"
+        assert extract.main([*base, f"output.dir={outs[rows]}", f"output.rows={rows}"]) == 0
+    expected = results.load_table(outs["positions"]).sort_by(KEYS).combine_chunks()
+    table = results.load_table(outs["examples"]).sort_by("id")
+    _same_rows(results.positions_table(table), expected)
+    if "decoder_input_ids" in table.column_names:  # the start token, then the tokens but the last
+        for decoder, tokens in zip(
+            table.column("decoder_input_ids").to_pylist(),
+            table.column("token_id").to_pylist(),
+            strict=True,
+        ):
+            assert decoder == [0] + [t if t is not None else 0 for t in tokens[:-1]]

@@ -33,7 +33,7 @@ def test_crash_point_kills_at_the_nth_time():
 
 
 def test_fail_point_raises_the_named_errno_once(monkeypatch):
-    monkeypatch.setattr(faults, "_seen", faults.Counter())
+    faults.reset()
     monkeypatch.setenv("LOGIT_EXTRACT_FAIL_AT", "rename:2=EACCES")
     faults.point("rename", "a")
     with pytest.raises(PermissionError) as caught:

@@ -7,12 +7,9 @@ for bit, and every visible shard must stay readable throughout.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -77,31 +74,10 @@ def job_args(model: str, corpus: str, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def launch(args: list[str], crash: str | None = None, **popen) -> subprocess.Popen:
-    env = {key: value for key, value in os.environ.items() if key != "LOGIT_EXTRACT_CRASH_AT"}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    if crash:
-        env["LOGIT_EXTRACT_CRASH_AT"] = crash
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.extract", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
-
-
-def run(args: list[str], crash: str | None = None) -> subprocess.CompletedProcess:
-    process = launch(args, crash)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+def run(launcher, args: list[str], crash: str | None = None):
+    """The job in a process of its own (a fork-server child, see tests/launcher.py); `crash`
+    names the point where it SIGKILLs itself."""
+    return launcher.start(args, {"LOGIT_EXTRACT_CRASH_AT": crash} if crash else {}).wait()
 
 
 def shards(out: Path) -> list[Path]:
@@ -179,7 +155,7 @@ def assert_same_as_baseline(out: Path, baseline: dict, inputs: dict) -> None:
     assert verify(out, check_input=True).problems == []
 
 
-def test_kills_at_each_crash_point_then_resume(inputs, baseline, model_dirs, tmp_path):
+def test_kills_at_each_crash_point_then_resume(launcher, inputs, baseline, model_dirs, tmp_path):
     """Kill the same job at every crash point in turn, resuming each time, then let it finish."""
     out = tmp_path / "out"
     args = job_args(model_dirs["gpt2"], inputs["path"], out, "input.id_column=doc_id")
@@ -187,8 +163,8 @@ def test_kills_at_each_crash_point_then_resume(inputs, baseline, model_dirs, tmp
     assert units == 9  # 23 + 27 rows in units of 6: the kills below land mid-job
 
     # Inside a shard write: the third unit's rows are in its temporary file, which has no footer.
-    killed = run(args, crash="shard_write:3")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed = run(launcher, args, crash="shard_write:3")
+    assert killed.code == -signal.SIGKILL, killed.stderr
     assert assert_visible_shards_readable(out, "parquet") == 2
     assert temporaries(out) == ["_tmp/part-00002.parquet"]
     with pytest.raises(pa.ArrowInvalid):
@@ -196,29 +172,29 @@ def test_kills_at_each_crash_point_then_resume(inputs, baseline, model_dirs, tmp
     kept = {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards(out)}
 
     # Between closing a temporary file and renaming it: complete, but neither visible nor recorded.
-    killed = run(args, crash="before_rename:2")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed = run(launcher, args, crash="before_rename:2")
+    assert killed.code == -signal.SIGKILL, killed.stderr
     assert assert_visible_shards_readable(out, "parquet") == 3
     assert temporaries(out) == ["_tmp/part-00003.parquet"]
     assert not (out / "_units" / "part-00003.json").exists()
 
     # Between the unit's record and its rename: recorded but not visible, so not committed.
-    killed = run(args, crash="between_record_and_shard:2")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed = run(launcher, args, crash="between_record_and_shard:2")
+    assert killed.code == -signal.SIGKILL, killed.stderr
     assert assert_visible_shards_readable(out, "parquet") == 4
     assert (out / "_units" / "part-00004.json").exists() and not (
         out / "tokens" / "part-00004.parquet"
     ).exists()
 
     # Before the success marker: every shard and the manifest are there, _SUCCESS is not.
-    killed = run(args, crash="before_success")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed = run(launcher, args, crash="before_success")
+    assert killed.code == -signal.SIGKILL, killed.stderr
     assert assert_visible_shards_readable(out, "parquet") == units
     assert (out / "_manifest.json").exists() and not (out / "_SUCCESS").exists()
     assert verify(out).problems == ["_SUCCESS is missing: the job has not finished"]
 
-    finished = run(args)
-    assert finished.returncode == 0, finished.stderr
+    finished = run(launcher, args)
+    assert finished.code == 0, finished.stderr
     assert_same_as_baseline(out, baseline, inputs)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["throughput"]["units"] == 0  # the last run only wrote the manifest
@@ -264,7 +240,7 @@ def test_changed_config_is_refused_unless_overwrite(inputs, baseline, model_dirs
     assert verify(out, check_input=True).problems == []
 
 
-def test_random_kills_then_resume_full_logits_arrow(model_dirs, tmp_path):
+def test_random_kills_then_resume_full_logits_arrow(launcher, model_dirs, tmp_path):
     """Kill at a random batch, then at a random moment; visible shards always read.
 
     Full logits stream batch by batch into the shard, so a kill can also land mid-unit. No id
@@ -295,24 +271,24 @@ def test_random_kills_then_resume_full_logits_arrow(model_dirs, tmp_path):
     # A kill at a random batch write (deterministic landing: timing on a loaded machine is not):
     # full logits stream into the shard, so its temporary file has rows but no footer yet.
     crash = f"shard_write:{rng.randint(2, 12)}"
-    killed = run(args, crash=crash)
-    assert killed.returncode == -signal.SIGKILL, (crash, killed.stderr)
+    killed = run(launcher, args, crash=crash)
+    assert killed.code == -signal.SIGKILL, (crash, killed.stderr)
     assert assert_visible_shards_readable(out, "arrow") < units
     [partial] = list((out / "_tmp").iterdir())
     with pytest.raises(pa.ArrowInvalid):
         pa.ipc.open_file(partial)
     # Then one at a random moment once the resumed run is working.
     previous = job_record_id(out)
-    process = launch(args)
+    process = launcher.start(args)
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline and job_record_id(out) == previous:
         time.sleep(0.005)  # the run's own _job.json: torch is imported and the model loaded
     time.sleep(rng.uniform(0.0, 0.3))
     process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    process.wait(60)
     assert_visible_shards_readable(out, "arrow")
-    finished = run(args)
-    assert finished.returncode == 0, finished.stderr
+    finished = run(launcher, args)
+    assert finished.code == 0, finished.stderr
     result = read_output(out, "arrow")
     assert result.equals(expected)
     assert set(result.column("id").to_pylist()) == set(range(len(texts))) - NULL_ROWS

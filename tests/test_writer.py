@@ -11,14 +11,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from lib import layout, writer
+from lib import faults, layout, writer
 from lib.errors import OutputError, UserError
 
 K = 3
 
 
 def _schema(full: bool = False) -> pa.Schema:
-    return writer.output_schema(pa.string(), K, 11, "float16", full)
+    return writer.output_schema(pa.string(), K, 11, "float16", full=full)
 
 
 def _table(schema: pa.Schema, ids: list[str], rows: int = 4) -> pa.Table:
@@ -152,6 +152,7 @@ def test_abort_leaves_nothing(out_dir, fmt):
 @pytest.mark.parametrize("where", ["write", "shard_close", "fsync", "rename"])
 def test_a_failed_write_or_commit_names_the_file_and_leaves_nothing(out_dir, monkeypatch, where):
     """A full disk at any step: an OutputError naming the temporary, and no file left."""
+    faults.reset()  # count from this test on
     monkeypatch.setenv("LOGIT_EXTRACT_FAIL_AT", where)
     schema = _schema()
     shard = writer.ShardWriter(out_dir, "part-00002", schema, "parquet")

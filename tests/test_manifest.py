@@ -1,0 +1,102 @@
+"""lib.manifest: totals, shard list and skipped rows from the unit records; _SUCCESS last."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lib import faults, layout, manifest
+from lib.config import load_config
+from lib.corpus import WorkUnit
+from lib.errors import UserError
+
+UNITS = [WorkUnit(0, "a.parquet", 0, 4, 0), WorkUnit(1, "a.parquet", 4, 6, 4)]
+
+
+def _record(unit: WorkUnit, run_id: str, skipped: list, tokens: int) -> dict:
+    return {
+        "file": layout.shard_name(unit.name, "parquet"),
+        "rows": tokens,
+        "bytes": 10,
+        "sha256": "0" * 64,
+        "rank": unit.index % 2,
+        "run_id": run_id,
+        "input_rows": unit.rows,
+        "scored_rows": unit.rows - len(skipped),
+        "skipped_rows": len(skipped),
+        "truncated_rows": 1,
+        "tokens": tokens,
+        "padded_tokens": tokens + 2,
+        "skipped": skipped,
+    }
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    for folder in (layout.TOKENS, layout.UNITS):
+        (tmp_path / folder).mkdir()
+    records = [_record(UNITS[0], "old", [["d1", "null_text"]], 9), _record(UNITS[1], "now", [], 5)]
+    for unit, record in zip(UNITS, records, strict=True):
+        layout.shard_path(tmp_path, unit.name, "parquet").write_bytes(b"x")
+        layout.record_path(tmp_path, unit.name).write_text(json.dumps(record))
+    return tmp_path
+
+
+def _finalize(out_dir, **changes):
+    config = load_config(None, ["model.path=m", "input.path=i", f"output.dir={out_dir}"])
+    settings = dict(
+        config=config,
+        schema=pa.schema([pa.field("id", pa.string())]),
+        id_type=pa.string(),
+        identity={"path": "m"},
+        fingerprint="fp",
+        run_id="now",
+        wall=2.0,
+        world_size=2,
+        recomputed=["tokens/part-00001.parquet"],
+    )
+    return manifest.finalize(out_dir, UNITS, **{**settings, **changes})
+
+
+def test_totals_shards_and_this_runs_throughput(out_dir):
+    result = _finalize(out_dir)
+    assert result["totals"] == {
+        "input_rows": 6,
+        "scored_rows": 5,
+        "skipped_rows": 1,
+        "truncated_rows": 2,
+        "output_rows": 14,
+    }
+    assert [s["file"] for s in result["shards"]] == [
+        "tokens/part-00000.parquet",
+        "tokens/part-00001.parquet",
+    ]
+    assert set(result["shards"][0]) == {"file", "rows", "bytes", "sha256", "rank"}
+    # Only the units this run computed count towards its throughput.
+    run = result["throughput"]
+    assert (run["units"], run["rows"], run["tokens"], run["padded_tokens"]) == (1, 2, 5, 7)
+    assert run["tokens_per_s"] == 2.5
+    assert result["recomputed"] == ["tokens/part-00001.parquet"]
+    skipped = pq.read_table(out_dir / layout.SKIPPED)
+    assert skipped.to_pylist() == [{"id": "d1", "reason": "null_text"}]
+
+
+def test_a_missing_record_is_one_line_saying_what_to_do(out_dir):
+    layout.record_path(out_dir, "part-00001").unlink()
+    with pytest.raises(UserError, match="part-00001 or its record is missing.*run the same"):
+        _finalize(out_dir)
+
+
+def test_success_is_written_after_the_manifest(out_dir, monkeypatch):
+    faults.reset()  # count from this test on
+    monkeypatch.setenv("LOGIT_EXTRACT_FAIL_AT", "before_success=EIO")
+    with pytest.raises(OSError):
+        manifest.write(out_dir, {"format_version": 2})
+    assert layout.read_manifest(out_dir) == {"format_version": 2}
+    assert not (out_dir / layout.SUCCESS).exists()
+    monkeypatch.delenv("LOGIT_EXTRACT_FAIL_AT")
+    manifest.write(out_dir, {"format_version": 2})
+    assert (out_dir / layout.SUCCESS).exists()

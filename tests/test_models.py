@@ -1,0 +1,100 @@
+"""lib.models: one `score` call for every task gives the reduction what it needs, and its logits
+are the model's own at each scored position."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from lib import batching, models
+from lib.config import DecoderConfig, ModelConfig
+
+TEXTS = ["the cat sat on the mat", "a dog", "birds fly south in winter every year"]
+TARGETS = ["on the mat", "ran far away", "south"]
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dirs) -> dict[str, models.LoadedModel]:
+    cpu = torch.device("cpu")
+    return {
+        name: models.load_model(ModelConfig(path=model_dirs[name], dtype="float32"), cpu)
+        for name in ("gpt2", "t5")
+    }
+
+
+def _batch(lm: models.LoadedModel, task: str) -> batching.Batch:
+    table = pa.table({"text": TEXTS, "target": TARGETS})
+    tokenized = batching.tokenize_unit(table, lm.tokenizer, task, "", 32, lm.decoder_start_token_id)
+    return batching.collate(tokenized.requests, lm.pad_id)
+
+
+def _logits(lm: models.LoadedModel, scored: models.Scored) -> torch.Tensor:
+    return scored.head(scored.states)
+
+
+@pytest.mark.parametrize(
+    "name,task",
+    [("gpt2", batching.CAUSAL), ("gpt2", batching.CONTINUATION), ("t5", batching.TARGETS)],
+)
+def test_score_equals_each_row_alone(loaded, name, task):
+    lm = loaded[name]
+    batch = _batch(lm, task)
+    with torch.inference_mode():
+        scored = models.score(lm, batch, task, max_new_tokens=4)
+        logits = _logits(lm, scored)
+        assert scored.has_tokens and logits.shape == (len(batch.row), lm.vocab_size)
+        assert torch.equal(scored.token_id, batch.labels.to(torch.int32))
+        for request in batch.requests:  # the row alone, unpadded, through the model's forward
+            ids = torch.tensor([request.ids])
+            if request.decoder_ids is None:
+                alone = lm.model(input_ids=ids).logits[0]
+            else:
+                alone = lm.model(
+                    input_ids=ids, decoder_input_ids=torch.tensor([request.decoder_ids])
+                ).logits[0]
+            mine = scored.row == request.row
+            torch.testing.assert_close(
+                logits[mine], alone[scored.position[mine]], atol=1e-4, rtol=1e-4
+            )
+    assert scored.real_tokens == batch.real_tokens and scored.padded_tokens == batch.padded_tokens
+
+
+def test_score_start_mode_has_no_tokens(loaded):
+    lm = loaded["t5"]
+    with torch.inference_mode():
+        scored = models.score(lm, _batch(lm, batching.START), batching.START, max_new_tokens=4)
+    assert not scored.has_tokens
+    assert list(scored.position) == [0, 0, 0] and list(scored.row) == [0, 1, 2]
+
+
+def test_score_generate_mode_matches_generate(loaded):
+    lm = loaded["t5"]
+    batch = _batch(lm, batching.GENERATE)
+    with torch.inference_mode():
+        scored = models.score(lm, batch, batching.GENERATE, max_new_tokens=4)
+        for request in batch.requests:
+            out = lm.model.generate(
+                input_ids=torch.tensor([request.ids]),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=4,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            mine = scored.row == request.row
+            steps = int(mine.sum())
+            assert scored.token_id[mine].tolist() == out.sequences[0, 1 : 1 + steps].tolist()
+            assert scored.position[mine].tolist() == list(range(steps))
+            alone = torch.stack(out.logits, dim=1)[0, :steps]
+            torch.testing.assert_close(scored.states[mine], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_task_for_each_family(loaded):
+    gpt2, t5 = loaded["gpt2"], loaded["t5"]
+    assert models.task_for(gpt2, DecoderConfig(), has_targets=False) == batching.CAUSAL
+    assert models.task_for(gpt2, DecoderConfig(), has_targets=True) == batching.CONTINUATION
+    for mode in ("start", "targets", "generate"):
+        assert models.task_for(t5, DecoderConfig(mode=mode), has_targets=True) == mode
+    assert t5.is_seq2seq and not gpt2.is_seq2seq
+    assert t5.identity["architecture"] == "T5ForConditionalGeneration"

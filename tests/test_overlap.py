@@ -1,0 +1,102 @@
+"""lib.overlap: stages in threads behind bounded queues, errors raised in the caller, no thread
+left behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from lib.overlap import Background, Sink
+
+
+def _threads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+def test_background_yields_everything_in_order():
+    stage = Background(iter(range(100)), maxsize=3, name="bg-order")
+    assert list(stage) == list(range(100))
+    stage.close()
+    assert _threads("bg-order") == []
+
+
+def test_background_stays_at_most_maxsize_ahead():
+    produced = []
+
+    def items():
+        for i in range(50):
+            produced.append(i)
+            yield i
+
+    stage = Background(items(), maxsize=2, name="bg-ahead")
+    iterator = iter(stage)
+    assert next(iterator) == 0
+    time.sleep(0.2)
+    # One in the caller's hand, two queued, one waiting to be put.
+    assert len(produced) <= 4
+    stage.close()
+
+
+def test_background_error_is_raised_in_the_consumer_after_the_items_before_it():
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("bad unit")
+
+    stage = Background(items(), maxsize=1, name="bg-error")
+    seen = []
+    with pytest.raises(ValueError, match="bad unit"):
+        for item in stage:
+            seen.append(item)
+    assert seen == [1, 2]
+    stage.close()
+
+
+def test_background_close_stops_the_producer_and_runs_its_cleanup():
+    cleaned = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            cleaned.set()
+
+    stage = Background(endless(), maxsize=2, name="bg-close")
+    next(iter(stage))
+    stage.close()
+    assert cleaned.is_set() and _threads("bg-close") == []
+
+
+def test_sink_consumes_everything_and_close_waits_for_it():
+    seen = []
+
+    def consume(items):
+        for item in items:
+            time.sleep(0.001)
+            seen.append(item)
+
+    sink = Sink(consume, maxsize=2, name="sink-all")
+    for i in range(30):
+        sink.put(i)
+    sink.close()
+    assert seen == list(range(30)) and sink.error is None
+    assert _threads("sink-all") == []
+
+
+def test_sink_error_reaches_the_producer():
+    def consume(items):
+        for item in items:
+            if item == 3:
+                raise OSError(28, "No space left on device")
+
+    sink = Sink(consume, maxsize=1, name="sink-error")
+    with pytest.raises(OSError, match="No space left"):
+        for i in range(1000):
+            sink.put(i)
+    sink.close()
+    assert isinstance(sink.error, OSError) and _threads("sink-error") == []

@@ -1,0 +1,117 @@
+"""lib.pipeline: the stages one by one, and the whole job in this process."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lib import corpus, faults, layout, models, pipeline, writer
+from lib.config import load_config
+from lib.errors import OutputError
+from tests.conftest import write_rows
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, model_dirs, texts):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = write_rows(root / "in.parquet", texts[:40] + [None], ids=[f"r{i}" for i in range(41)])
+    config = load_config(
+        None,
+        [
+            f"model.path={model_dirs['gpt2']}",
+            f"input.path={data}",
+            "input.id_column=doc_id",
+            f"output.dir={root / 'out'}",
+            "output.shard_rows=12",
+            "output.k=3",
+            "batching.max_tokens=96",
+        ],
+    )
+    lm = models.load_model(config.model, torch.device("cpu"))
+    units = corpus.plan_units(corpus.inspect_inputs(config.input), 12)
+    return config, lm, units
+
+
+def _extraction(config, lm, units, out_dir) -> pipeline.Extraction:
+    schema = writer.output_schema(
+        pa.string(), config.output.k, lm.vocab_size, "float16", full=False
+    )
+    plan = pipeline.Plan(
+        task="causal",
+        schema=schema,
+        shard_schema=schema,
+        out_dir=out_dir,
+        rank=0,
+        run_id="r",
+        fingerprint="f",
+        check_lease=lambda: None,
+    )
+    return pipeline.Extraction(config, lm, plan, units, progress=False)
+
+
+def test_load_gives_each_units_batches_then_its_end(job, tmp_path):
+    config, lm, units = job
+    items = list(_extraction(config, lm, units, tmp_path).load())
+    ends = [item.unit.work.index for item in items if item.batch is None]
+    assert ends == [u.index for u in units]
+    rows = {}
+    for item in items:
+        if item.batch is not None:
+            for request in item.batch.requests:
+                rows.setdefault(item.unit.work.index, []).append(request.row)
+            assert item.batch.padded_tokens <= 96 or len(item.batch.requests) == 1
+    assert {i: sorted(r) for i, r in rows.items()} == {
+        0: list(range(12)),
+        1: list(range(12)),
+        2: list(range(12)),
+        3: [0, 1, 2, 3],
+    }
+    assert items[-1].unit.skipped == [(4, "null_text")]
+
+
+def test_compute_counts_each_units_tokens(job, tmp_path):
+    config, lm, units = job
+    extraction = _extraction(config, lm, units[:2], tmp_path)
+
+    class Bar:
+        def update(self, n):
+            pass
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+    loaded = list(extraction.load())
+    computed = list(extraction.compute(loaded, Bar()))
+    ends = [c for c in computed if c.reduced is None]
+    for end in ends:
+        batches = [i.batch for i in loaded if i.unit is end.unit and i.batch is not None]
+        assert end.tokens == sum(b.real_tokens for b in batches)
+        assert end.padded_tokens == sum(b.padded_tokens for b in batches)
+
+
+def test_run_commits_one_shard_per_unit(job, tmp_path):
+    config, lm, units = job
+    for folder in (layout.TOKENS, layout.UNITS):
+        (tmp_path / folder).mkdir()
+    _extraction(config, lm, units, tmp_path).run()
+    shards = layout.shard_files(tmp_path)
+    assert [p.name for p in shards] == [f"{u.name}.parquet" for u in units]
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in shards) > 0
+    assert layout.temporaries(tmp_path) == []
+
+
+def test_a_writer_failure_stops_every_stage(job, tmp_path, monkeypatch):
+    config, lm, units = job
+    for folder in (layout.TOKENS, layout.UNITS):
+        (tmp_path / folder).mkdir()
+    faults.reset()
+    monkeypatch.setenv("LOGIT_EXTRACT_FAIL_AT", "shard_close:2")
+    with pytest.raises(OutputError, match="No space left on device"):
+        _extraction(config, lm, units, tmp_path).run()
+    assert [p.name for p in layout.shard_files(tmp_path)] == ["part-00000.parquet"]
+    assert layout.temporaries(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name in ("loader", "writer")]
