@@ -91,9 +91,9 @@ class Computed:
     padded_tokens: int = 0
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """Start a device-to-host copy into pinned memory (a no-op on CPU)."""
-    if tensor.device.type == "cpu":
+def _to_host(tensor: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Start a device-to-host copy into pinned memory (a no-op on CPU and for numpy arrays)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu":
         return tensor
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
@@ -210,14 +210,12 @@ class Extraction:
             tokens=scored.has_tokens,
         )
         host = {name: _to_host(value) for name, value in stats.items()}
-        located = [
-            _to_host(t) if isinstance(t, torch.Tensor) else t for t in (scored.row, scored.position)
-        ]
         ready = None
         if lm.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        reduced = Reduced(located[0], located[1], _to_host(scored.token_id), host, ready)
+        row, position = _to_host(scored.row), _to_host(scored.position)
+        reduced = Reduced(row, position, _to_host(scored.token_id), host, ready)
         return reduced, scored.real_tokens, scored.padded_tokens
 
     def _forward(self, unit: Unit, batch: batching.Batch) -> list[tuple[Reduced, int, int]]:

@@ -63,18 +63,9 @@ def load_table(out_dir: str | Path, columns: list[str] | None = None) -> pa.Tabl
     return open_dataset(out_dir).to_table(columns=columns)
 
 
-def is_examples(table_or_schema: pa.Table | pa.Schema) -> bool:
-    """Whether rows are examples (`output.rows=examples`), not positions."""
-    return (
-        "input_ids" in table_or_schema.schema.names
-        if isinstance(table_or_schema, pa.Table)
-        else "input_ids" in table_or_schema.names
-    )
-
-
 def positions_table(table: pa.Table) -> pa.Table:
     """Example rows as position rows (the default layout); position rows pass through."""
-    if not is_examples(table):
+    if "input_ids" not in table.column_names:  # output.rows=positions already
         return table
     table = table.combine_chunks()
     lists = [

@@ -133,29 +133,12 @@ def test_chunked_reduce_equals_one_chunk(full):
     labels = torch.randint(0, VOCAB, (50,))
     labels[7] = -1
     with torch.inference_mode():
-        whole = reduce.reduce_states(
-            head,
-            states,
-            labels,
-            k=K,
-            output_dtype=torch.float32,
-            full=full,
-            vocab_size=VOCAB,
-            chunk_bytes=2**30,
-        )
+        settings = dict(k=K, output_dtype=torch.float32, full=full, vocab_size=VOCAB)
+        whole = reduce.reduce_states(head, states, labels, chunk_bytes=2**30, **settings)
         assert head.calls == [50]
         head.calls.clear()
         # Room for 3 positions' float32 logits per chunk: 17 chunks, the last one of 2 positions.
-        chunked = reduce.reduce_states(
-            head,
-            states,
-            labels,
-            k=K,
-            output_dtype=torch.float32,
-            full=full,
-            vocab_size=VOCAB,
-            chunk_bytes=3 * 4 * VOCAB,
-        )
+        chunked = reduce.reduce_states(head, states, labels, chunk_bytes=3 * 4 * VOCAB, **settings)
     assert head.calls == [3] * 16 + [2]
     assert whole.keys() == chunked.keys()
     for name in whole:
