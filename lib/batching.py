@@ -45,6 +45,8 @@ class TokenizedUnit:
     requests: list[Request]
     skipped: list[tuple[int, str]]  # (row in unit, reason)
     truncated: int
+    text_lengths: list[int] = field(default_factory=list)  # tokens of each scored row's text
+    target_lengths: list[int] | None = None  # and of its target, where one is tokenized
 
 
 @dataclass
@@ -150,6 +152,7 @@ def tokenize_unit(
         cut |= target_cut
 
     requests = []
+    scored_index = []
     for i, row in enumerate(rows):
         seq = ids[i]
         if not seq:
@@ -163,17 +166,36 @@ def tokenize_unit(
             requests.append(Request(row, seq))
         elif not target_ids[i]:
             skipped.append((row, "empty_target"))
+            continue
         elif task == TARGETS:
             tgt = target_ids[i]
             requests.append(Request(row, seq, [decoder_start_token_id] + tgt[:-1], 0, tgt))
         else:  # CONTINUATION
             tgt = target_ids[i]
             requests.append(Request(row, seq + tgt, None, len(seq) - 1, tgt))
+        scored_index.append(i)
     skipped.sort()
     # A row counts once however many of its sequences were cut, and only if it is scored.
     scored = {request.row for request in requests}
     truncated = sum(rows[i] in scored for i in cut)
-    return TokenizedUnit(requests, skipped, truncated)
+    return TokenizedUnit(
+        requests,
+        skipped,
+        truncated,
+        [len(ids[i]) for i in scored_index],
+        [len(target_ids[i]) for i in scored_index] if uses_targets else None,
+    )
+
+
+def length_histogram(lengths: list[int], max_length: int, bins: int = 64) -> dict:
+    """Counts of token lengths in equal-width bins from 0 to `max_length` (inclusive, in the last
+    bin), for unit records: small whatever the unit's size, and summable across units."""
+    width = max(1, -(-max_length // bins))
+    counts = np.bincount(
+        np.minimum(np.asarray(lengths, dtype=np.int64) // width, max_length // width),
+        minlength=max_length // width + 1,
+    )
+    return {"bin_width": width, "counts": counts.tolist()}
 
 
 def _padded_width(lengths: np.ndarray) -> np.ndarray:

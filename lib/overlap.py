@@ -1,7 +1,8 @@
 """Run a pipeline stage in a thread behind a bounded queue, with its error raised in the caller.
 
 `Background(generator)` produces in a thread and is iterated by the caller; `Sink(consume)` is
-fed by the caller and consumes in a thread. Either way the queue bounds memory, an exception in
+fed by the caller and consumes in a thread; `Workers` runs independent calls (shard commits) on
+a few threads. Either way the queue bounds memory, an exception in
 the thread is raised in the caller, and `close()` stops and joins the thread, so no thread
 outlives the stage.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 _END = object()
 _POLL_S = 0.1
@@ -105,3 +107,45 @@ class Sink:
             except queue.Full:
                 continue
         self._thread.join()
+
+
+class Workers:
+    """Run calls on up to `size` threads; `submit` waits while all are busy, so at most `size`
+    calls (and what they hold) are in flight. The first failure is raised by the next `submit`
+    or by `close`, which waits for every call."""
+
+    def __init__(self, size: int, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix=name)
+        self._slots = threading.Semaphore(size)
+        self._futures: set[Future] = set()
+        self._lock = threading.Lock()
+
+    def _done(self, future: Future) -> None:
+        self._slots.release()
+
+    def check(self) -> None:
+        """Raise the failure of a call that has ended, if any."""
+        with self._lock:
+            done = {f for f in self._futures if f.done()}
+            self._futures -= done
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()
+
+    def submit(self, call: Callable, *args) -> None:
+        """Run `call(*args)` on a free thread, waiting for one if all are busy."""
+        self._slots.acquire()
+        try:
+            self.check()  # after the wait too: no call starts once another has failed
+        except BaseException:
+            self._slots.release()
+            raise
+        future = self._pool.submit(call, *args)
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._done)
+
+    def close(self) -> None:
+        """Wait for every call; raise the first failure, if any."""
+        self._pool.shutdown(wait=True)
+        self.check()

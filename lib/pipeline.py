@@ -13,6 +13,7 @@ world_size-th unit and meet only at the end.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import uuid
@@ -28,13 +29,18 @@ from lib import batching, corpus, layout, manifest, models, reduce, resume, writ
 from lib.config import JobConfig
 from lib.errors import Interrupted, UserError, output_error
 from lib.lease import Lease
-from lib.overlap import Background, Sink
+from lib.overlap import Background, Sink, Workers
 
 log = logging.getLogger(__name__)
+_IMPORTED_AT = time.time()
 
 LOADER_QUEUE = 8  # padded batches waiting for the model
 WRITER_QUEUE = 8  # reduced batches waiting to be written
 SWITCH_INTERVAL = 0.0005  # seconds; see Extraction.run
+# Threads that sort, encode, compress and commit ended units while the writer takes the next
+# unit's batches: Parquet encoding, zstd and hashing release the GIL, so commits use the cores
+# a GPU host has spare. Each holds one unit's top-k rows; half the cores, at most 4.
+COMMIT_WORKERS = max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class Unit:
     skipped: list[tuple[int, str]]
     truncated: int
     input_ids: dict[int, list[int]] | None  # row -> its tokens, for output.rows=examples
+    started_at: float  # unix time its reading began
+    lengths: dict  # token-length histograms of the scored rows' texts (and targets)
 
 
 @dataclass
@@ -89,6 +97,7 @@ class Computed:
     reduced: Reduced | None
     tokens: int = 0
     padded_tokens: int = 0
+    batches: list[list[int]] = field(default_factory=list)  # [rows, tokens, padded tokens]
 
 
 def _to_host(tensor: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
@@ -105,13 +114,12 @@ def _numpy(value):
 
 @dataclass
 class UnitShard:
-    """The writer's state for one unit: its shard, and its top-k rows until the unit ends."""
+    """The writer's state for one unit: its shard, and its top-k rows (numpy, one dict per
+    batch) until the unit ends."""
 
     unit: Unit
-    shard: writer.ShardWriter
-    parts: list[pa.Table] = field(default_factory=list)
-    rows: list[np.ndarray] = field(default_factory=list)
-    positions: list[np.ndarray] = field(default_factory=list)
+    shard: writer.ShardWriter | None = None  # opened by the first write
+    parts: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 class Extraction:
@@ -135,6 +143,7 @@ class Extraction:
         self.examples = config.output.rows == "examples"
         self.output_dtype = getattr(torch, config.output.dtype)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
+        self.first_batch_at: float | None = None  # unix time the first batch reached the model
 
     # -- stage 1: read, tokenize, bucket, pad (loader thread) --------------------------------
     def load(self) -> Iterator[Loaded]:
@@ -143,6 +152,7 @@ class Extraction:
         pin = self.lm.device.type == "cuda"
         decoder_length = cfg.decoder.max_new_tokens if self.plan.task == batching.GENERATE else 0
         for work in self.units:
+            started_at = time.time()
             table = corpus.read_unit(work, cfg.input)
             tokenized = batching.tokenize_unit(
                 table,
@@ -152,12 +162,21 @@ class Extraction:
                 cfg.input.max_length,
                 self.lm.decoder_start_token_id,
             )
+            lengths = {
+                "text": batching.length_histogram(tokenized.text_lengths, cfg.input.max_length)
+            }
+            if tokenized.target_lengths is not None:
+                lengths["target"] = batching.length_histogram(
+                    tokenized.target_lengths, cfg.input.max_length
+                )
             unit = Unit(
                 work,
                 table.column("id").combine_chunks(),
                 tokenized.skipped,
                 tokenized.truncated,
                 {r.row: r.ids for r in tokenized.requests} if self.examples else None,
+                started_at,
+                lengths,
             )
             for requests in batching.make_batches(
                 tokenized.requests, cfg.batching.max_tokens, decoder_length
@@ -169,28 +188,31 @@ class Extraction:
     # -- stage 2: forward and reduce on the device (main thread) -----------------------------
     def compute(self, loaded: Iterable[Loaded], bar) -> Iterator[Computed]:
         """Each batch's reduced results, and each unit's end with its token counts."""
-        counts: dict[int, list[int]] = {}  # unit -> [real tokens, padded tokens]
+        batches: dict[int, list[list[int]]] = {}  # unit -> [rows, tokens, padded tokens] a batch
         started = time.perf_counter()
         total = 0
         for item in loaded:
             index = item.unit.work.index
-            if index not in counts:
-                counts[index] = [0, 0]
+            if index not in batches:
+                batches[index] = []
                 bar.update(len(item.unit.skipped))
+            if self.first_batch_at is None and item.batch is not None:
+                self.first_batch_at = time.time()
             if item.batch is None:
-                tokens, padded = counts.pop(index)
-                yield Computed(item.unit, None, tokens, padded)
+                done = batches.pop(index)
+                tokens, padded = (sum(b[i] for b in done) for i in (1, 2))
+                yield Computed(item.unit, None, tokens, padded, done)
                 continue
-            for reduced, real, padded in self._forward(item.unit, item.batch):
-                counts[index][0] += real
-                counts[index][1] += padded
-                total += real
+            for reduced, sizes in self._forward(item.unit, item.batch):
+                batches[index].append(sizes)
+                total += sizes[1]
                 yield Computed(item.unit, reduced)
             bar.update(len(item.batch.requests))
             elapsed = time.perf_counter() - started
             bar.set_postfix_str(f"{total / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
 
-    def _reduce(self, batch: batching.Batch) -> tuple[Reduced, int, int]:
+    def _reduce(self, batch: batching.Batch) -> tuple[Reduced, list[int]]:
+        """The batch's results, and its [rows, tokens, padded tokens]."""
         lm, cfg = self.lm, self.config
         scored = models.score(lm, batch.to(lm.device), self.plan.task, cfg.decoder.max_new_tokens)
         logits_out = None
@@ -216,9 +238,9 @@ class Extraction:
             ready.record()
         row, position = _to_host(scored.row), _to_host(scored.position)
         reduced = Reduced(row, position, _to_host(scored.token_id), host, ready)
-        return reduced, scored.real_tokens, scored.padded_tokens
+        return reduced, [len(batch.requests), scored.real_tokens, scored.padded_tokens]
 
-    def _forward(self, unit: Unit, batch: batching.Batch) -> list[tuple[Reduced, int, int]]:
+    def _forward(self, unit: Unit, batch: batching.Batch) -> list[tuple[Reduced, list[int]]]:
         """Run a batch; on device OOM split it in halves and remember the size that fits."""
         width = batch.input_ids.shape[1]
         cap = self.row_caps.get(width)
@@ -255,62 +277,71 @@ class Extraction:
 
     # -- stage 3: Arrow conversion and shard commits (writer thread) -------------------------
     def write(self, computed: Iterable[Computed]) -> None:
-        """Write each unit's rows and commit its shard when the unit ends; discard the shards of
-        units that have not ended when the stream stops or fails."""
+        """Write each unit's rows and commit its shard (on a commit thread) when the unit ends;
+        discard the shards of units that have not ended when the stream stops or fails."""
         open_shards: dict[int, UnitShard] = {}
+        commits = Workers(COMMIT_WORKERS, "commit")
         try:
             for item in computed:
+                commits.check()
                 index = item.unit.work.index
                 if index not in open_shards:
-                    shard = writer.ShardWriter(
-                        self.plan.out_dir,
-                        item.unit.work.name,
-                        self.plan.shard_schema,
-                        self.config.output.format,
-                    )
-                    open_shards[index] = UnitShard(item.unit, shard)
+                    open_shards[index] = UnitShard(item.unit)
                 if item.reduced is not None:
                     self._add(open_shards[index], item.reduced)
                 else:
-                    self._commit(open_shards[index], item)
-                    del open_shards[index]  # after the commit, so a failure aborts it
+                    commits.submit(self._commit, open_shards[index], item)
+                    del open_shards[index]  # the commit owns it now; before, a failure aborts it
         finally:
             for state in open_shards.values():
-                state.shard.abort()
+                _abort(state)
+            commits.close()  # the units that ended are committed (or fail) before we return
 
     def _add(self, state: UnitShard, item: Reduced) -> None:
         if item.ready is not None:
             item.ready.synchronize()
-        stats = {name: _numpy(value) for name, value in item.stats.items()}
-        row, position = _numpy(item.row), _numpy(item.position)
-        table = writer.to_table(
-            self.plan.schema, state.unit.ids, row, position, _numpy(item.token_id), stats
-        )
+        arrays = {name: _numpy(value) for name, value in item.stats.items()}
+        arrays.update(row=_numpy(item.row), position=_numpy(item.position))
+        arrays["token_id"] = _numpy(item.token_id)
         if self.full:  # full logits are large: stream them, never hold a unit of them
             if self.examples:  # a row's positions are all in one batch
-                order = np.lexsort((position, row))
-                table = self._to_examples(table.take(pa.array(order)), row[order], state.unit)
-            state.shard.write(table)
+                arrays = _sorted(arrays)
+            self._shard(state).write(self._table(arrays, state.unit))
         else:  # top-k rows are small: keep the unit and write it in input order
-            state.parts.append(table)
-            state.rows.append(row)
-            state.positions.append(position)
+            state.parts.append(arrays)
 
-    def _to_examples(self, table: pa.Table, rows: np.ndarray, unit: Unit) -> pa.Table:
+    def _table(self, arrays: dict[str, np.ndarray], unit: Unit) -> pa.Table:
+        """Shard rows from sorted arrays: position rows, or example rows built from them."""
+        row, position = arrays.pop("row"), arrays.pop("position")
+        token_id = arrays.pop("token_id")
+        table = writer.to_table(self.plan.schema, unit.ids, row, position, token_id, arrays)
+        if not self.examples:
+            return table
         return writer.to_examples(
-            self.plan.shard_schema, table, rows, unit.input_ids, self.lm.decoder_start_token_id
+            self.plan.shard_schema, table, row, unit.input_ids, self.lm.decoder_start_token_id
         )
 
     def _commit(self, state: UnitShard, end: Computed) -> None:
+        try:
+            if state.parts:
+                parts = state.parts
+                arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+                state.parts = []
+                self._shard(state).write(self._table(_sorted(arrays), state.unit))
+            self._commit_record(state, end)
+        except BaseException:
+            _abort(state)
+            raise
+
+    def _shard(self, state: UnitShard) -> writer.ShardWriter:
+        if state.shard is None:
+            out = self.plan.out_dir
+            name, fmt = state.unit.work.name, self.config.output.format
+            state.shard = writer.ShardWriter(out, name, self.plan.shard_schema, fmt)
+        return state.shard
+
+    def _commit_record(self, state: UnitShard, end: Computed) -> None:
         unit = state.unit
-        if state.parts:
-            table = pa.concat_tables(state.parts)
-            rows = np.concatenate(state.rows)
-            order = np.lexsort((np.concatenate(state.positions), rows))
-            table = table.take(pa.array(order))
-            if self.examples:
-                table = self._to_examples(table, rows[order], unit)
-            state.shard.write(table)
         skipped = [[unit.ids[row].as_py(), reason] for row, reason in unit.skipped]
         work = unit.work
         record = {
@@ -329,9 +360,13 @@ class Extraction:
             "truncated_rows": unit.truncated,
             "tokens": end.tokens,
             "padded_tokens": end.padded_tokens,
+            "started_at": round(unit.started_at, 3),
+            "committed_at": round(time.time(), 3),
+            "lengths": unit.lengths,
+            "batches": end.batches,
             "skipped": skipped,
         }
-        state.shard.commit(record, self.plan.check_lease)
+        self._shard(state).commit(record, self.plan.check_lease)
 
     # -- the three stages together ------------------------------------------------------------
     def run(self) -> None:
@@ -368,6 +403,17 @@ class Extraction:
             raise interrupted
         if sink.error is not None:
             raise sink.error
+
+
+def _abort(state: UnitShard) -> None:
+    if state.shard is not None:
+        state.shard.abort()
+
+
+def _sorted(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays in input order: by row, then position (numpy is faster than an Arrow take)."""
+    order = np.lexsort((arrays["position"], arrays["row"]))
+    return {name: values[order] for name, values in arrays.items()}
 
 
 def _shut_down(loaded: Background, sink: Sink) -> Interrupted | None:
@@ -507,11 +553,18 @@ def run_job(config: JobConfig, progress: bool = True) -> dict:
             if u.index % state.num_processes == state.process_index
             and not resume.committed(out_dir, u, config.output.format)
         ]
-        Extraction(config, setup.lm, plan, mine, progress=progress and state.is_main_process).run()
+        extraction = Extraction(
+            config, setup.lm, plan, mine, progress=progress and state.is_main_process
+        )
+        extraction.run()
         state.wait_for_everyone()
         result = {}
         if state.is_main_process:
             result = _finish(config, setup, claim, time.perf_counter() - started, state)
+            if extraction.first_batch_at is not None:
+                startup = extraction.first_batch_at - _process_start()
+                result["throughput"]["startup_s"] = round(startup, 3)
+            manifest.write(out_dir, result)
         state.wait_for_everyone()
         return result
     finally:
@@ -538,5 +591,15 @@ def _finish(config: JobConfig, setup: _Setup, claim: dict, wall: float, state) -
         recomputed=claim["recomputed"],
     )
     result["throughput"]["input_checksum_s"] = round(claim["checksum_s"], 6)
-    manifest.write(out_dir, result)
     return result
+
+
+def _process_start() -> float:
+    """Unix time this process started (Linux); elsewhere, when this module was imported."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        ticks = os.sysconf("SC_CLK_TCK")
+        return time.time() - uptime + int(fields[19]) / ticks
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT

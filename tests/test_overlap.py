@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lib.overlap import Background, Sink
+from lib.overlap import Background, Sink, Workers
 
 
 def _threads(name: str) -> list[threading.Thread]:
@@ -100,3 +100,49 @@ def test_sink_error_reaches_the_producer():
             sink.put(i)
     sink.close()
     assert isinstance(sink.error, OSError) and _threads("sink-error") == []
+
+
+def test_workers_run_every_call_with_at_most_size_in_flight():
+    running, peak, done = [0], [0], []
+    lock = threading.Lock()
+
+    def call(i):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+            done.append(i)
+
+    workers = Workers(2, name="w-bound")
+    for i in range(10):
+        workers.submit(call, i)
+    workers.close()
+    assert sorted(done) == list(range(10))
+    assert peak[0] == 2
+
+
+def test_workers_failure_stops_later_calls_and_is_raised():
+    started = []
+
+    def call(i):
+        started.append(i)
+        if i == 1:
+            raise OSError(28, "No space left on device")
+
+    workers = Workers(1, name="w-fail")
+    workers.submit(call, 0)
+    workers.submit(call, 1)
+    with pytest.raises(OSError, match="No space"):
+        workers.submit(call, 2)  # waits for the free thread, then sees the failure
+    workers.close()
+    assert started == [0, 1]
+
+
+def test_workers_close_raises_a_failure_of_the_last_call():
+    workers = Workers(2, name="w-last")
+    workers.submit(lambda: None)
+    workers.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        workers.close()
