@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,10 +33,12 @@ def _on_signal(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
-def _committed(out_dir: str) -> int:
+def _committed(out_dir: str, level: str) -> int:
+    """Shards committed so far in the level's first folder (one per committed unit)."""
     from lib import layout
 
-    return len(layout.shard_files(Path(out_dir))) if Path(out_dir).is_dir() else 0
+    folder = layout.folders(level)[0]
+    return len(layout.shard_files(Path(out_dir), folder)) if Path(out_dir).is_dir() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         name = signal.Signals(stop.signum).name
         where = (
-            f"{_committed(config.output.dir)} shards committed in {config.output.dir}; "
+            f"{_committed(config.output.dir, config.output.level)} shards committed in "
+            f"{config.output.dir}; "
             if config
             else ""
         )
@@ -77,7 +81,27 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
     if manifest:
         print_summary(manifest, config.output.dir)
+        if config.output.report:
+            _write_report(config.output.dir, rewrite=not manifest.get("already_complete"))
     return 0
+
+
+def _write_report(out_dir: str, rewrite: bool) -> None:
+    """OUT/report.html (see jobs.report); a rerun that changed nothing keeps an existing one.
+    A finished job never fails for its report: a failure is a one-line warning."""
+    from lib import layout
+
+    path = Path(out_dir) / layout.REPORT
+    if os.environ.get("LOGIT_EXTRACT_NO_REPORT") or (path.exists() and not rewrite):
+        return  # the variable: the test suite's runs skip drawing (a second or two each)
+    try:
+        from lib.report import write_report
+
+        write_report(out_dir)
+    except Exception as exc:
+        print(f"warning: no report written: {one_line(first_line(exc))}", file=sys.stderr)
+        return
+    print(f"  {'report':<20}{path}")
 
 
 if __name__ == "__main__":

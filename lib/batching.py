@@ -47,6 +47,7 @@ class TokenizedUnit:
     truncated: int
     text_lengths: list[int] = field(default_factory=list)  # tokens of each scored row's text
     target_lengths: list[int] | None = None  # and of its target, where one is tokenized
+    truncated_rows: list[int] = field(default_factory=list)  # the scored rows that were cut
 
 
 @dataclass
@@ -177,13 +178,14 @@ def tokenize_unit(
     skipped.sort()
     # A row counts once however many of its sequences were cut, and only if it is scored.
     scored = {request.row for request in requests}
-    truncated = sum(rows[i] in scored for i in cut)
+    truncated_rows = sorted(rows[i] for i in cut if rows[i] in scored)
     return TokenizedUnit(
         requests,
         skipped,
-        truncated,
+        len(truncated_rows),
         [len(ids[i]) for i in scored_index],
         [len(target_ids[i]) for i in scored_index] if uses_targets else None,
+        truncated_rows,
     )
 
 

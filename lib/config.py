@@ -23,6 +23,9 @@ class ModelConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    revision: str | None = None  # a hub branch, tag or commit; the commit loaded is recorded
+    local_files_only: bool = False  # never ask the hub: the local cache or directory only
+    cache_dir: str | None = None  # the hub cache (default: HF_HOME's)
 
 
 @dataclass
@@ -55,7 +58,10 @@ class OutputConfig:
     format: str = "parquet"
     shard_rows: int = 5000
     rows: str = "positions"  # one output row per scored position, or one per input row
+    level: str = "tokens"  # token rows, one row per document, or both
+    min_k_fraction: float = 0.2  # Min-K% Prob and Min-K%++: the share of lowest tokens averaged
     overwrite: bool = False
+    report: bool = True  # write OUT/report.html at the end of `python -m jobs.extract`
 
 
 @dataclass
@@ -78,6 +84,7 @@ CHOICES = {
     "output.dtype": ("float16", "float32"),
     "output.format": ("parquet", "arrow"),
     "output.rows": ("positions", "examples"),
+    "output.level": ("tokens", "documents", "both"),
 }
 POSITIVE = ("input.max_length", "decoder.max_new_tokens", "output.k", "output.shard_rows")
 # What each required key expects, so the message for a missing one says what to give.
@@ -273,6 +280,11 @@ def validate(config: JobConfig) -> None:
     if config.batching.max_tokens < 8:
         raise UserError(
             f"config key batching.max_tokens: must be at least 8, got {config.batching.max_tokens}"
+        )
+    if not 0 < config.output.min_k_fraction <= 1:
+        raise UserError(
+            "config key output.min_k_fraction: must be above 0 and at most 1, "
+            f"got {config.output.min_k_fraction}"
         )
     if config.decoder.mode == "targets" and not config.input.target_column:
         raise UserError("config key input.target_column is required when decoder.mode=targets")

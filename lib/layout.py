@@ -1,11 +1,14 @@
 """The output directory: the one owner of its file names, temporaries, records and manifest.
 
     OUT/tokens/part-00042.parquet   token rows; this folder holds nothing but committed shards
+    OUT/documents/part-00042.parquet   one row per document (output.level documents or both)
     OUT/_job.json                   fingerprint, input checksums and run id of the job
     OUT/_lock.json                  the live job's lease (lib/lease.py)
-    OUT/_units/part-00042.json      a committed shard's record: rows, bytes, sha256, counts
+    OUT/_units/part-00042.json      a committed unit's record: its shards' rows, bytes and
+                                    sha256, counts, partial scores
     OUT/_tmp/                       temporaries, named after the process that writes them
     OUT/_skipped.parquet, OUT/_manifest.json, OUT/_SUCCESS   written last, in that order
+    OUT/report.html                the run report (lib/report.py), after the job or on demand
 
 Readers that skip names starting with `_` or `.` (pyarrow, pandas, Polars, DuckDB with a
 `tokens/*` glob, Hugging Face datasets) see only the shards. Output of the first layout, with
@@ -25,6 +28,7 @@ from lib.errors import output_error
 from lib.lease import Process, tag_alive
 
 TOKENS = "tokens"
+DOCUMENTS = "documents"
 UNITS = "_units"
 TMP = "_tmp"
 JOB = "_job.json"
@@ -32,9 +36,12 @@ LOCK = "_lock.json"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 SKIPPED = "_skipped.parquet"
+REPORT = "report.html"  # the name the report's contract gives; read token rows from OUT/tokens
 EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
-FORMAT_VERSION = 2  # 1: shards at OUT itself; 2: shards in OUT/tokens with checksums
-_OURS = {TOKENS, UNITS, TMP, JOB, LOCK, MANIFEST, SUCCESS, SKIPPED}
+# 1: shards at OUT itself; 2: shards in OUT/tokens with checksums; 3: entropy, documents,
+# scores, and a record's shards listed under "files"
+FORMAT_VERSION = 3
+_OURS = {TOKENS, DOCUMENTS, UNITS, TMP, JOB, LOCK, MANIFEST, SUCCESS, SKIPPED, REPORT}
 _HASH_BLOCK = 8 << 20
 
 _writer_tag: str | None = None
@@ -49,13 +56,18 @@ def writer_tag() -> str:
 
 
 # -- names ---------------------------------------------------------------------------------
-def shard_name(name: str, fmt: str) -> str:
+def folders(level: str) -> tuple[str, ...]:
+    """The shard folders of an `output.level`; a unit commits one shard in each."""
+    return {"tokens": (TOKENS,), "documents": (DOCUMENTS,), "both": (TOKENS, DOCUMENTS)}[level]
+
+
+def shard_name(name: str, fmt: str, folder: str = TOKENS) -> str:
     """A shard's path relative to OUT, as the manifest and unit records store it."""
-    return f"{TOKENS}/{name}.{EXTENSIONS[fmt]}"
+    return f"{folder}/{name}.{EXTENSIONS[fmt]}"
 
 
-def shard_path(out_dir: Path, name: str, fmt: str) -> Path:
-    return out_dir / shard_name(name, fmt)
+def shard_path(out_dir: Path, name: str, fmt: str, folder: str = TOKENS) -> Path:
+    return out_dir / shard_name(name, fmt, folder)
 
 
 def record_path(out_dir: Path, name: str) -> Path:
@@ -63,8 +75,11 @@ def record_path(out_dir: Path, name: str) -> Path:
 
 
 def temp_path(out_dir: Path, final: Path) -> Path:
-    """A temporary for `final`, unique to this process, in OUT/_tmp."""
-    return out_dir / TMP / f"{final.name}@{writer_tag()}.tmp"
+    """A temporary for `final`, unique to this process, in OUT/_tmp (a document shard's name
+    starts with `documents-`, as token and document shards of a unit share a name)."""
+    folder = final.parent.name
+    name = final.name if folder != DOCUMENTS else f"{folder}-{final.name}"
+    return out_dir / TMP / f"{name}@{writer_tag()}.tmp"
 
 
 def is_ours(name: str) -> bool:
@@ -77,11 +92,12 @@ def legacy_shards(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob("part-*") if p.is_file())
 
 
-def shard_files(out_dir: Path) -> list[Path]:
-    """The committed shards, in name order (the order readers use); the first layout's too."""
-    folder = out_dir / TOKENS
-    found = sorted(p for p in folder.glob("part-*") if p.is_file()) if folder.is_dir() else []
-    return found or legacy_shards(out_dir)
+def shard_files(out_dir: Path, folder: str = TOKENS) -> list[Path]:
+    """The committed shards of a folder, in name order (the order readers use); for tokens,
+    the first layout's too."""
+    path = out_dir / folder
+    found = sorted(p for p in path.glob("part-*") if p.is_file()) if path.is_dir() else []
+    return found or (legacy_shards(out_dir) if folder == TOKENS else [])
 
 
 def relative(out_dir: Path, path: Path) -> str:
@@ -92,7 +108,7 @@ def relative(out_dir: Path, path: Path) -> str:
 def temporaries(out_dir: Path) -> list[Path]:
     """Every temporary file in OUT: in `_tmp`, and hidden `*.tmp` files of the first layout."""
     found = []
-    for folder in (out_dir, out_dir / UNITS, out_dir / TOKENS, out_dir / TMP):
+    for folder in (out_dir, out_dir / UNITS, out_dir / TOKENS, out_dir / DOCUMENTS, out_dir / TMP):
         if folder.is_dir():
             found += [
                 p

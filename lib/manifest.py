@@ -7,16 +7,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lib import corpus, faults, layout
+from lib import corpus, faults, layout, scores
 from lib.config import JobConfig
 from lib.errors import UserError
 
 _COUNTS = ("input_rows", "scored_rows", "skipped_rows", "truncated_rows")
 
 
-def _record(out_dir: Path, unit: corpus.WorkUnit, fmt: str) -> dict:
+def _record(out_dir: Path, unit: corpus.WorkUnit, fmt: str, level: str) -> dict:
     record = layout.read_record(out_dir, unit.name)
-    if not layout.shard_path(out_dir, unit.name, fmt).exists() or record is None:
+    folders = layout.folders(level)
+    if record is None or not all(
+        layout.shard_path(out_dir, unit.name, fmt, f).exists() for f in folders
+    ):
         raise UserError(
             f"output.dir {out_dir}: shard {unit.name} or its record is missing after all ranks "
             "finished; run the same command again to recompute it"
@@ -33,12 +36,17 @@ def _write_skipped(out_dir: Path, ids: list, reasons: list[str], id_type: pa.Dat
     layout.write_atomic(out_dir / layout.SKIPPED, sink.getvalue().to_pybytes(), out_dir)
 
 
+def _fields(schema: pa.Schema) -> list[dict]:
+    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
+
+
 def finalize(
     out_dir: Path,
     units: list[corpus.WorkUnit],
     *,
     config: JobConfig,
     schema: pa.Schema,
+    documents_schema: pa.Schema | None,
     id_type: pa.DataType,
     identity: dict,
     fingerprint: str,
@@ -49,15 +57,18 @@ def finalize(
 ) -> dict:
     """After every rank is done (main process): write `_skipped.parquet` and build the manifest."""
     fmt = config.output.format
-    shards, skipped_ids, skipped_reasons = [], [], []
+    shards, skipped_ids, skipped_reasons, partial_scores = [], [], [], []
     totals = dict.fromkeys((*_COUNTS, "output_rows"), 0)
     run = {"units": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
     for unit in units:
-        record = _record(out_dir, unit, fmt)
-        shards.append({key: record[key] for key in ("file", "rows", "bytes", "sha256", "rank")})
+        record = _record(out_dir, unit, fmt, config.output.level)
+        shards += [{**entry, "rank": record["rank"]} for entry in record["files"]]
+        partial_scores.append(record["scores"])
         for key in _COUNTS:
             totals[key] += record[key]
-        totals["output_rows"] += record["rows"]
+        totals["output_rows"] += record["files"][0]["rows"]
+        if config.output.level != "tokens":
+            totals["document_rows"] = totals.get("document_rows", 0) + record["files"][-1]["rows"]
         for item_id, reason in record["skipped"]:
             skipped_ids.append(item_id)
             skipped_reasons.append(reason)
@@ -72,11 +83,13 @@ def finalize(
         "fingerprint": fingerprint,
         "config": config.to_dict(),
         "model": identity,
-        "schema": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
+        "schema": _fields(schema),
+        **({"documents_schema": _fields(documents_schema)} if documents_schema else {}),
         "format": fmt,
         "world_size": world_size,
         "shards": shards,
         "totals": totals,
+        "scores": scores.merge(partial_scores),
         # This run's work only: a resumed run reports what it computed itself.
         "throughput": {
             **run,

@@ -10,12 +10,17 @@ full forward, detected at load time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
+import socket
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -233,11 +238,33 @@ def _about_the_checkpoint(cfg: ModelConfig):
         raise _remote_code_error(cfg.path, exc) or load_error(cfg.path, exc) from None
 
 
+def hub_options(cfg: ModelConfig) -> dict:
+    """What every from_pretrained call gets: the same revision, cache and offline choice."""
+    return {
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": cfg.revision,
+        "local_files_only": cfg.local_files_only,
+        "cache_dir": cfg.cache_dir,
+    }
+
+
+def _snapshot_commit(cfg: ModelConfig) -> str | None:
+    """The commit of the hub snapshot the model was loaded from (None for a local directory):
+    the cache keeps each commit's files under snapshots/<commit>/."""
+    if os.path.isdir(cfg.path):
+        return None
+    from transformers.utils import cached_file
+
+    options = {k: v for k, v in hub_options(cfg).items() if k != "trust_remote_code"}
+    resolved = Path(cached_file(cfg.path, "config.json", **options))
+    return resolved.parent.name if resolved.parent.parent.name == "snapshots" else None
+
+
 def _load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     with _about_the_checkpoint(cfg):
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, **hub_options(cfg))
     if len(tokenizer) < 4:  # transformers builds an empty tokenizer when the files are missing
         raise UserError(
             f"model.path {cfg.path}: no usable tokenizer (the one found has "
@@ -256,7 +283,7 @@ def _load_weights(cfg: ModelConfig, config, is_seq2seq: bool, dtype: torch.dtype
     kwargs = dict(
         config=config,
         dtype=dtype,
-        trust_remote_code=cfg.trust_remote_code,
+        **hub_options(cfg),
         use_safetensors=None if cfg.allow_pickle else True,
         output_loading_info=True,
     )
@@ -308,15 +335,66 @@ def _special_ids(cfg: ModelConfig, config, model, tokenizer, is_seq2seq: bool):
     return int(pad_id), eos_ids, start
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` (name lookup included).
+    Behind a proxy the answer is yes: the proxy decides."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    opened: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout).close()
+            opened.append(True)
+        except OSError:
+            opened.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a stuck name lookup is abandoned
+    thread.start()
+    thread.join(timeout)
+    return bool(opened and opened[0])
+
+
+def _unreachable_hub(cfg: ModelConfig) -> ModelConfig:
+    """A hub id with no hub in reach loads from the local cache only, at once, instead of
+    retrying for half a minute; the error, if it is not cached, says what to do."""
+    offline = any(
+        os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+        for name in _OFFLINE_VARIABLES
+    )
+    if os.path.isdir(cfg.path) or cfg.local_files_only or offline or _hub_reachable():
+        return cfg
+    return dataclasses.replace(cfg, local_files_only=True)
+
+
 def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     """Load tokenizer and model from a hub id or a local directory, pick the family, move it."""
+    asked = cfg
+    cfg = _unreachable_hub(cfg)
+    if cfg is not asked:
+        try:
+            lm = _load(cfg, device)
+        except UserError:
+            raise UserError(
+                f"model.path {cfg.path}: the hub cannot be reached and this model is not in "
+                "the local cache; download it where there is a network (or copy the cache), "
+                "then run with HF_HUB_OFFLINE=1, or give model.path a local directory"
+            ) from None
+        log.warning("the hub cannot be reached; loaded %s from the local cache", cfg.path)
+        return lm
+    return _load(cfg, device)
+
+
+def _load(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    """load_model's work, with the hub options settled."""
     import transformers
     from transformers import AutoConfig
 
     # A progress bar on stderr would turn a later one-line error into several lines.
     transformers.utils.logging.disable_progress_bar()
     with _about_the_checkpoint(cfg):
-        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(cfg.path, **hub_options(cfg))
     is_seq2seq = is_seq2seq_config(config)
     dtype = resolve_dtype(cfg.dtype, device)
     if dtype == torch.float16 and config.model_type in ("t5", "mt5", "umt5", "longt5"):
@@ -350,7 +428,7 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
             "path": cfg.path,
             "model_type": config.model_type,
             "architecture": type(model).__name__,
-            "commit": getattr(config, "_commit_hash", None),
+            "commit": _snapshot_commit(cfg),
             "vocab_size": vocab_size,
             "dtype": str(dtype).removeprefix("torch."),
             "tokenizer": type(tokenizer).__name__,
@@ -362,6 +440,39 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
         lm.head_attr, lm.head = None, None
     lm.identity["split_head"] = lm.head_attr is not None
     return lm
+
+
+def position_limit(lm: LoadedModel) -> int | None:
+    """The most positions the model's learned or rotary position table covers; None when it
+    has none (T5's relative positions)."""
+    if lm.model.config.model_type in ("t5", "mt5", "umt5", "longt5"):
+        return None
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_lengths(lm: LoadedModel, task: str, max_length: int, max_new_tokens: int) -> None:
+    """Refuse, before any model work, lengths the model's positions cannot hold: past them a
+    learned table fails with an index error, and a rotary one is out of what it was trained on."""
+    limit = position_limit(lm)
+    if limit is None:
+        return
+    if task == batching.CONTINUATION and 2 * max_length > limit:
+        raise UserError(
+            f"config key input.max_length: {max_length} lets context + target reach "
+            f"{2 * max_length} tokens, more than the model's {limit} positions; set it to at "
+            f"most {limit // 2}"
+        )
+    if max_length > limit:
+        raise UserError(
+            f"config key input.max_length: {max_length} is more than the model's {limit} "
+            f"positions; set it to at most {limit}"
+        )
+    if task == batching.GENERATE and max_new_tokens + 1 > limit:
+        raise UserError(
+            f"config key decoder.max_new_tokens: {max_new_tokens} steps need more than the "
+            f"model's {limit} decoder positions; set it to at most {limit - 1}"
+        )
 
 
 def task_for(lm: LoadedModel, decoder: DecoderConfig, has_targets: bool) -> str:

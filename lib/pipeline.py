@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from lib import batching, corpus, layout, manifest, models, reduce, resume, writer
+from lib import batching, corpus, layout, manifest, models, reduce, resume, scores, writer
 from lib.config import JobConfig
 from lib.errors import Interrupted, UserError, output_error
 from lib.lease import Lease
@@ -50,6 +51,7 @@ class Plan:
     task: str
     schema: pa.Schema  # position rows, as the reduction and writer.to_table build them
     shard_schema: pa.Schema  # what the shards hold: position rows or example rows
+    documents_schema: pa.Schema | None  # document rows, at output.level documents or both
     out_dir: Path
     rank: int
     run_id: str
@@ -68,6 +70,10 @@ class Unit:
     input_ids: dict[int, list[int]] | None  # row -> its tokens, for output.rows=examples
     started_at: float  # unix time its reading began
     lengths: dict  # token-length histograms of the scored rows' texts (and targets)
+    scored_rows: np.ndarray  # the rows that are scored, sorted
+    truncated_rows: np.ndarray  # bool per row: text or target cut at input.max_length
+    n_bytes: np.ndarray | None  # UTF-8 bytes of each row's scored text; None in generate mode
+    tokens: int  # tokens its batches will carry (in generate mode, before the generated ones)
 
 
 @dataclass
@@ -100,6 +106,29 @@ class Computed:
     batches: list[list[int]] = field(default_factory=list)  # [rows, tokens, padded tokens]
 
 
+class _Progress:
+    """The bar counts tokens, not rows: rows run longest first within a unit, so a row count
+    runs slow, then fast, and its ETA misleads (49 minutes shown for a 53-second job). Its
+    total is the tokens of the units read so far plus, for the rest, their rows at the mean
+    tokens per row seen."""
+
+    def __init__(self, bar, rows: int):
+        self.bar, self.rows = bar, rows
+        self.rows_read = self.tokens_read = self.rows_done = 0
+
+    def unit_read(self, unit: Unit) -> None:
+        self.rows_read += unit.work.rows
+        self.tokens_read += unit.tokens
+        self.rows_done += len(unit.skipped)
+        rest = (self.rows - self.rows_read) * self.tokens_read / max(self.rows_read, 1)
+        self.bar.total = self.tokens_read + round(rest)
+
+    def batch_done(self, rows: int, tokens: int) -> None:
+        self.rows_done += rows
+        self.bar.set_postfix_str(f"{self.rows_done:,}/{self.rows:,} rows", refresh=False)
+        self.bar.update(tokens)
+
+
 def _to_host(tensor: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """Start a device-to-host copy into pinned memory (a no-op on CPU and for numpy arrays)."""
     if not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu":
@@ -112,13 +141,27 @@ def _numpy(value):
     return value.numpy() if isinstance(value, torch.Tensor) else value
 
 
+# What the document rows and corpus scores need of each position (kept in full mode too).
+SCORE_FIELDS = (
+    "row",
+    "position",
+    "has_token",
+    "token_logprob",
+    "token_rank",
+    "entropy",
+    "top1_logprob",
+    "logprob_std",
+)
+
+
 @dataclass
 class UnitShard:
-    """The writer's state for one unit: its shard, and its top-k rows (numpy, one dict per
-    batch) until the unit ends."""
+    """The writer's state for one unit: its shards, and its per-position arrays (numpy, one
+    dict per batch; in full mode only the SCORE_FIELDS) until the unit ends."""
 
     unit: Unit
-    shard: writer.ShardWriter | None = None  # opened by the first write
+    tokens: writer.ShardWriter | None = None  # opened by the first write of token rows
+    documents: writer.ShardWriter | None = None  # opened at the commit
     parts: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
@@ -139,7 +182,9 @@ class Extraction:
         self.plan = plan
         self.units = units
         self.progress = progress
-        self.full = config.output.logits == "full"
+        self.token_rows = config.output.level != "documents"
+        self.document_rows = config.output.level != "tokens"
+        self.full = config.output.logits == "full" and self.token_rows
         self.examples = config.output.rows == "examples"
         self.output_dtype = getattr(torch, config.output.dtype)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
@@ -152,50 +197,55 @@ class Extraction:
         pin = self.lm.device.type == "cuda"
         decoder_length = cfg.decoder.max_new_tokens if self.plan.task == batching.GENERATE else 0
         for work in self.units:
-            started_at = time.time()
-            table = corpus.read_unit(work, cfg.input)
-            tokenized = batching.tokenize_unit(
-                table,
-                self.lm.tokenizer,
-                self.plan.task,
-                cfg.input.prefix,
-                cfg.input.max_length,
-                self.lm.decoder_start_token_id,
-            )
-            lengths = {
-                "text": batching.length_histogram(tokenized.text_lengths, cfg.input.max_length)
-            }
-            if tokenized.target_lengths is not None:
-                lengths["target"] = batching.length_histogram(
-                    tokenized.target_lengths, cfg.input.max_length
-                )
-            unit = Unit(
-                work,
-                table.column("id").combine_chunks(),
-                tokenized.skipped,
-                tokenized.truncated,
-                {r.row: r.ids for r in tokenized.requests} if self.examples else None,
-                started_at,
-                lengths,
-            )
-            for requests in batching.make_batches(
-                tokenized.requests, cfg.batching.max_tokens, decoder_length
-            ):
-                batch = batching.collate(requests, self.lm.pad_id)
+            unit, requests = self._read(work)
+            for group in batching.make_batches(requests, cfg.batching.max_tokens, decoder_length):
+                batch = batching.collate(group, self.lm.pad_id)
                 yield Loaded(unit, batch.pin_memory() if pin else batch)
             yield Loaded(unit, None)
+
+    def _read(self, work: corpus.WorkUnit) -> tuple[Unit, list[batching.Request]]:
+        """Read and tokenize a unit: what its shards and record need, and its requests."""
+        cfg, task = self.config.input, self.plan.task
+        started_at = time.time()
+        table = corpus.read_unit(work, cfg)
+        tokenized = batching.tokenize_unit(
+            table,
+            self.lm.tokenizer,
+            task,
+            cfg.prefix,
+            cfg.max_length,
+            self.lm.decoder_start_token_id,
+        )
+        lengths = {"text": batching.length_histogram(tokenized.text_lengths, cfg.max_length)}
+        if tokenized.target_lengths is not None:
+            lengths["target"] = batching.length_histogram(tokenized.target_lengths, cfg.max_length)
+        truncated_rows = np.zeros(table.num_rows, dtype=bool)
+        truncated_rows[tokenized.truncated_rows] = True
+        unit = Unit(
+            work,
+            table.column("id").combine_chunks(),
+            tokenized.skipped,
+            tokenized.truncated,
+            {r.row: r.ids for r in tokenized.requests} if self.examples else None,
+            started_at,
+            lengths,
+            np.array(sorted(r.row for r in tokenized.requests), dtype=np.int64),
+            truncated_rows,
+            _text_bytes(table, task, cfg.prefix),
+            sum(len(r.ids) + len(r.decoder_ids or ()) for r in tokenized.requests),
+        )
+        return unit, tokenized.requests
 
     # -- stage 2: forward and reduce on the device (main thread) -----------------------------
     def compute(self, loaded: Iterable[Loaded], bar) -> Iterator[Computed]:
         """Each batch's reduced results, and each unit's end with its token counts."""
         batches: dict[int, list[list[int]]] = {}  # unit -> [rows, tokens, padded tokens] a batch
-        started = time.perf_counter()
-        total = 0
+        progress = _Progress(bar, sum(u.rows for u in self.units))
         for item in loaded:
             index = item.unit.work.index
             if index not in batches:
                 batches[index] = []
-                bar.update(len(item.unit.skipped))
+                progress.unit_read(item.unit)
             if self.first_batch_at is None and item.batch is not None:
                 self.first_batch_at = time.time()
             if item.batch is None:
@@ -205,11 +255,8 @@ class Extraction:
                 continue
             for reduced, sizes in self._forward(item.unit, item.batch):
                 batches[index].append(sizes)
-                total += sizes[1]
+                progress.batch_done(sizes[0], sizes[1])
                 yield Computed(item.unit, reduced)
-            bar.update(len(item.batch.requests))
-            elapsed = time.perf_counter() - started
-            bar.set_postfix_str(f"{total / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
 
     def _reduce(self, batch: batching.Batch) -> tuple[Reduced, list[int]]:
         """The batch's results, and its [rows, tokens, padded tokens]."""
@@ -224,12 +271,13 @@ class Extraction:
             scored.head,
             scored.states,
             scored.labels,
-            k=cfg.output.k,
+            k=cfg.output.k if self.token_rows else 0,
             output_dtype=self.output_dtype,
             full=self.full,
             vocab_size=lm.vocab_size,
             logits_out=logits_out,
             tokens=scored.has_tokens,
+            moments=self.document_rows,
         )
         host = {name: _to_host(value) for name, value in stats.items()}
         ready = None
@@ -304,14 +352,16 @@ class Extraction:
         arrays.update(row=_numpy(item.row), position=_numpy(item.position))
         arrays["token_id"] = _numpy(item.token_id)
         if self.full:  # full logits are large: stream them, never hold a unit of them
+            state.parts.append({name: arrays[name] for name in SCORE_FIELDS if name in arrays})
             if self.examples:  # a row's positions are all in one batch
                 arrays = _sorted(arrays)
-            self._shard(state).write(self._table(arrays, state.unit))
+            self._tokens_shard(state).write(self._table(arrays, state.unit))
         else:  # top-k rows are small: keep the unit and write it in input order
             state.parts.append(arrays)
 
     def _table(self, arrays: dict[str, np.ndarray], unit: Unit) -> pa.Table:
         """Shard rows from sorted arrays: position rows, or example rows built from them."""
+        arrays = dict(arrays)
         row, position = arrays.pop("row"), arrays.pop("position")
         token_id = arrays.pop("token_id")
         table = writer.to_table(self.plan.schema, unit.ids, row, position, token_id, arrays)
@@ -322,29 +372,55 @@ class Extraction:
         )
 
     def _commit(self, state: UnitShard, end: Computed) -> None:
+        """Write what the unit held, its document rows and scores; commit its shards."""
+        unit, parts = state.unit, state.parts
         try:
-            if state.parts:
-                parts = state.parts
-                arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-                state.parts = []
-                self._shard(state).write(self._table(_sorted(arrays), state.unit))
-            self._commit_record(state, end)
+            arrays = dict(_NO_POSITIONS)
+            if parts:
+                arrays = _sorted(
+                    {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+                )
+            state.parts = []
+            shards = []
+            if self.token_rows:
+                if not self.full and parts:
+                    self._tokens_shard(state).write(self._table(arrays, unit))
+                shards.append(self._tokens_shard(state))
+            columns = scores.document_columns(
+                arrays,
+                unit.scored_rows,
+                unit.n_bytes,
+                unit.truncated_rows,
+                self.config.output.min_k_fraction,
+            )
+            if self.document_rows:
+                out, fmt = self.plan.out_dir, self.config.output.format
+                schema = self.plan.documents_schema
+                state.documents = writer.ShardWriter(
+                    out, unit.work.name, schema, fmt, layout.DOCUMENTS
+                )
+                state.documents.write(
+                    scores.documents_table(schema, unit.ids, unit.scored_rows, columns)
+                )
+                shards.append(state.documents)
+            record = self._record(unit, end, scores.partial(arrays, columns))
+            writer.commit(shards, record, self.plan.check_lease)
         except BaseException:
             _abort(state)
             raise
 
-    def _shard(self, state: UnitShard) -> writer.ShardWriter:
-        if state.shard is None:
+    def _tokens_shard(self, state: UnitShard) -> writer.ShardWriter:
+        if state.tokens is None:
             out = self.plan.out_dir
             name, fmt = state.unit.work.name, self.config.output.format
-            state.shard = writer.ShardWriter(out, name, self.plan.shard_schema, fmt)
-        return state.shard
+            state.tokens = writer.ShardWriter(out, name, self.plan.shard_schema, fmt)
+        return state.tokens
 
-    def _commit_record(self, state: UnitShard, end: Computed) -> None:
-        unit = state.unit
+    def _record(self, unit: Unit, end: Computed, unit_scores: dict) -> dict:
+        """The unit's record, less its shards' entries (`writer.commit` adds those)."""
         skipped = [[unit.ids[row].as_py(), reason] for row, reason in unit.skipped]
         work = unit.work
-        record = {
+        return {
             "fingerprint": self.plan.fingerprint,
             "rank": self.plan.rank,
             "run_id": self.plan.run_id,
@@ -364,17 +440,18 @@ class Extraction:
             "committed_at": round(time.time(), 3),
             "lengths": unit.lengths,
             "batches": end.batches,
+            "scores": unit_scores,
             "skipped": skipped,
         }
-        self._shard(state).commit(record, self.plan.check_lease)
 
     # -- the three stages together ------------------------------------------------------------
     def run(self) -> None:
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=sum(u.rows for u in self.units),
-            unit="rows",
+            total=0,
+            unit="tok",
+            unit_scale=True,
             disable=not self.progress,
             dynamic_ncols=True,
             desc="extract",
@@ -405,9 +482,33 @@ class Extraction:
             raise sink.error
 
 
+def _text_bytes(table: pa.Table, task: str, prefix: str) -> np.ndarray | None:
+    """UTF-8 bytes of each row's scored text: the target where one is scored, else the prefix
+    and the text; None in generate mode, where the scored text is the model's own."""
+    if task == batching.GENERATE:
+        return None
+    scored_target = task in (batching.CONTINUATION, batching.TARGETS)
+    column = table.column("target" if scored_target else "text")
+    lengths = pc.binary_length(column).fill_null(0).to_numpy().astype(np.int64)
+    return lengths if scored_target else lengths + len(prefix.encode())
+
+
 def _abort(state: UnitShard) -> None:
-    if state.shard is not None:
-        state.shard.abort()
+    for shard in (state.tokens, state.documents):
+        if shard is not None:
+            shard.abort()
+
+
+_NO_POSITIONS = {
+    "row": np.zeros(0, np.int32),
+    "position": np.zeros(0, np.int32),
+    "has_token": np.zeros(0, bool),
+    "token_logprob": np.zeros(0, np.float32),
+    "token_rank": np.zeros(0, np.int32),
+    "entropy": np.zeros(0, np.float32),
+    "top1_logprob": np.zeros(0, np.float32),
+    "logprob_std": np.zeros(0, np.float32),
+}
 
 
 def _sorted(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -436,9 +537,11 @@ def _claim(
     nothing) or take the directory's lease and prepare it. Returns what every rank needs."""
     checksum_started = time.perf_counter()
     files = resume.input_checksums(inputs)
-    fp = resume.fingerprint(config, files, identity)
     checksum_s = time.perf_counter() - checksum_started
-    done = resume.finished(out_dir, fp, units, config.output.format)
+    model = resume.model_record(config.model.path, identity)
+    model_checksum_s = time.perf_counter() - checksum_started - checksum_s
+    fp = resume.fingerprint(config, files, model)
+    done = resume.finished(out_dir, fp, units, config.output.format, config.output.level)
     if done is not None:
         return {"complete": done}, None
     run_id = uuid.uuid4().hex
@@ -449,7 +552,7 @@ def _claim(
     except OSError as exc:
         raise output_error(out_dir, exc) from None
     try:
-        prepared = resume.prepare_output(out_dir, fp, files, units, config, run_id)
+        prepared = resume.prepare_output(out_dir, fp, files, units, config, run_id, model=model)
     except BaseException:
         lease.release()
         raise
@@ -460,6 +563,7 @@ def _claim(
         "run_id": run_id,
         "recomputed": prepared.recomputed,
         "checksum_s": checksum_s,
+        "model_checksum_s": model_checksum_s,
     }
     return shared, lease
 
@@ -489,6 +593,7 @@ class _Setup:
     task: str
     schema: pa.Schema
     shard_schema: pa.Schema
+    documents_schema: pa.Schema | None
 
 
 def _set_up(config: JobConfig, device: torch.device) -> _Setup:
@@ -503,6 +608,7 @@ def _set_up(config: JobConfig, device: torch.device) -> _Setup:
             f"config key output.k: {config.output.k} is larger than the vocabulary ({lm.vocab_size})"
         )
     task = models.task_for(lm, config.decoder, has_targets=config.input.target_column is not None)
+    models.check_lengths(lm, task, config.input.max_length, config.decoder.max_new_tokens)
     schema = writer.output_schema(
         id_type,
         config.output.k,
@@ -513,8 +619,17 @@ def _set_up(config: JobConfig, device: torch.device) -> _Setup:
     shard_schema = schema
     if config.output.rows == "examples":
         shard_schema = writer.examples_schema(schema, lm.is_seq2seq)
+    documents_schema = None
+    if config.output.level != "tokens":
+        if task == batching.START:
+            raise UserError(
+                f"config key output.level: {config.output.level} needs scored tokens, and "
+                "decoder.mode=start scores none (one decoder step, no target); use "
+                "decoder.mode=targets or generate, or output.level=tokens"
+            )
+        documents_schema = scores.documents_schema(id_type)
     units = corpus.plan_units(inputs, config.output.shard_rows)
-    return _Setup(inputs, units, id_type, lm, task, schema, shard_schema)
+    return _Setup(inputs, units, id_type, lm, task, schema, shard_schema, documents_schema)
 
 
 def run_job(config: JobConfig, progress: bool = True) -> dict:
@@ -541,6 +656,7 @@ def run_job(config: JobConfig, progress: bool = True) -> dict:
             task=setup.task,
             schema=setup.schema,
             shard_schema=setup.shard_schema,
+            documents_schema=setup.documents_schema,
             out_dir=out_dir,
             rank=state.process_index,
             run_id=claim["run_id"],
@@ -551,7 +667,7 @@ def run_job(config: JobConfig, progress: bool = True) -> dict:
             u
             for u in setup.units
             if u.index % state.num_processes == state.process_index
-            and not resume.committed(out_dir, u, config.output.format)
+            and not resume.committed(out_dir, u, config.output.format, config.output.level)
         ]
         extraction = Extraction(
             config, setup.lm, plan, mine, progress=progress and state.is_main_process
@@ -582,6 +698,7 @@ def _finish(config: JobConfig, setup: _Setup, claim: dict, wall: float, state) -
         setup.units,
         config=config,
         schema=setup.shard_schema,
+        documents_schema=setup.documents_schema,
         id_type=setup.id_type,
         identity=setup.lm.identity,
         fingerprint=claim["fingerprint"],
@@ -591,6 +708,7 @@ def _finish(config: JobConfig, setup: _Setup, claim: dict, wall: float, state) -
         recomputed=claim["recomputed"],
     )
     result["throughput"]["input_checksum_s"] = round(claim["checksum_s"], 6)
+    result["throughput"]["model_checksum_s"] = round(claim["model_checksum_s"], 6)
     return result
 
 

@@ -36,12 +36,12 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     return layout.read_manifest(Path(out_dir))
 
 
-def output_format(out_dir: str | Path) -> str:
+def output_format(out_dir: str | Path, folder: str = layout.TOKENS) -> str:
     """`parquet` or `arrow`: the manifest says, else the shard files present do."""
     manifest = read_manifest(out_dir)
     if manifest is not None and manifest.get("format") in layout.EXTENSIONS:
         return manifest["format"]
-    shards = layout.shard_files(Path(out_dir))
+    shards = layout.shard_files(Path(out_dir), folder)
     present = {fmt for fmt in ("parquet", "arrow") if any(p.suffix == f".{fmt}" for p in shards)}
     if len(present) != 1:
         found = "both part-*.parquet and part-*.arrow" if present else "no part-* shards"
@@ -49,12 +49,13 @@ def output_format(out_dir: str | Path) -> str:
     return present.pop()
 
 
-def open_dataset(out_dir: str | Path) -> ds.Dataset:
-    """The shards as one pyarrow dataset, in shard order (the order `pd.read_parquet` uses)."""
-    fmt = output_format(out_dir)
-    files = [str(p) for p in layout.shard_files(Path(out_dir)) if p.suffix == f".{fmt}"]
+def open_dataset(out_dir: str | Path, folder: str = layout.TOKENS) -> ds.Dataset:
+    """The shards of a folder (token rows by default) as one pyarrow dataset, in shard order
+    (the order `pd.read_parquet` uses)."""
+    fmt = output_format(out_dir, folder)
+    files = [str(p) for p in layout.shard_files(Path(out_dir), folder) if p.suffix == f".{fmt}"]
     if not files:
-        raise UserError(f"{out_dir}: no part-*.{fmt} shards")
+        raise UserError(f"{out_dir}: no {folder}/part-*.{fmt} shards")
     return ds.dataset(files, format="ipc" if fmt == "arrow" else "parquet")
 
 
@@ -83,6 +84,28 @@ def positions_table(table: pa.Table) -> pa.Table:
 def load_frame(out_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
     """All rows as a DataFrame, the same as `pd.read_parquet(out_dir)` gives for Parquet."""
     return load_table(out_dir, columns).to_pandas()
+
+
+def load_documents(out_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """One row per scored document (output.level documents or both), in input order; the same
+    as `pd.read_parquet(OUT / "documents")` gives for Parquet."""
+    return open_dataset(out_dir, layout.DOCUMENTS).to_table(columns=columns).to_pandas()
+
+
+def document_arrays(out_dir: str | Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Document columns as numpy arrays: ids as in `load_arrays`, null floats as NaN and a
+    null `n_bytes` (generate mode) as -1."""
+    table = open_dataset(out_dir, layout.DOCUMENTS).to_table(columns=columns)
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name == "id":
+            out[name] = _ids_to_numpy(column)
+        elif pa.types.is_floating(column.type):
+            out[name] = column.to_numpy()  # nulls become NaN
+        else:
+            out[name] = column.fill_null(-1 if name == "n_bytes" else False).to_numpy()
+    return out
 
 
 def to_hf_dataset(out_dir: str | Path, cache_dir: str | None = None):

@@ -26,11 +26,14 @@ from lib.errors import UserError, output_error
 log = logging.getLogger(__name__)
 
 
-def _model_files(path: str) -> list[tuple[str, int]]:
-    """Names and sizes of a local checkpoint's files (a hub checkpoint is pinned by its commit)."""
+def _model_files(path: str) -> list[tuple[str, int, str]]:
+    """Name, size and sha256 of every file of a local checkpoint (weights, tokenizer, config),
+    so a resume with other weights under the same path is refused; a hub checkpoint is pinned
+    by the snapshot commit in the model identity instead."""
     if not os.path.isdir(path):
         return []
-    return sorted((p.name, p.stat().st_size) for p in Path(path).iterdir() if p.is_file())
+    files = sorted(p for p in Path(path).iterdir() if p.is_file())
+    return [(p.name, *reversed(layout.sha256_file(p))) for p in files]
 
 
 def input_checksums(inputs: list[InputFile]) -> list[dict]:
@@ -45,7 +48,13 @@ def input_checksums(inputs: list[InputFile]) -> list[dict]:
     return out
 
 
-def fingerprint(config: JobConfig, files: list[dict], identity: dict) -> str:
+def model_record(path: str, identity: dict) -> dict:
+    """What pins the model: its identity (with the hub snapshot's commit) and, for a local
+    directory, its files' checksums."""
+    return {"identity": identity, "files": _model_files(path)}
+
+
+def fingerprint(config: JobConfig, files: list[dict], model: dict) -> str:
     """Hash of all that changes the output: model, tokenizer, output-affecting keys, input bytes."""
     c = config.to_dict()
     decoder = (
@@ -54,14 +63,15 @@ def fingerprint(config: JobConfig, files: list[dict], identity: dict) -> str:
     payload = {
         "layout": layout.FORMAT_VERSION,
         "model": {"path": c["model"]["path"], "dtype": c["model"]["dtype"]},
-        "identity": identity,
-        "model_files": _model_files(config.model.path),
+        "identity": model["identity"],
+        "model_files": model["files"],
         "input": c["input"],
         "decoder": decoder,
         "output": {
             key: c["output"][key]
-            for key in ("logits", "k", "dtype", "format", "shard_rows", "rows")
-        },
+            for key in ("logits", "k", "dtype", "format", "shard_rows", "rows", "level")
+        }
+        | ({} if config.output.level == "tokens" else {"min_k": config.output.min_k_fraction}),
         "files": [(f["path"], f["size"], f["rows"], f["sha256"]) for f in files],
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
@@ -120,27 +130,34 @@ def check_layout(input_path: str, out_dir: Path, inputs: list[InputFile]) -> Non
 
 
 # -- is the job already done? ------------------------------------------------------------------
-def _shard_ok(out_dir: Path, unit: WorkUnit, fmt: str, fp: str) -> bool | None:
-    """True when the unit's shard is proven by its record, False when it is there but not
-    proven, None when there is no shard."""
-    shard = layout.shard_path(out_dir, unit.name, fmt)
-    if not shard.exists():
+def _shard_ok(out_dir: Path, unit: WorkUnit, names: list[str], fp: str) -> bool | None:
+    """True when the unit's shards (`names`, relative to OUT) are all proven by its record,
+    False when one is there but the set is not proven, None when none is there."""
+    present = [(out_dir / name).exists() for name in names]
+    if not any(present):
         return None
     record = layout.read_record(out_dir, unit.name)
-    if (
-        record is None
-        or record.get("fingerprint") != fp
-        or record.get("file") != layout.shard_name(unit.name, fmt)
-    ):
+    if record is None or record.get("fingerprint") != fp or not all(present):
         return False
-    try:
-        sha256, size = layout.sha256_file(shard)
-    except OSError:
+    entries = record.get("files")
+    if not isinstance(entries, list) or [e.get("file") for e in entries] != names:
         return False
-    return size == record.get("bytes") and sha256 == record.get("sha256")
+    for entry in entries:
+        try:
+            sha256, size = layout.sha256_file(out_dir / entry["file"])
+        except OSError:
+            return False
+        if size != entry.get("bytes") or sha256 != entry.get("sha256"):
+            return False
+    return True
 
 
-def finished(out_dir: Path, fp: str, units: list[WorkUnit], fmt: str) -> dict | None:
+def shard_names(unit: WorkUnit, fmt: str, level: str) -> list[str]:
+    """The unit's shard paths relative to OUT, in the order its record lists them."""
+    return [layout.shard_name(unit.name, fmt, folder) for folder in layout.folders(level)]
+
+
+def finished(out_dir: Path, fp: str, units: list[WorkUnit], fmt: str, level: str) -> dict | None:
     """The manifest of a finished job with this fingerprint whose every shard still matches its
     checksum; None otherwise. Reads only: a finished job re-run writes nothing."""
     if not (out_dir / layout.SUCCESS).exists():
@@ -151,7 +168,7 @@ def finished(out_dir: Path, fp: str, units: list[WorkUnit], fmt: str) -> dict | 
         return None
     if not (out_dir / layout.SKIPPED).is_file():
         return None
-    if not all(_shard_ok(out_dir, unit, fmt, fp) for unit in units):
+    if not all(_shard_ok(out_dir, unit, shard_names(unit, fmt, level), fp) for unit in units):
         return None
     return manifest
 
@@ -191,7 +208,25 @@ def _foreign_records(out_dir: Path, fp: str) -> bool:
     return False
 
 
-def _refuse_or_clear(out_dir: Path, fp: str, files: list[dict], config: JobConfig) -> list[str]:
+def _changed_model(previous: dict, model: dict | None, path: str) -> str | None:
+    """What changed in the model under the same `model.path`: the hub commit or local files."""
+    before = previous.get("model")
+    then_path = ((previous.get("config") or {}).get("model") or {}).get("path")
+    if not isinstance(before, dict) or model is None or then_path != path:
+        return None
+    then, now = (before.get("identity") or {}).get("commit"), model["identity"].get("commit")
+    if then != now:
+        return f"the model changed since this output was started (commit {then}, now {now})"
+    files = {tuple(f) for f in model["files"]} ^ {tuple(f) for f in before.get("files") or []}
+    if files:
+        name = sorted(files)[0][0]
+        return f"the model's files changed since this output was started ({name} differs)"
+    return None
+
+
+def _refuse_or_clear(
+    out_dir: Path, fp: str, files: list[dict], config: JobConfig, model: dict | None
+) -> list[str]:
     """Refuse a directory that holds something else unless output.overwrite; returns the
     bookkeeping files that will be rebuilt."""
     previous = layout.read_json(out_dir / layout.JOB)
@@ -210,7 +245,9 @@ def _refuse_or_clear(out_dir: Path, fp: str, files: list[dict], config: JobConfi
         if overwrite:
             layout.clear(out_dir)
             return []
-        changed = _changed_inputs(previous, files)
+        changed = _changed_inputs(previous, files) or _changed_model(
+            previous, model, config.model.path
+        )
         if changed:
             raise UserError(
                 f"output.dir {out_dir}: {changed}; restore it, or use "
@@ -236,40 +273,47 @@ def _refuse_or_clear(out_dir: Path, fp: str, files: list[dict], config: JobConfi
                 )
             layout.clear(out_dir)
             return []
-        proof = [out_dir / layout.UNITS, out_dir / layout.TOKENS]
+        proof = [out_dir / f for f in (layout.UNITS, layout.TOKENS, layout.DOCUMENTS)]
         if any(folder.is_dir() and any(folder.iterdir()) for folder in proof):
             return [layout.JOB]  # our own shards without their job record: rebuild it
     return []
 
 
-def _check_shards(out_dir: Path, units: list[WorkUnit], fmt: str, fp: str) -> list[str]:
+def _check_shards(out_dir: Path, units: list[WorkUnit], fmt: str, level: str, fp: str) -> list[str]:
     """Keep the shards their records prove, delete the rest with their records, delete records
-    without a shard and files no unit owns; returns the shards that failed their check."""
+    without shards and files no unit owns; returns the shards that failed their check."""
     failed = []
-    names = set()
+    keep = set()
     for unit in units:
-        names.add(unit.name)
-        ok = _shard_ok(out_dir, unit, fmt, fp)
-        if ok is False:
-            failed.append(layout.shard_name(unit.name, fmt))
-            layout.shard_path(out_dir, unit.name, fmt).unlink()
-        if not ok:
-            layout.record_path(out_dir, unit.name).unlink(missing_ok=True)
-    for folder, suffix in ((out_dir / layout.TOKENS, None), (out_dir / layout.UNITS, ".json")):
-        for path in folder.iterdir():
-            stem = path.name.split(".")[0]
-            if stem not in names or (suffix is None and path.suffix != f".{fmt}"):
-                layout.remove(path)
+        names = shard_names(unit, fmt, level)
+        ok = _shard_ok(out_dir, unit, names, fp)
+        if ok:
+            keep.update(names)
+            keep.add(layout.relative(out_dir, layout.record_path(out_dir, unit.name)))
+        elif ok is False:
+            failed += [name for name in names if (out_dir / name).exists()]
+    for folder in (layout.TOKENS, layout.DOCUMENTS, layout.UNITS):
+        if (out_dir / folder).is_dir():
+            for path in (out_dir / folder).iterdir():
+                if layout.relative(out_dir, path) not in keep:
+                    layout.remove(path)
     return failed
 
 
 def prepare_output(
-    out_dir: Path, fp: str, files: list[dict], units: list[WorkUnit], config: JobConfig, run_id: str
+    out_dir: Path,
+    fp: str,
+    files: list[dict],
+    units: list[WorkUnit],
+    config: JobConfig,
+    run_id: str,
+    *,
+    model: dict | None = None,
 ) -> Prepared:
     """Make `out_dir` ready for this run (main process, holding the lease): refuse another job's
     directory, drop what no checksum proves, rebuild lost bookkeeping, record this run."""
     try:
-        healed = _refuse_or_clear(out_dir, fp, files, config)
+        healed = _refuse_or_clear(out_dir, fp, files, config, model)
         if (out_dir / layout.SUCCESS).exists() or (out_dir / layout.MANIFEST).exists():
             if not layout.read_manifest(out_dir):
                 healed.append(layout.MANIFEST)
@@ -277,9 +321,10 @@ def prepare_output(
         for name in (layout.SUCCESS, layout.MANIFEST, layout.SKIPPED):
             (out_dir / name).unlink(missing_ok=True)
         layout.remove_dead_temporaries(out_dir)
-        for folder in (layout.UNITS, layout.TOKENS, layout.TMP):
+        for folder in (layout.UNITS, *layout.folders(config.output.level), layout.TMP):
             (out_dir / folder).mkdir(exist_ok=True)
-        recomputed = _check_shards(out_dir, units, config.output.format, fp)
+        fmt, level = config.output.format, config.output.level
+        recomputed = _check_shards(out_dir, units, fmt, level, fp)
         record = {
             "format_version": layout.FORMAT_VERSION,
             "fingerprint": fp,
@@ -287,6 +332,7 @@ def prepare_output(
             "started": time.time(),
             "config": config.to_dict(),
             "inputs": files,
+            "model": model,
         }
         layout.write_json(out_dir / layout.JOB, record, out_dir)
     except OSError as exc:
@@ -296,6 +342,6 @@ def prepare_output(
     return Prepared(record, recomputed, healed)
 
 
-def committed(out_dir: Path, unit: WorkUnit, fmt: str) -> bool:
-    """A unit is done when its shard is visible (prepare_output removed every unproven one)."""
-    return layout.shard_path(out_dir, unit.name, fmt).exists()
+def committed(out_dir: Path, unit: WorkUnit, fmt: str, level: str) -> bool:
+    """A unit is done when its shards are visible (prepare_output removed every unproven one)."""
+    return all((out_dir / name).exists() for name in shard_names(unit, fmt, level))

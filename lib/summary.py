@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 
+def _output_rows(manifest: dict) -> str:
+    totals, shards = manifest["totals"], len(manifest["shards"])
+    level = manifest.get("config", {}).get("output", {}).get("level", "tokens")
+    if level == "tokens":
+        return f"{totals['output_rows']:,} in {shards} shards"
+    if level == "documents":
+        return f"{totals['document_rows']:,} document rows in {shards} shards"
+    tokens, documents = totals["output_rows"], totals["document_rows"]
+    return f"{tokens:,} token rows and {documents:,} document rows in {shards} shards"
+
+
 def print_summary(manifest: dict, out_dir: str) -> None:
-    """Rows, tokens, padding efficiency, throughput, wall time and where the output is."""
+    """Rows, tokens, padding efficiency, throughput, wall time, the corpus scores and where
+    the output is."""
     totals = manifest["totals"]
     run = manifest["throughput"]
     if manifest.get("already_complete"):
@@ -15,7 +27,7 @@ def print_summary(manifest: dict, out_dir: str) -> None:
             f"{totals['input_rows']:,} input = {totals['scored_rows']:,} scored "
             f"+ {totals['skipped_rows']:,} skipped ({totals['truncated_rows']:,} truncated)",
         ),
-        ("output rows", f"{totals['output_rows']:,} in {len(manifest['shards'])} shards"),
+        ("output rows", _output_rows(manifest)),
     ]
     if not manifest.get("already_complete"):
         lines += [
@@ -29,6 +41,17 @@ def print_summary(manifest: dict, out_dir: str) -> None:
             ("throughput", f"{run['tokens_per_s']:,.0f} tokens/s, {run['rows_per_s']:,.1f} rows/s"),
             ("wall time", f"{run['wall_s']:.1f} s"),
         ]
+    scores = manifest.get("scores") or {}
+    if scores.get("tokens"):
+        bits = scores.get("bits_per_byte")
+        lines.append(
+            (
+                "scores",
+                f"perplexity {scores['perplexity']:,.3g}"
+                + (f", {bits:.3f} bits/byte" if bits is not None else "")
+                + f", top-1 {scores['top1_accuracy']:.1%}, ECE {scores['ece']:.3f}",
+            )
+        )
     if manifest.get("recomputed"):
         names = ", ".join(manifest["recomputed"])
         lines.append(

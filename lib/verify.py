@@ -69,11 +69,15 @@ def _read_keys(path: Path, fmt: str) -> tuple[pa.Schema, pa.Table]:
         schema = parquet.schema_arrow
         batches = parquet.iter_batches(batch_size=8192)
         expected_rows = parquet.metadata.num_rows
-    missing = [name for name in ("id", "position") if name not in schema.names]
+    document_rows = "n_tokens" in schema.names
+    required = ("id",) if document_rows else ("id", "position")
+    missing = [name for name in required if name not in schema.names]
     if missing:
         raise ValueError(f"no {' or '.join(missing)} column")
-    # One row per example (output.rows=examples) has one key, the id; else (id, position).
-    names = ["id"] if pa.types.is_list(schema.field("position").type) else ["id", "position"]
+    # One row per document or per example (output.rows=examples) has one key, the id; token
+    # rows have two, (id, position).
+    one_key = document_rows or pa.types.is_list(schema.field("position").type)
+    names = ["id"] if one_key else ["id", "position"]
     keys = []
     for batch in batches:
         batch.validate(full=True)
@@ -138,42 +142,69 @@ def _check_keys(
         )
 
 
+def _folders(manifest: dict) -> tuple[str, ...]:
+    level = ((manifest.get("config") or {}).get("output") or {}).get("level", "tokens")
+    return layout.folders(level if level in ("tokens", "documents", "both") else "tokens")
+
+
 def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[pa.Array, int, bool]:
-    """Check every shard against the manifest.
+    """Check every shard, folder by folder, against the manifest.
 
-    Returns the distinct output ids, the row count and whether every listed shard was read.
+    Returns the distinct ids of the first folder's rows, the row count of every shard and
+    whether every listed shard was read.
     """
-    fmt = manifest["format"]
     entries = {s["file"]: s for s in manifest["shards"]}
-    listed = {name: entry["rows"] for name, entry in entries.items()}
-    if len(listed) != len(manifest["shards"]):
+    if len(entries) != len(manifest["shards"]):
         problems.append("the manifest lists a shard more than once")
-    on_disk = [layout.relative(out_dir, p) for p in layout.shard_files(out_dir)]
-    for name in sorted(set(listed) - set(on_disk)):
+    folders = _folders(manifest)
+    on_disk = [
+        layout.relative(out_dir, p)
+        for folder in folders
+        for p in layout.shard_files(out_dir, folder)
+    ]
+    for name in sorted(set(entries) - set(on_disk)):
         problems.append(f"shard {name} is listed in the manifest but missing")
-    for name in sorted(set(on_disk) - set(listed)):
+    for name in sorted(set(on_disk) - set(entries)):
         problems.append(f"shard {name} is not listed in the manifest")
+    results = []
+    for folder in folders:
+        schema = manifest.get("documents_schema") if folder == layout.DOCUMENTS else None
+        legacy = folder == layout.TOKENS  # shards of the first layout lie at OUT itself
+        mine = [n for n in on_disk if n.startswith(f"{folder}/") or (legacy and "/" not in n)]
+        results.append(
+            _check_folder(out_dir, mine, entries, schema or manifest["schema"], manifest, problems)
+        )
+    rows = sum(r[1] for r in results)
+    all_read = all(r[2] for r in results) and set(entries) <= set(on_disk)
+    return results[0][0], rows, all_read
 
+
+def _check_folder(
+    out_dir: Path, names: list[str], entries: dict, schema: list, manifest: dict, problems: list
+) -> tuple[pa.Array, int, bool]:
+    """One folder's shards: checksums, schema, rows and keys, and no id in two shards."""
+    fmt = manifest["format"]
     unique_ids, owners, readable, rows = [], [], [], 0
-    for name in on_disk:
+    for name in names:
         fmt_here = (
             "arrow" if name.endswith(".arrow") else "parquet" if name.endswith(".parquet") else fmt
         )
+        entry = entries.get(name)
         try:
-            damage = _checksum_problem(out_dir / name, entries[name]) if name in entries else None
+            damage = _checksum_problem(out_dir / name, entry) if entry else None
             if damage:
                 problems.append(f"shard {name} {damage}")
-            schema, keys = _read_keys(out_dir / name, fmt_here)
+            shard_schema, keys = _read_keys(out_dir / name, fmt_here)
         except Exception as exc:  # any failure to read is the finding, whatever pyarrow raises
             problems.append(f"shard {name} is not readable: {first_line(exc)}")
             continue
         rows += keys.num_rows
-        _check_keys(name, schema, keys, manifest["schema"], listed.get(name), problems)
+        _check_keys(name, shard_schema, keys, schema, entry and entry["rows"], problems)
         ids = pc.unique(keys.column("id").combine_chunks())
         unique_ids.append(ids)
         owners.append(np.full(len(ids), len(readable), dtype=np.int64))
         readable.append(name)
-    all_read = set(listed) <= set(readable)
+    all_read = len(readable) == len(names)
     if not unique_ids:
         return pa.array([], pa.string()), rows, all_read
     all_ids = pa.concat_arrays(unique_ids)
@@ -275,7 +306,12 @@ def _check_input(
 def _check_totals(manifest: dict, scored: pa.Array, all_read: bool, problems: list[str]) -> None:
     """The manifest's totals against its shard list and the ids the shards hold."""
     totals = manifest["totals"]
-    listed = sum(s["rows"] for s in manifest["shards"])
+    first = _folders(manifest)[0]
+    listed = sum(
+        s["rows"]
+        for s in manifest["shards"]
+        if not s["file"].startswith(f"{layout.DOCUMENTS}/") or first == layout.DOCUMENTS
+    )
     if totals["output_rows"] != listed:
         problems.append(
             f"manifest totals.output_rows is {totals['output_rows']}, its shards hold {listed}"

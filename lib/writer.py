@@ -1,9 +1,10 @@
 """Output rows: the schema, Arrow tables built from numpy, and shards committed atomically.
 
-A shard is written to a temporary of its own process in OUT/_tmp, closed, fsynced and hashed.
-Its record (rows, bytes, sha256, rank, skipped ids, counts) goes to `_units/part-00042.json`,
-then the temporary is renamed to `tokens/part-00042.parquet` and the folder fsynced: a visible
-shard always has complete rows and a record whose checksum proves them.
+A unit's shards (token rows, document rows, or both) are written to temporaries of their own
+process in OUT/_tmp, closed, fsynced and hashed. The unit's record (each shard's rows, bytes and
+sha256, then rank, skipped ids, counts, scores) goes to `_units/part-00042.json`, then each
+temporary is renamed to `tokens/part-00042.parquet` (`documents/...`) and its folder fsynced:
+a visible shard always has complete rows and a record whose checksum proves them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def output_schema(
         pa.field("token_logprob", pa.float32()),
         pa.field("token_rank", pa.int32()),
         pa.field("logsumexp", pa.float32(), nullable=False),
+        pa.field("entropy", pa.float32(), nullable=False),
     ]
     if full:
         fields.append(pa.field("logits", pa.list_(value_type, vocab_size), nullable=False))
@@ -64,6 +66,7 @@ def to_table(
         "token_logprob": pa.array(stats["token_logprob"].astype(np.float32), mask=no_token),
         "token_rank": pa.array(stats["token_rank"].astype(np.int32), mask=no_token),
         "logsumexp": pa.array(stats["logsumexp"].astype(np.float32)),
+        "entropy": pa.array(stats["entropy"].astype(np.float32)),
     }
     for name in ("logits", "topk_ids", "topk_logits"):
         if name in schema.names:
@@ -118,12 +121,14 @@ def to_examples(
 
 
 class ShardWriter:
-    """Streams tables into one shard's temporary file and commits or discards it."""
+    """Streams tables into one shard's temporary file; `commit` makes it visible or discards it."""
 
-    def __init__(self, out_dir: Path, name: str, schema: pa.Schema, fmt: str):
+    def __init__(
+        self, out_dir: Path, name: str, schema: pa.Schema, fmt: str, folder: str = layout.TOKENS
+    ):
         self.out_dir = out_dir
         self.name = name
-        self.final = layout.shard_path(out_dir, name, fmt)
+        self.final = layout.shard_path(out_dir, name, fmt, folder)
         self.tmp = layout.temp_path(out_dir, self.final)
         self.rows = 0
         self._writer = None
@@ -160,37 +165,25 @@ class ShardWriter:
         self.rows += table.num_rows
         faults.point("shard_write")
 
+    def _finish(self) -> dict:
+        """Close, fsync and hash the temporary; its entry for the unit record."""
+        faults.point("shard_close", self.tmp)
+        self._writer.close()
+        self._sink.close()
+        layout.fsync_file(self.tmp)
+        sha256, size = layout.sha256_file(self.tmp)
+        file = layout.relative(self.out_dir, self.final)
+        return {"file": file, "rows": self.rows, "bytes": size, "sha256": sha256}
+
+    def _publish(self) -> None:
+        faults.point("rename", self.final)
+        self.final.parent.mkdir(exist_ok=True)
+        os.replace(self.tmp, self.final)  # our own temporary: a rename never takes another's
+        layout.fsync_dir(self.final.parent)
+
     def commit(self, record: dict, check_lease: Callable[[], None]) -> dict:
-        """Close, fsync and hash the shard, write its record, then make it visible under its
-        name; `check_lease` raises if another job took the directory over. Returns the record."""
-        try:
-            faults.point("shard_close", self.tmp)
-            self._writer.close()
-            self._sink.close()
-            layout.fsync_file(self.tmp)
-            sha256, size = layout.sha256_file(self.tmp)
-            record = {
-                "file": layout.relative(self.out_dir, self.final),
-                "rows": self.rows,
-                "bytes": size,
-                "sha256": sha256,
-                **record,
-            }
-            faults.point("before_rename")
-            check_lease()
-            layout.write_json(layout.record_path(self.out_dir, self.name), record, self.out_dir)
-            faults.point("between_record_and_shard")
-            faults.point("rename", self.final)
-            self.final.parent.mkdir(exist_ok=True)
-            os.replace(self.tmp, self.final)  # our own temporary: a rename never takes another's
-            layout.fsync_dir(self.final.parent)
-        except OSError as exc:
-            self.abort()  # e.g. a full disk while closing: never rename a file that may be short
-            raise output_error(self.tmp, exc) from None
-        except BaseException:
-            self.abort()
-            raise
-        return record
+        """`commit([self], ...)`: a unit with one shard."""
+        return commit([self], record, check_lease)
 
     def abort(self) -> None:
         """Discard the temporary file; a writer closed by an exception would leave partial rows."""
@@ -209,3 +202,27 @@ class ShardWriter:
                     pass
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def commit(shards: list[ShardWriter], record: dict, check_lease: Callable[[], None]) -> dict:
+    """Close, fsync and hash a unit's shards, write its record, then make the shards visible
+    under their names; `check_lease` raises if another job took the directory over. A failure
+    discards every temporary. Returns the record."""
+    first = shards[0]
+    try:
+        record = {"files": [shard._finish() for shard in shards], **record}
+        faults.point("before_rename")
+        check_lease()
+        layout.write_json(layout.record_path(first.out_dir, first.name), record, first.out_dir)
+        faults.point("between_record_and_shard")
+        for shard in shards:
+            shard._publish()
+    except OSError as exc:
+        for shard in shards:
+            shard.abort()  # e.g. a full disk while closing: never rename a file that may be short
+        raise output_error(getattr(exc, "filename", None) or first.tmp, exc) from None
+    except BaseException:
+        for shard in shards:
+            shard.abort()
+        raise
+    return record

@@ -13,6 +13,8 @@ from lib import sample
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Jobs draw no report at their end (a second or two a run); tests/test_report.py draws its own.
+os.environ.setdefault("LOGIT_EXTRACT_NO_REPORT", "1")
 
 # Valid but awkward texts: the job must score all of them (and truncate the long one).
 AWKWARD = [

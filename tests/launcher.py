@@ -26,6 +26,7 @@ BASE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
+    "LOGIT_EXTRACT_NO_REPORT": "1",  # as in conftest: no end-of-run report
 }
 SERVER = r"""
 import gc, json, os, select, sys

@@ -90,6 +90,22 @@ def reference_rows(
     return out
 
 
+def stats64(logits: np.ndarray) -> dict[str, float]:
+    """A position's distribution statistics in float64: entropy, the mean and std of log p
+    under p (Min-K%++), and the top-1 log-probability."""
+    x = logits.astype(np.float64)
+    logp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    p = np.exp(logp)
+    mean = float((p * logp).sum())
+    return {
+        "entropy": -mean,
+        "mu": mean,
+        "sigma": float(np.sqrt((p * logp**2).sum() - mean**2)),
+        "top1_logprob": float(logp.max()),
+        "logp": logp,
+    }
+
+
 def assert_matches(
     result: pd.DataFrame, reference: dict, k: int, atol: float = 1e-3, full: bool = False
 ) -> None:
@@ -103,6 +119,7 @@ def assert_matches(
         token, logits = reference[key]
         lse = float(torch.logsumexp(torch.from_numpy(logits), 0))
         assert abs(rec.logsumexp - lse) < atol, (key, rec.logsumexp, lse)
+        assert abs(rec.entropy - stats64(logits)["entropy"]) < atol, (key, rec.entropy)
         if token is None:
             assert (
                 pd.isna(rec.token_id) and pd.isna(rec.token_logprob) and pd.isna(rec.token_rank)

@@ -26,6 +26,7 @@ COLUMNS = [
     "token_logprob",
     "token_rank",
     "logsumexp",
+    "entropy",
     "topk_ids",
     "topk_logits",
 ]
@@ -52,6 +53,7 @@ def contract_schema(id_type: pa.DataType, k: int, value_type: pa.DataType) -> pa
             pa.field("token_logprob", pa.float32()),
             pa.field("token_rank", pa.int32()),
             pa.field("logsumexp", pa.float32(), nullable=False),
+            pa.field("entropy", pa.float32(), nullable=False),
             pa.field("topk_ids", pa.list_(pa.int32(), k), nullable=False),
             pa.field("topk_logits", pa.list_(value_type, k), nullable=False),
         ]

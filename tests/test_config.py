@@ -122,12 +122,12 @@ def test_yaml_file_and_overrides_combine(tmp_path):
         (
             "model.foo=1",
             "unknown config key 'model.foo'; model has path, dtype, trust_remote_code, "
-            "allow_pickle",
+            "allow_pickle, revision, local_files_only, cache_dir",
         ),
         (
             "output.kk=3",
             "unknown config key 'output.kk' (did you mean output.k?); output has dir, "
-            "logits, k, dtype, format, shard_rows, rows, overwrite",
+            "logits, k, dtype, format, shard_rows, rows, level, min_k_fraction, overwrite, report",
         ),
         (
             "modle.path=x",

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _read(out: Path):
-    table = ds.dataset(out, format="parquet").to_table()
+    table = ds.dataset(out / "tokens", format="parquet").to_table()
     return table.sort_by([("id", "ascending"), ("position", "ascending")]).combine_chunks()
 
 
@@ -52,6 +52,7 @@ def test_two_processes_equal_one(model_dirs, tmp_path):
         "output.shard_rows=7",
         "model.dtype=float32",
         "input.max_length=32",
+        "output.level=both",
     ]
 
     single = tmp_path / "single"
@@ -105,14 +106,19 @@ def test_two_processes_equal_one(model_dirs, tmp_path):
     assert stdout.count("output rows") == 1  # only the main process prints the summary
 
     assert _read(double).equals(_read(single))  # every column, exactly
+    documents = ds.dataset(double / "documents").to_table().sort_by("id")
+    assert documents.num_rows == 43
+    assert documents.equals(ds.dataset(single / "documents").to_table().sort_by("id"))
     manifest = json.loads((double / "_manifest.json").read_text())
     reference = json.loads((single / "_manifest.json").read_text())
     assert manifest["world_size"] == 2
-    # Ranks take every other unit; both ranks' shards are listed, with the rows of the single run.
+    assert manifest["scores"] == reference["scores"]  # merged in unit order, whoever wrote them
+    # Ranks take every other unit (a token and a document shard each); both ranks' shards are
+    # listed, with the rows of the single run.
     assert [s["rank"] for s in manifest["shards"]] == [
-        i % 2 for i in range(len(manifest["shards"]))
+        i // 2 % 2 for i in range(len(manifest["shards"]))
     ]
-    assert len(manifest["shards"]) == 7
+    assert len(manifest["shards"]) == 14
     assert [(s["file"], s["rows"]) for s in manifest["shards"]] == [
         (s["file"], s["rows"]) for s in reference["shards"]
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,12 +17,31 @@ from lib.errors import UserError
 UNITS = [WorkUnit(0, "a.parquet", 0, 4, 0), WorkUnit(1, "a.parquet", 4, 6, 4)]
 
 
-def _record(unit: WorkUnit, run_id: str, skipped: list, tokens: int) -> dict:
+def _scores(tokens: int, logprob: float, correct: int) -> dict:
+    """A unit's partial scores: every token with `logprob`, all in the top calibration bin."""
     return {
+        "tokens": tokens,
+        "sum_logprob": tokens * logprob,
+        "sum_entropy": tokens * 2.0,
+        "top1_correct": correct,
+        "whole_sum_logprob": tokens * logprob,
+        "whole_bytes": 4 * tokens,
+        "calibration_counts": [0] * 14 + [tokens],
+        "calibration_confidence": [0.0] * 14 + [0.95 * tokens],
+        "calibration_correct": [0] * 14 + [correct],
+    }
+
+
+def _record(unit: WorkUnit, run_id: str, skipped: list, tokens: int) -> dict:
+    entry = {
         "file": layout.shard_name(unit.name, "parquet"),
         "rows": tokens,
         "bytes": 10,
         "sha256": "0" * 64,
+    }
+    return {
+        "files": [entry],
+        "scores": _scores(tokens, -1.0, tokens // 2),
         "rank": unit.index % 2,
         "run_id": run_id,
         "input_rows": unit.rows,
@@ -50,6 +70,7 @@ def _finalize(out_dir, **changes):
     settings = dict(
         config=config,
         schema=pa.schema([pa.field("id", pa.string())]),
+        documents_schema=None,
         id_type=pa.string(),
         identity={"path": "m"},
         fingerprint="fp",
@@ -88,6 +109,25 @@ def test_a_missing_record_is_one_line_saying_what_to_do(out_dir):
     layout.record_path(out_dir, "part-00001").unlink()
     with pytest.raises(UserError, match="part-00001 or its record is missing.*run the same"):
         _finalize(out_dir)
+
+
+def test_scores_merge_every_units_partial_sums(out_dir):
+    """Units of 9 and 5 tokens (log p = -1 each, 4 and 2 correct), 4 bytes a token: the corpus
+    figures are over all 14, whichever run or rank computed them."""
+    scores = _finalize(out_dir)["scores"]
+    assert scores["tokens"] == 14
+    assert scores["mean_logprob"] == pytest.approx(-1.0)
+    assert scores["perplexity"] == pytest.approx(math.e)
+    assert scores["bits_per_byte"] == pytest.approx(14 / (math.log(2) * 56))
+    assert scores["mean_entropy"] == pytest.approx(2.0)
+    assert scores["top1_accuracy"] == pytest.approx(6 / 14)
+    # One filled bin: confidence 0.95, accuracy 6/14.
+    assert scores["ece"] == pytest.approx(abs(0.95 - 6 / 14))
+    calibration = scores["calibration"]
+    assert calibration["counts"] == [0] * 14 + [14]
+    assert calibration["confidence"][-1] == pytest.approx(0.95)
+    assert calibration["accuracy"][-1] == pytest.approx(6 / 14)
+    assert calibration["confidence"][0] is None and calibration["accuracy"][0] is None
 
 
 def test_success_is_written_after_the_manifest(out_dir, monkeypatch):

@@ -3,12 +3,15 @@ are the model's own at each scored position."""
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import pytest
 import torch
 
 from lib import batching, models
 from lib.config import DecoderConfig, ModelConfig
+from lib.errors import UserError
 
 TEXTS = ["the cat sat on the mat", "a dog", "birds fly south in winter every year"]
 TARGETS = ["on the mat", "ran far away", "south"]
@@ -98,3 +101,30 @@ def test_task_for_each_family(loaded):
         assert models.task_for(t5, DecoderConfig(mode=mode), has_targets=True) == mode
     assert t5.is_seq2seq and not gpt2.is_seq2seq
     assert t5.identity["architecture"] == "T5ForConditionalGeneration"
+
+
+def test_lengths_beyond_the_positions_are_refused_before_any_model_work(loaded):
+    gpt2, t5 = loaded["gpt2"], loaded["t5"]
+    assert models.position_limit(gpt2) == 1024 and models.position_limit(t5) is None
+    models.check_lengths(gpt2, batching.CAUSAL, 1024, 64)
+    models.check_lengths(gpt2, batching.CONTINUATION, 512, 64)
+    models.check_lengths(t5, batching.TARGETS, 100_000, 64)  # relative positions: no limit
+    with pytest.raises(UserError, match=r"input.max_length: 2048 is more than the model's 1024"):
+        models.check_lengths(gpt2, batching.CAUSAL, 2048, 64)
+    with pytest.raises(UserError, match=r"context \+ target reach 1200 tokens.*at most 512"):
+        models.check_lengths(gpt2, batching.CONTINUATION, 600, 64)
+
+
+def test_a_hub_id_with_no_hub_in_reach_fails_fast_in_one_line(monkeypatch):
+    """No network (the hub's name does not resolve here, or the probe is told it failed): the
+    cache alone is asked, and the error says how to run offline."""
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    started = time.perf_counter()
+    with pytest.raises(UserError) as error:
+        models.load_model(ModelConfig(path="no-such-org/no-such-model"), torch.device("cpu"))
+    assert time.perf_counter() - started < 20  # no half-minute of retries
+    message = str(error.value)
+    assert "hub cannot be reached" in message and "HF_HUB_OFFLINE=1" in message
+    assert "\n" not in message

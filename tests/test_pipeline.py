@@ -44,6 +44,7 @@ def _extraction(config, lm, units, out_dir) -> pipeline.Extraction:
         task="causal",
         schema=schema,
         shard_schema=schema,
+        documents_schema=None,
         out_dir=out_dir,
         rank=0,
         run_id="r",

@@ -34,8 +34,9 @@ def _commit(out_dir: Path, unit: WorkUnit, fp: str = "fp1", data: bytes = b"rows
     shard = layout.shard_path(out_dir, unit.name, "parquet")
     shard.write_bytes(data)
     sha256, size = layout.sha256_file(shard)
-    record = {"file": layout.shard_name(unit.name, "parquet"), "bytes": size, "sha256": sha256}
-    layout.record_path(out_dir, unit.name).write_text(json.dumps({**record, "fingerprint": fp}))
+    entry = {"file": layout.shard_name(unit.name, "parquet"), "bytes": size, "sha256": sha256}
+    record = {"files": [entry], "fingerprint": fp}
+    layout.record_path(out_dir, unit.name).write_text(json.dumps(record))
 
 
 def _finish(out_dir: Path, fp: str = "fp1") -> None:
@@ -66,8 +67,8 @@ def test_finished_job_is_recognised_without_writing(tmp_path):
     out = tmp_path / "out"
     _finish(out)
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
-    assert resume.finished(out, "fp1", UNITS, "parquet") == {"fingerprint": "fp1"}
-    assert resume.finished(out, "fp2", UNITS, "parquet") is None
+    assert resume.finished(out, "fp1", UNITS, "parquet", "tokens") == {"fingerprint": "fp1"}
+    assert resume.finished(out, "fp2", UNITS, "parquet", "tokens") is None
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
 
 
@@ -92,7 +93,7 @@ def test_damage_makes_a_finished_job_unfinished_and_is_repaired(tmp_path, damage
         (out / layout.MANIFEST).unlink()
     else:
         (out / layout.JOB).write_text("")
-    assert resume.finished(out, "fp1", UNITS, "parquet") is None
+    assert resume.finished(out, "fp1", UNITS, "parquet", "tokens") is None
     prepared = _prepare(out)
     shard_damaged = damage in ("flip a byte", "truncate", "delete record", "empty record")
     assert prepared.recomputed == (["tokens/part-00001.parquet"] if shard_damaged else [])
@@ -101,7 +102,7 @@ def test_damage_makes_a_finished_job_unfinished_and_is_repaired(tmp_path, damage
         [layout.JOB, "_units/part-00000.json", "tokens/part-00000.parquet"]
         + ([] if shard_damaged else ["_units/part-00001.json", "tokens/part-00001.parquet"])
     )
-    assert resume.committed(out, UNITS[0], "parquet")
+    assert resume.committed(out, UNITS[0], "parquet", "tokens")
 
 
 def test_shards_of_another_fingerprint_are_not_trusted(tmp_path):
@@ -131,7 +132,7 @@ def test_a_different_job_is_refused_unless_overwrite(tmp_path):
     _finish(out)
     with pytest.raises(UserError, match="different job.*output.overwrite=true"):
         _prepare(out, "fp2")
-    assert resume.finished(out, "fp1", UNITS, "parquet") is not None
+    assert resume.finished(out, "fp1", UNITS, "parquet", "tokens") is not None
     _prepare(out, "fp2", "output.overwrite=true")
     assert _names(out) == [layout.JOB]
 
@@ -142,6 +143,33 @@ def test_an_edited_input_file_is_named(tmp_path):
     edited = [{**FILES[0], "sha256": "b" * 64}]
     with pytest.raises(UserError, match="input file in.parquet changed since this output was"):
         _prepare(out, "fp2", files=edited)
+
+
+@pytest.mark.parametrize(
+    "now,message",
+    [
+        (
+            {"commit": "bbb"},
+            r"the model changed since this output was started \(commit aaa, now bbb\)",
+        ),
+        (
+            {"commit": "aaa", "file": ("model.safetensors", 9, "f" * 64)},
+            r"model's files changed.*model.safetensors differs",
+        ),
+    ],
+    ids=["hub-commit", "local-files"],
+)
+def test_a_changed_model_is_named(tmp_path, now, message):
+    """A resume whose model is not the one the output was started with: the hub snapshot moved
+    on, or the files of a local directory were replaced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    weights = ("model.safetensors", 9, "e" * 64)
+    before = {"identity": {"commit": "aaa"}, "files": [weights]}
+    resume.prepare_output(out, "fp1", FILES, UNITS, _config(out), "run1", model=before)
+    after = {"identity": {"commit": now["commit"]}, "files": [now.get("file", weights)]}
+    with pytest.raises(UserError, match=message):
+        resume.prepare_output(out, "fp2", FILES, UNITS, _config(out), "run2", model=after)
 
 
 def test_output_of_the_first_layout_is_refused_with_a_way_forward(tmp_path):

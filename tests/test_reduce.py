@@ -29,8 +29,16 @@ def numpy_stats(logits: np.ndarray, labels: np.ndarray, k: int) -> dict[str, np.
     order = np.argsort(-x, axis=1, kind="stable")[:, :k]
     safe = np.where(labels >= 0, labels, 0)
     token = x[np.arange(len(x)), safe]
+    logp = x - lse[:, None]
+    finite = np.isfinite(logp)  # p log p -> 0 as p -> 0
+    logp_or_0 = np.where(finite, logp, 0)
+    p = np.exp(logp)
+    mean = (p * logp_or_0).sum(axis=1)
     return {
         "logsumexp": lse,
+        "entropy": -mean,
+        "logprob_std": np.sqrt((p * logp_or_0**2).sum(axis=1) - mean**2),
+        "top1_logprob": logp.max(axis=1),
         "topk_ids": order,
         "topk_logits": np.take_along_axis(x, order, axis=1),
         "token_logprob": token - lse,
@@ -55,8 +63,12 @@ def test_topk_mode_matches_numpy():
         out["token_logprob"].numpy()[has], want["token_logprob"][has], rtol=0, atol=1e-5
     )
     np.testing.assert_array_equal(out["token_rank"].numpy()[has], want["token_rank"][has])
+    for name in ("entropy", "top1_logprob"):
+        np.testing.assert_allclose(out[name].numpy(), want[name], rtol=0, atol=1e-5)
     assert {name: value.dtype for name, value in out.items()} == {
         "logsumexp": torch.float32,
+        "entropy": torch.float32,
+        "top1_logprob": torch.float32,
         "token_logprob": torch.float32,
         "token_rank": torch.int32,
         "has_token": torch.bool,
@@ -148,6 +160,39 @@ def test_chunked_reduce_equals_one_chunk(full):
             torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=1e-5)
         else:
             assert torch.equal(chunked[name], whole[name]), name
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["topk", "full"])
+def test_entropy_and_spread_match_float64_with_masked_entries(full):
+    """Entropy and the std of log p (Min-K%++) over the vocabulary, through the chunked path
+    that reuses its buffers; entries at -inf (masked tokens) add nothing and make no nan."""
+    torch.manual_seed(1)
+    head = CountingHead(16, VOCAB)
+    states = torch.randn(40, 16)
+    labels = torch.randint(0, VOCAB, (40,))
+
+    def masked(chunk, out=None):
+        return head(chunk, out).index_fill_(1, torch.tensor([3, 50]), -torch.inf)
+
+    with torch.inference_mode():
+        settings = dict(k=K, output_dtype=torch.float32, full=full, vocab_size=VOCAB, moments=True)
+        out = reduce.reduce_states(masked, states, labels, chunk_bytes=3 * 4 * VOCAB, **settings)
+        logits = masked(states).numpy()
+    want = numpy_stats(logits, labels.numpy(), K)
+    for name in ("entropy", "logprob_std", "top1_logprob", "token_logprob", "logsumexp"):
+        assert np.isfinite(out[name].numpy()).all(), name
+        np.testing.assert_allclose(out[name].numpy(), want[name], rtol=0, atol=2e-5, err_msg=name)
+    assert (out["entropy"].numpy() > 0).all()
+
+
+def test_no_topk_keeps_the_other_statistics():
+    """k=0 (document scores only): no top-k columns, the rest as with a top-k."""
+    logits, labels = random_case()
+    with_topk = reduce.reduce_logits(logits.clone(), labels, K, torch.float32, full=False)
+    without = reduce.reduce_logits(logits.clone(), labels, 0, torch.float32, full=False)
+    assert set(with_topk) - set(without) == {"topk_ids", "topk_logits"}
+    for name, value in without.items():
+        torch.testing.assert_close(value, with_topk[name], rtol=0, atol=0)
 
 
 def test_chunk_positions():

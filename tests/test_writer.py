@@ -30,6 +30,7 @@ def _table(schema: pa.Schema, ids: list[str], rows: int = 4) -> pa.Table:
         "token_logprob": rng.normal(size=rows).astype(np.float32),
         "token_rank": np.arange(rows, dtype=np.int32),
         "logsumexp": rng.normal(size=rows).astype(np.float32),
+        "entropy": rng.uniform(0, 2, size=rows).astype(np.float32),
         "topk_ids": rng.integers(0, 11, size=(rows, K)).astype(np.int32),
         "topk_logits": rng.normal(size=(rows, K)).astype(np.float16),
     }
@@ -99,10 +100,14 @@ def test_commit_makes_the_shard_visible_only_after_close(out_dir, fmt):
         record
         == returned
         == {
-            "file": f"tokens/part-00007.{fmt}",
-            "rows": 7,
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "files": [
+                {
+                    "file": f"tokens/part-00007.{fmt}",
+                    "rows": 7,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            ],
             "rank": 3,
         }
     )
@@ -123,6 +128,7 @@ def test_full_logits_round_trip(out_dir):
         "token_logprob": np.zeros(rows, np.float32),
         "token_rank": np.zeros(rows, np.int32),
         "logsumexp": np.ones(rows, np.float32),
+        "entropy": np.ones(rows, np.float32),
         "logits": np.arange(rows * 11, dtype=np.float16).reshape(rows, 11),
     }
     table = writer.to_table(

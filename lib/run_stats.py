@@ -1,0 +1,457 @@
+"""What an output directory says about its run, aggregated for the report (`lib/report.py`).
+
+The bookkeeping comes from the manifest, or `_job.json` and the unit records while the job has
+not finished (their lengths, batch sizes and commit times included). The rows come from one
+streaming pass over the committed shards that reads only the columns it needs, batch by batch,
+into fixed-width histograms and calibration bins: memory is bounded by a record batch, whatever
+the size of the output. Columns and files that newer jobs write are used when present: the
+`entropy` column, the `documents/` shards, and the `scores` of the manifest or the records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lib import layout
+from lib.errors import UserError, first_line
+from lib.overlap import Background
+
+CALIBRATION_BINS = 15
+HISTOGRAM_BINS = 64
+MASS_BINS = 50
+RANK_BINS = 33  # bin 0: rank 0; bin j: ranks 2**(j-1) .. 2**j - 1 (int32 ranks fit)
+BATCH_BYTES = 32 << 20  # logits decoded per record batch
+MAX_BATCH_ROWS = 1 << 16
+READ_AHEAD = 2  # record batches decoded ahead of the arithmetic
+READ_BUFFER = 8 << 20  # bytes of a Parquet column chunk read at a time
+DOCUMENT_COLUMNS = ("perplexity", "bits_per_byte", "min_k_plus_plus")
+TOKEN_COLUMNS = ("token_logprob", "token_rank", "logsumexp", "entropy", "topk_logits", "logits")
+
+
+# -- streaming histograms ----------------------------------------------------------------------
+@dataclass
+class Histogram:
+    """Counts in equal-width bins. With `hi` set the range is fixed and values beyond it land in
+    the edge bins; without it the range starts at the first values and doubles (neighbouring
+    bins merge) whenever a value falls outside, so one pass needs no range in advance."""
+
+    bins: int = HISTOGRAM_BINS
+    lo: float = 0.0
+    hi: float | None = None
+    width: float = 0.0
+    counts: np.ndarray = field(default=None)
+    total: float = 0.0  # sum of the values counted, for the mean
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hi is None and self.bins % 2:
+            raise ValueError("a histogram without a fixed range needs an even number of bins")
+        self.counts = np.zeros(self.bins, np.int64)
+        if self.hi is not None:
+            self.width = (self.hi - self.lo) / self.bins
+
+    def add(self, values: np.ndarray) -> None:
+        """Count the finite values of `values`."""
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return
+        if self.hi is None:
+            self._cover(float(values.min()), float(values.max()))
+        index = np.clip(((values - self.lo) / self.width).astype(np.int64), 0, self.bins - 1)
+        self.counts += np.bincount(index, minlength=self.bins)
+        self.total += float(values.sum())
+        self.n += values.size
+
+    def _cover(self, low: float, high: float) -> None:
+        if self.width == 0.0:
+            self.width = max((high - low) / self.bins * 1.01, 1e-6 * max(1.0, abs(low)))
+            self.lo = math.floor(low / self.width) * self.width
+        half = self.bins // 2
+        while high >= self.lo + self.width * self.bins:  # double upwards
+            self.counts = np.concatenate([self.counts.reshape(half, 2).sum(1), np.zeros(half, int)])
+            self.width *= 2
+        while low < self.lo:  # double downwards
+            self.counts = np.concatenate([np.zeros(half, int), self.counts.reshape(half, 2).sum(1)])
+            self.lo -= self.width * self.bins
+            self.width *= 2
+
+    @property
+    def edges(self) -> np.ndarray:
+        return self.lo + self.width * np.arange(self.bins + 1)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else float("nan")
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile, to the resolution of a bin (linear within the bin)."""
+        if not self.n:
+            return float("nan")
+        cumulative = np.cumsum(self.counts)
+        target = q * cumulative[-1]
+        i = int(np.searchsorted(cumulative, target))
+        before = cumulative[i - 1] if i else 0
+        inside = (target - before) / max(self.counts[i], 1)
+        return float(self.lo + self.width * (i + inside))
+
+
+@dataclass
+class Calibration:
+    """Top-1 confidence against accuracy in equal-width bins, as sums (mergeable)."""
+
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(CALIBRATION_BINS))
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(CALIBRATION_BINS))
+    correct: np.ndarray = field(default_factory=lambda: np.zeros(CALIBRATION_BINS))
+    stored_ece: float | None = None  # the manifest's, when it has one
+    source: str = "shards"
+
+    def add(self, confidence: np.ndarray, correct: np.ndarray) -> None:
+        """Count positions with their top-1 probability and whether top-1 was the actual token."""
+        bins = len(self.counts)
+        confidence = np.clip(confidence, 0.0, 1.0)
+        index = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+        self.counts += np.bincount(index, minlength=bins)
+        self.confidence += np.bincount(index, weights=confidence, minlength=bins)
+        self.correct += np.bincount(index, weights=correct, minlength=bins)
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error: sum over bins of (share of positions) * |acc - conf|."""
+        if self.stored_ece is not None:
+            return self.stored_ece
+        total = self.counts.sum()
+        return float(np.abs(self.correct - self.confidence).sum() / total) if total else math.nan
+
+    @classmethod
+    def from_scores(cls, scores: dict) -> Calibration | None:
+        """The manifest's `scores`: its ECE and reliability bins (per-bin counts, mean top-1
+        probability and accuracy), if it has them."""
+        bins = scores.get("calibration")
+        if not isinstance(bins, dict) or not {"counts", "confidence", "accuracy"} <= set(bins):
+            return None
+        counts = np.asarray(bins["counts"], dtype=np.float64)
+        means = [np.asarray(bins[key], dtype=np.float64) for key in ("confidence", "accuracy")]
+        confidence, accuracy = (np.nan_to_num(values) * counts for values in means)
+        ece = scores.get("ece")
+        stored = float(ece) if ece is not None else None
+        return cls(counts, confidence, accuracy, stored, "manifest")
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> Calibration | None:
+        """Summed from the unit records' partial scores, where every record has them."""
+        keys = ("calibration_counts", "calibration_confidence", "calibration_correct")
+        parts = [r.get("scores") for r in records]
+        if not parts or not all(isinstance(p, dict) and set(keys) <= set(p) for p in parts):
+            return None
+        sums = [np.sum([p[key] for p in parts], axis=0, dtype=np.float64) for key in keys]
+        return cls(*sums, source="unit records")
+
+
+# -- what the directory says about the run ------------------------------------------------------
+@dataclass
+class RunInfo:
+    """The bookkeeping side of an output directory: manifest or job record, unit records."""
+
+    out_dir: Path
+    manifest: dict | None
+    config: dict
+    records: list[dict]
+    partial: bool
+    skipped: dict[str, int]
+    fmt: str | None
+
+
+def read_run(out_dir: str | Path) -> RunInfo:
+    """Everything but the shards' rows; a UserError if `out_dir` is not an output directory."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        raise UserError(f"{out_dir} does not exist")
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir} is not a directory")
+    manifest = layout.read_manifest(out_dir)
+    job = layout.read_json(out_dir / layout.JOB)
+    markers = (out_dir / layout.TOKENS, out_dir / layout.UNITS, out_dir / layout.DOCUMENTS)
+    if manifest is None and job is None and not any(p.is_dir() for p in markers):
+        if not layout.legacy_shards(out_dir):
+            raise UserError(f"{out_dir} is not an output directory of this job (no {layout.JOB})")
+    config = (manifest or job or {}).get("config", {})
+    fingerprint = (manifest or job or {}).get("fingerprint")
+    records = _records(out_dir, fingerprint)
+    partial = manifest is None or not (out_dir / layout.SUCCESS).exists()
+    fmt = (manifest or {}).get("format") or config.get("output", {}).get("format")
+    return RunInfo(out_dir, manifest, config, records, partial, _skipped(out_dir, records), fmt)
+
+
+def _records(out_dir: Path, fingerprint: str | None) -> list[dict]:
+    """The unit records of this job whose shard is committed, in unit order."""
+    folder = out_dir / layout.UNITS
+    found = []
+    for path in sorted(folder.glob("part-*.json")) if folder.is_dir() else []:
+        record = layout.read_json(path)
+        if record is None or record.get("fingerprint") not in (None, fingerprint):
+            continue
+        files = [entry.get("file") for entry in record_files(record)]
+        if not all(isinstance(f, str) and (out_dir / f).is_file() for f in files):
+            continue  # a record without its shards is not committed
+        found.append(record)
+    return found
+
+
+def record_files(record: dict) -> list[dict]:
+    """A record's shard entries ({file, rows, ...}): under `files`, or the record itself in
+    records of one shard."""
+    return record["files"] if isinstance(record.get("files"), list) else [record]
+
+
+def _skipped(out_dir: Path, records: list[dict]) -> dict[str, int]:
+    """Skipped rows by reason: `_skipped.parquet` when the job finished, else the records."""
+    path = out_dir / layout.SKIPPED
+    if path.is_file() and (out_dir / layout.SUCCESS).exists():
+        try:
+            reasons = pq.read_table(path, columns=["reason"]).column("reason")
+            counts = pc.value_counts(reasons).to_pylist()
+            return {item["values"]: item["counts"] for item in counts}
+        except (OSError, pa.ArrowException, KeyError):
+            pass
+    return dict(Counter(reason for r in records for _, reason in r.get("skipped", [])))
+
+
+def totals(info: RunInfo) -> dict:
+    """Rows and tokens: the manifest's when the job finished, else summed over committed units."""
+    if info.manifest is not None and not info.partial:
+        return {**info.manifest["totals"], **_tokens(info.records)}
+    keys = ("input_rows", "scored_rows", "skipped_rows", "truncated_rows")
+    summed = {key: sum(r.get(key, 0) for r in info.records) for key in keys}
+    summed["output_rows"] = sum(record_files(r)[0].get("rows", 0) for r in info.records)
+    return {**summed, **_tokens(info.records)}
+
+
+def _tokens(records: list[dict]) -> dict:
+    """Real and padded tokens of every committed unit, this run's or not."""
+    return {
+        "shard_tokens": sum(r.get("tokens", 0) for r in records),
+        "shard_padded_tokens": sum(r.get("padded_tokens", 0) for r in records),
+    }
+
+
+def timing(info: RunInfo) -> dict:
+    """Wall time, tokens/s and processes: the manifest's, else from the records' timestamps."""
+    if info.manifest is not None and not info.partial:
+        run = info.manifest["throughput"]
+        return {
+            "tokens": run["tokens"],
+            "padded_tokens": run["padded_tokens"],
+            "wall_s": run["wall_s"],
+            "tokens_per_s": run["tokens_per_s"],
+            "processes": info.manifest.get("world_size", 1),
+        }
+    timed = [r for r in info.records if "started_at" in r and "committed_at" in r]
+    wall = (
+        max(r["committed_at"] for r in timed) - min(r["started_at"] for r in timed)
+        if timed
+        else math.nan
+    )
+    tokens = sum(r.get("tokens", 0) for r in info.records)
+    return {
+        "tokens": tokens,
+        "padded_tokens": sum(r.get("padded_tokens", 0) for r in info.records),
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall and wall > 0 else math.nan,
+        "processes": len({r.get("rank", 0) for r in info.records}) or 1,
+    }
+
+
+def stored_calibration(info: RunInfo) -> Calibration | None:
+    """The job's own calibration figures: the manifest's, or a partial output's unit records'."""
+    scores = (info.manifest or {}).get("scores") if not info.partial else None
+    if isinstance(scores, dict):
+        return Calibration.from_scores(scores)
+    return Calibration.from_records(info.records) if info.partial else None
+
+
+def unit_rates(records: list[dict]) -> dict[tuple[int, str], np.ndarray]:
+    """(run, rank) -> rows of (commit time, tokens/s) per unit: a unit's tokens over the time
+    since its rank's previous commit (or since its reading began, if later)."""
+    timed = sorted(
+        (r for r in records if "started_at" in r and "committed_at" in r),
+        key=lambda r: r["committed_at"],
+    )
+    start = min((r["started_at"] for r in timed), default=0.0)
+    lines: dict[tuple[int, str], list] = {}
+    last: dict[tuple[int, str], float] = {}
+    for record in timed:
+        key = (record.get("rank", 0), record.get("run_id", ""))
+        begin = max(record["started_at"], last.get(key, -math.inf))
+        last[key] = record["committed_at"]
+        seconds = max(record["committed_at"] - begin, 1e-6)
+        lines.setdefault(key, []).append(
+            (record["committed_at"] - start, record["tokens"] / seconds)
+        )
+    return {key: np.array(points) for key, points in lines.items()}
+
+
+# -- the streaming pass over the token shards ---------------------------------------------------
+@dataclass
+class TokenStats:
+    """What the report draws from the token rows, accumulated one record batch at a time."""
+
+    positions: int = 0
+    scored: int = 0  # positions with an actual token
+    top1: int = 0  # of which the top-1 token was the actual one
+    logprob: Histogram = field(default_factory=Histogram)
+    rank: np.ndarray = field(default_factory=lambda: np.zeros(RANK_BINS, np.int64))
+    mass: Histogram | None = None  # top-k mode only
+    entropy: Histogram | None = None  # the column, or computed from full logits
+    calibration: Calibration = field(default_factory=Calibration)
+    mode: str = "topk"
+
+
+def token_shards(out_dir: Path, fmt: str | None) -> list[Path]:
+    """The committed token shards of the output's format (by suffix where no format is known)."""
+    shards = layout.shard_files(out_dir)
+    if fmt in layout.EXTENSIONS:
+        return [p for p in shards if p.suffix == f".{layout.EXTENSIONS[fmt]}"]
+    suffixes = {p.suffix for p in shards}
+    return shards if len(suffixes) == 1 else []
+
+
+def _unreadable(path: Path, exc: BaseException) -> UserError:
+    """The one-line error for a shard that cannot be read."""
+    return UserError(
+        f"cannot read {path}: {first_line(exc)} (python -m jobs.verify names damaged shards)"
+    )
+
+
+def _schema(path: Path) -> pa.Schema:
+    """A shard's schema, without reading its rows."""
+    try:
+        if path.suffix == ".arrow":
+            return pa.ipc.open_file(pa.memory_map(str(path))).schema
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def record_batches(files: list[Path], columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+    """The shards' `columns` in batches of at most `rows` rows, one shard open at a time.
+    Parquet pages stream through a small buffer: a full-logit row group can be a gigabyte."""
+    for path in files:
+        try:
+            if path.suffix == ".arrow":
+                reader = pa.ipc.open_file(pa.memory_map(str(path)))
+                for i in range(reader.num_record_batches):
+                    batch = reader.get_batch(i).select(columns)
+                    for offset in range(0, batch.num_rows, rows):
+                        yield batch.slice(offset, rows)
+            else:
+                with pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER) as shard:
+                    yield from shard.iter_batches(batch_size=rows, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise _unreadable(path, exc) from None
+
+
+def _batch_rows(schema: pa.Schema, max_length: int) -> int:
+    """Rows per record batch so that one batch decodes about BATCH_BYTES of logits."""
+    name = "logits" if "logits" in schema.names else "topk_logits"
+    kind = schema.field(name).type if name in schema.names else pa.float32()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        kind = kind.value_type
+        width = max_length  # example rows: one list entry per position
+    else:
+        width = 1
+    per_position = 16 + (kind.list_size * 4 if pa.types.is_fixed_size_list(kind) else 0)
+    return int(np.clip(BATCH_BYTES // (per_position * width), 1, MAX_BATCH_ROWS))
+
+
+def scan_tokens(info: RunInfo) -> TokenStats | None:
+    """One pass over the token shards, reading only the report's columns; None without shards."""
+    files = token_shards(info.out_dir, info.fmt)
+    if not files:
+        return None
+    schema = _schema(files[0])
+    columns = [name for name in TOKEN_COLUMNS if name in schema.names]
+    stats = TokenStats(mode="full" if "logits" in columns else "topk")
+    if "topk_logits" in columns:
+        stats.mass = Histogram(MASS_BINS, 0.0, 1.0)
+    if "entropy" in columns or "logits" in columns:
+        stats.entropy = Histogram(lo=0.0)
+    max_length = info.config.get("input", {}).get("max_length", 512)
+    # Decoding (in a thread) and the arithmetic here both release the GIL: they overlap.
+    batches = record_batches(files, columns, _batch_rows(schema, max_length))
+    reader = Background(batches, READ_AHEAD, "report-reader")
+    try:
+        for batch in reader:
+            add_batch(stats, {name: _positions(batch.column(name)) for name in columns})
+    finally:
+        reader.close()
+    return stats
+
+
+def _positions(column: pa.Array) -> pa.Array:
+    """A per-position column: as stored, or flattened from example rows' lists."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return column.flatten()
+    return column
+
+
+def _matrix(column: pa.Array) -> np.ndarray:
+    """(positions, width) from a fixed-size list column, in its storage dtype."""
+    width = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def add_batch(stats: TokenStats, columns: dict[str, pa.Array]) -> None:
+    """Fold one batch of position columns into the statistics."""
+    logsumexp = columns["logsumexp"].to_numpy(zero_copy_only=False).astype(np.float32)
+    rank = columns["token_rank"].to_numpy(zero_copy_only=False)  # float, NaN where no token
+    has_token = ~np.isnan(rank) if rank.dtype.kind == "f" else np.ones(len(rank), bool)
+    rank = rank[has_token].astype(np.int64)
+    stats.positions += len(logsumexp)
+    stats.scored += int(has_token.sum())
+    stats.top1 += int((rank == 0).sum())
+    stats.rank += np.bincount(np.frexp(rank.astype(np.float64))[1], minlength=RANK_BINS)[:RANK_BINS]
+    stats.logprob.add(columns["token_logprob"].to_numpy(zero_copy_only=False)[has_token])
+    if "entropy" in columns:
+        stats.entropy.add(columns["entropy"].to_numpy(zero_copy_only=False))
+    if "topk_logits" in columns:
+        logprobs = _matrix(columns["topk_logits"]).astype(np.float32) - logsumexp[:, None]
+        stats.mass.add(np.minimum(np.exp(logprobs).sum(axis=1), 1.0))
+        top1 = logprobs[:, 0]
+    else:
+        logprobs = _matrix(columns["logits"]).astype(np.float32) - logsumexp[:, None]
+        top1 = logprobs.max(axis=1)
+        if "entropy" not in columns:
+            probs = np.exp(logprobs)
+            stats.entropy.add(-(probs * logprobs).sum(axis=1))
+    stats.calibration.add(np.exp(top1[has_token]), (rank == 0).astype(np.float64))
+
+
+# -- the documents folder (output.level=documents|both) ------------------------------------------
+def scan_documents(out_dir: Path) -> dict[str, Histogram] | None:
+    """Histograms of the per-document scores (perplexity on a log10 scale); None without any."""
+    files = layout.shard_files(out_dir, layout.DOCUMENTS)
+    files = [p for p in files if p.suffix == files[0].suffix] if files else []
+    if not files:
+        return None
+    columns = [name for name in DOCUMENT_COLUMNS if name in _schema(files[0]).names]
+    if not columns:
+        return None
+    hists = {name: Histogram(bins=48) for name in columns}
+    for batch in record_batches(files, columns, MAX_BATCH_ROWS):
+        for name in columns:
+            values = batch.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+            if name == "perplexity":
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    values = np.log10(values)
+            hists[name].add(values)
+    return hists
