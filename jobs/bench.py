@@ -1,20 +1,31 @@
 """Benchmark the job against the naive loop and the model's dense-batch speed: `make bench`.
 
-For each model, in one process and on the same machine, it measures
-  (a) the naive loop users write: 32 rows a batch in input order, padded to the longest,
-      float32, top-k with per-row Python output, one Parquet file at the end;
-  (b) the job (lib.pipeline.run_job), on N and 3N rows, so start-up cancels in the marginal rate;
-  (c) the model's dense throughput: equal-length batches of the corpus's mean length, same budget;
-and prints tokens/s, job/naive (steady state and end to end), efficiency = marginal job rate / (c),
-padding efficiency, and peak RSS of the job at N and 10N rows (separate processes). It also
-times the model's forward passes alone on exactly the job's batches: pipeline_efficiency is that
-time over the job's, so it shows what the pipeline adds; efficiency also includes what the length
-mix itself costs the model (attention on the long tail) against equal-length batches.
-`--tiny` adds the same efficiency for a d_model 64, 2-layer model, where the pipeline's own costs show.
-Integrity costs: input_checksum_share is the part of the 3N job spent hashing its input files,
-complete_rerun_s the time of a rerun over the finished 3N output (which re-hashes every shard).
+Four parts, on the same machine and models:
+
+- efficiency (log-normal corpus, N = --rows): the job (lib.pipeline.run_job) on N and 3N rows,
+  so start-up cancels in the marginal rate, against (c) the model's dense throughput on
+  equal-length batches of the corpus's mean length: efficiency = marginal job rate / (c).
+  pipeline_efficiency times the model's forward passes alone on exactly the job's batches over
+  the job's time, so it shows what the pipeline adds; efficiency also includes what the length
+  mix itself costs the model. Also padding efficiency, peak RSS at N and 10N rows (separate
+  processes), input_checksum_share (the 3N job's time hashing its input) and complete_rerun_s
+  (a rerun over the finished 3N output, which re-hashes every shard). `--tiny` adds d_model 64,
+  2-layer models, where the pipeline's own costs show.
+- cases (--cases): the job against the naive loop a careful user writes (32 rows a batch in
+  input order, padded to the longest, float32, top-k vectorized into Arrow columns per batch,
+  one Parquet file at the end) on corpora of different length mixes: steady state (marginal
+  rates between N and 3N rows, in process) and end to end on --e2e-rows rows, both sides as
+  fresh processes (`python -m jobs.extract` and the naive loop), so start-up and imports count.
+- host ceiling: the job with a nearly free model (GPT-2, d_model 8, 1 layer, 600-token
+  vocabulary) at k=64 and k=1, next to the tokenizer alone on the same texts: what the host
+  side can feed a fast accelerator, per process.
+- start-up: process start to the first batch reaching the model (the manifest's
+  throughput.startup_s) of a 10-row job, against the bare imports of torch, transformers and
+  accelerate.
 
     python -m jobs.bench                       # CPU preset: T5 start mode and GPT-2 causal
+    python -m jobs.bench --cases lognormal     # one corpus case (all parts still run)
+    python -m jobs.bench --parts cases startup # some parts only
     python -m jobs.bench --preset gpu          # t5-base and ~1B Llama shapes, bfloat16
     python -m jobs.bench --quick               # a smoke run in well under a minute
 """
@@ -31,10 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -50,6 +64,7 @@ class ModelSpec:
     layers: int
     vocab: int
     mode: str  # start (T5) or causal
+    tokenizer_vocab: int = 2000
 
 
 PRESETS = {
@@ -67,44 +82,94 @@ TINY = {
     "gpt2": ModelSpec("gpt2-tiny", "gpt2", 64, 2, 32000, "causal"),
     "llama": ModelSpec("llama-tiny", "llama", 64, 2, 32000, "causal"),
 }
+# The nearly free model of the host ceiling: the job's own work decides its speed.
+CEILING = ModelSpec("gpt2-d8", "gpt2", 8, 1, 600, "causal", tokenizer_vocab=600)
+
+SEED = 123  # one seed for every corpus: the words (and so the tokenizers' fit) are the same
+
+
+@dataclass(frozen=True)
+class Case:
+    about: str
+    # Rows per row of the log-normal case, so that every case's N rows hold about as many
+    # tokens (a log-normal row has ~71 tokens, a heavy-tail one ~150, a tiny one ~5).
+    rows_factor: float
+
+
+CASES = {
+    "narrow": Case("word counts log-normal, sigma 0.1 around 40", 1.5),
+    "lognormal": Case("word counts log-normal, sigma 0.9 around 40", 1.0),
+    "heavy-tail": Case("75% short rows (sigma 0.6 around 20 words), 25% cut at max_length", 0.5),
+    "tiny": Case("1-4 words a row", 15.0),
+}
+PARTS = ("efficiency", "cases", "ceiling", "startup")
+
+
+def case_texts(case: str, rows: int) -> list[str]:
+    """The first `rows` texts of one corpus case (a longer call returns the same prefix)."""
+    if case == "narrow":
+        return sample.generate_texts(rows, SEED, mean_words=40, sigma=0.1)
+    if case == "lognormal":
+        return sample.generate_texts(rows, SEED, mean_words=40, sigma=0.9)
+    if case == "heavy-tail":
+        # ~700 words are 800+ tokens with these tokenizers: a long row is always cut at 512.
+        long_rows = np.random.default_rng(SEED).random(rows) < 0.25
+        short = iter(sample.generate_texts(rows, SEED, mean_words=20, sigma=0.6))
+        long = iter(sample.generate_texts(int(long_rows.sum()), SEED, mean_words=700, sigma=0.1))
+        return [next(long) if is_long else next(short) for is_long in long_rows]
+    if case == "tiny":
+        texts = sample.generate_texts(rows, SEED, mean_words=2.2, sigma=0.4)
+        return [" ".join(text.split()[:4]) for text in texts]
+    raise ValueError(f"unknown case {case!r}")
+
+
+def write_texts(path: Path, texts: list[str]) -> str:
+    """Write a Parquet corpus (`doc_id`, `text`) and return its path."""
+    table = pa.table({"doc_id": [f"doc-{i:06d}" for i in range(len(texts))], "text": texts})
+    pq.write_table(table, path, row_group_size=1000)
+    return str(path)
+
+
+def write_corpora(prefix: Path, case: str, sizes: dict[str, int]) -> dict[str, str]:
+    """One corpus file per named size (`PREFIX-NAME.parquet`), each a prefix of the same texts."""
+    texts = case_texts(case, max(sizes.values()))
+    return {
+        name: write_texts(prefix.with_name(f"{prefix.name}-{name}.parquet"), texts[:rows])
+        for name, rows in sizes.items()
+    }
 
 
 def build_model(spec: ModelSpec, root: Path, texts: list[str]) -> str:
+    """Build (once) a random-weight model of `spec` with a tokenizer trained on `texts`."""
     out = root / spec.name
     if (out / "config.json").exists():
         return str(out)
+    shape = {
+        "d_model": spec.d_model,
+        "num_layers": spec.layers,
+        "vocab_size": spec.tokenizer_vocab,
+        "model_vocab_size": spec.vocab,
+    }
     if spec.family == "t5":
-        sample.build_t5(
-            out,
-            texts,
-            d_model=spec.d_model,
-            num_layers=spec.layers,
-            vocab_size=2000,
-            model_vocab_size=spec.vocab,
-        )
+        sample.build_t5(out, texts, **shape)
     else:
-        sample.build_causal(
-            out,
-            texts,
-            spec.family,
-            d_model=spec.d_model,
-            num_layers=spec.layers,
-            vocab_size=2000,
-            model_vocab_size=spec.vocab,
-        )
+        sample.build_causal(out, texts, spec.family, **shape)
     return str(out)
 
 
-def job_config(model: str, corpus: str, out: str, args) -> JobConfig:
+def job_config(model: str, corpus: str, out: str, args, k: int | None = None) -> JobConfig:
+    """The benchmark's job config; `k` overrides --k."""
     config = JobConfig()
     config.model.path, config.model.dtype = model, args.dtype
     config.input.path, config.input.max_length = corpus, args.max_length
     config.batching.max_tokens = args.max_tokens
-    config.output.dir, config.output.k, config.output.shard_rows = out, args.k, args.shard_rows
+    config.output.dir, config.output.shard_rows = out, args.shard_rows
+    config.output.k = k or args.k
     return config
 
 
 def run_job_timed(config: JobConfig) -> tuple[float, dict]:
+    """Seconds and manifest of the job run in this process, on a clean output directory."""
     from lib.pipeline import run_job
 
     # A finished output would resume as a no-op (a reused --work directory): always start clean.
@@ -124,7 +189,37 @@ def rerun_timed(config: JobConfig) -> float:
     return time.perf_counter() - started
 
 
+def fresh_python(argv: list[str]) -> str:
+    """Run `python ARGV` as a fresh process and return its stdout; a failure raises."""
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"python {' '.join(argv)} exited {result.returncode}:\n{result.stderr}")
+    return result.stdout
+
+
+def child_seconds(argv: list[str], args) -> tuple[float, str]:
+    """Wall seconds of `python ARGV` from its start to its exit, and its stdout."""
+    started = time.perf_counter()
+    stdout = args.run_python(argv)
+    return time.perf_counter() - started, stdout
+
+
+def job_process_seconds(config: JobConfig, args) -> tuple[float, dict]:
+    """Wall seconds of `python -m jobs.extract` in a fresh process, and the manifest it wrote."""
+    import yaml
+
+    from lib import layout
+
+    out = Path(config.output.dir)
+    shutil.rmtree(out, ignore_errors=True)
+    config_path = out.with_name(out.name + ".yaml")
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    seconds, _ = child_seconds(["-m", "jobs.extract", "--config", str(config_path)], args)
+    return seconds, layout.read_manifest(out)
+
+
 def corpus_tokens(model: str, corpus: str, max_length: int) -> int:
+    """Input tokens of a corpus, as the job counts them."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -132,11 +227,41 @@ def corpus_tokens(model: str, corpus: str, max_length: int) -> int:
     return sum(len(x) for x in tok(texts, truncation=True, max_length=max_length)["input_ids"])
 
 
+def naive_batch_table(
+    first_id: int, logits: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None, k: int
+) -> pa.Table:
+    """One batch's output rows, vectorized: a row per real position of (batch, length, vocab).
+
+    `input_ids` (causal models) give each position's next token; None: no token (T5 start)."""
+    lse = logits.logsumexp(-1)
+    values, ids = logits.topk(k, -1)
+    rows, positions = mask.nonzero(as_tuple=True)
+    columns = {
+        "id": (rows + first_id).cpu().numpy(),
+        "position": positions.cpu().numpy(),
+        "token_id": pa.nulls(len(rows), pa.int64()),
+        "token_logprob": pa.nulls(len(rows), pa.float32()),
+        "logsumexp": lse[mask].cpu().numpy(),
+        "topk_ids": pa.FixedSizeListArray.from_arrays(ids[mask].cpu().numpy().ravel(), k),
+        "topk_logits": pa.FixedSizeListArray.from_arrays(values[mask].cpu().numpy().ravel(), k),
+    }
+    if input_ids is not None:  # right padding: the last real position has no next token
+        has_next = torch.zeros_like(mask)
+        has_next[:, :-1] = mask[:, 1:]
+        next_token = torch.zeros_like(input_ids, dtype=torch.long)
+        next_token[:, :-1] = input_ids[:, 1:]
+        logprob = logits.gather(-1, next_token.unsqueeze(-1)).squeeze(-1) - lse
+        missing = ~has_next[mask].cpu().numpy()
+        columns["token_id"] = pa.array(next_token[mask].cpu().numpy(), mask=missing)
+        columns["token_logprob"] = pa.array(logprob[mask].cpu().numpy(), mask=missing)
+    return pa.table(columns)
+
+
 @torch.inference_mode()
 def naive_loop(
     model_dir: str, corpus: str, out: str, k: int, max_length: int, device: str
 ) -> float:
-    """What users write by hand; returns seconds including model loading."""
+    """The loop a careful user writes by hand; returns seconds including model loading."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     started = time.perf_counter()
@@ -147,42 +272,54 @@ def naive_loop(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     texts = pq.read_table(corpus, columns=["text"]).column(0).to_pylist()
-    records = []
-    for i in range(0, len(texts), 32):
+    tables = []
+    for first in range(0, len(texts), 32):
         enc = tok(
-            texts[i : i + 32],
+            texts[first : first + 32],
             padding=True,
             truncation=True,
             max_length=max_length,
             return_tensors="pt",
         ).to(device)
         if seq2seq:
-            start = torch.full(
-                (enc.input_ids.shape[0], 1), model.config.decoder_start_token_id, device=device
-            )
+            rows = enc.input_ids.shape[0]
+            start = torch.full((rows, 1), model.config.decoder_start_token_id, device=device)
             logits = model(**enc, decoder_input_ids=start).logits.float()
+            mask, input_ids = torch.ones((rows, 1), dtype=torch.bool, device=device), None
         else:
             logits = model(**enc).logits.float()
-        lse = logits.logsumexp(-1)
-        values, ids = logits.topk(k, -1)
-        logprobs = logits.log_softmax(-1)
-        for b in range(logits.shape[0]):
-            length = 1 if seq2seq else int(enc.attention_mask[b].sum())
-            for p in range(length):
-                token = None if seq2seq or p + 1 >= length else int(enc.input_ids[b, p + 1])
-                records.append(
-                    {
-                        "id": i + b,
-                        "position": p,
-                        "token_id": token,
-                        "token_logprob": None if token is None else float(logprobs[b, p, token]),
-                        "logsumexp": float(lse[b, p]),
-                        "topk_ids": ids[b, p].tolist(),
-                        "topk_logits": values[b, p].tolist(),
-                    }
-                )
-    pd.DataFrame(records).to_parquet(out)
+            mask, input_ids = enc.attention_mask.bool(), enc.input_ids
+        tables.append(naive_batch_table(first, logits, mask, input_ids, k))
+    pq.write_table(pa.concat_tables(tables), out)
     return time.perf_counter() - started
+
+
+def _naive_settings(model: str, corpus: str, out: str, args) -> dict:
+    """naive_loop's arguments, for this process or a child."""
+    return {
+        "model_dir": model,
+        "corpus": corpus,
+        "out": out,
+        "k": args.k,
+        "max_length": args.max_length,
+        "device": args.device,
+    }
+
+
+def naive_seconds(model: str, corpus: str, out: str, args) -> float:
+    """Seconds of the naive loop in this process, model loading included."""
+    return naive_loop(**_naive_settings(model, corpus, out, args))
+
+
+def naive_child(payload: str) -> None:
+    """`--naive-child`: the naive loop alone in this process, for end-to-end timing."""
+    naive_loop(**json.loads(payload))
+
+
+def naive_process_seconds(model: str, corpus: str, out: str, args) -> float:
+    """Wall seconds of the naive loop in a fresh process, imports and all."""
+    payload = json.dumps(_naive_settings(model, corpus, out, args))
+    return child_seconds(["-m", "jobs.bench", "--naive-child", payload], args)[0]
 
 
 @torch.inference_mode()
@@ -257,20 +394,17 @@ def model_only_seconds(model_dir: str, corpus: str, args) -> float:
     return time.perf_counter() - started
 
 
-def peak_rss_child(config: JobConfig) -> float:
+def peak_rss_child(config: JobConfig, args) -> float:
     """Peak RSS (MiB) of the job run in a fresh process."""
-    payload = json.dumps(config.to_dict())
     shutil.rmtree(config.output.dir, ignore_errors=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.bench", "--rss-child", payload],
-        capture_output=True,
-        text=True,
-        check=True,
+    _, stdout = child_seconds(
+        ["-m", "jobs.bench", "--rss-child", json.dumps(config.to_dict())], args
     )
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
 def rss_child(payload: str) -> None:
+    """`--rss-child`: run the job in this process and print its peak RSS as JSON."""
     from lib.config import load_config
 
     data = json.loads(payload)
@@ -287,51 +421,7 @@ def rss_child(payload: str) -> None:
     print(json.dumps({"peak_rss_mib": peak_kib / 1024}))
 
 
-def _against_naive(
-    spec, model: str, root: Path, corpora: dict, tokens: dict, marginal: float, args
-) -> dict:
-    """The naive loop's rates on N and 3N rows, and (T5) both end to end on the e2e corpus."""
-    naive = {
-        size: naive_loop(
-            model,
-            corpora[size],
-            str(root / f"naive-{spec.name}-{size}.parquet"),
-            args.k,
-            args.max_length,
-            args.device,
-        )
-        for size in ("N", "3N")
-    }
-    naive_marginal = (tokens["3N"] - tokens["N"]) / (naive["3N"] - naive["N"])
-    result = {
-        "naive_tok_s": round(tokens["3N"] / naive["3N"]),
-        "naive_marginal_tok_s": round(naive_marginal),
-        "steady_speedup": round(marginal / naive_marginal, 2),
-    }
-    if spec.family == "t5":
-        job_s, _ = run_job_timed(
-            job_config(model, corpora["e2e"], str(root / f"out-{spec.name}-e2e"), args)
-        )
-        naive_s = naive_loop(
-            model,
-            corpora["e2e"],
-            str(root / f"naive-{spec.name}-e2e.parquet"),
-            args.k,
-            args.max_length,
-            args.device,
-        )
-        result.update(
-            {
-                "e2e_rows": args.e2e_rows,
-                "e2e_job_s": round(job_s, 2),
-                "e2e_naive_s": round(naive_s, 2),
-                "e2e_speedup": round(naive_s / job_s, 2),
-            }
-        )
-    return result
-
-
-def _peak_memory(spec, model: str, root: Path, corpora: dict, args) -> dict:
+def _peak_memory(spec: ModelSpec, model: str, root: Path, corpora: dict, args) -> dict:
     """Peak RSS of the job at N and 10N rows, each in a process of its own."""
     # Memory is bounded by the shard, so both runs use shards the N run can fill: with
     # 2,000-row shards the N run would hold one partial shard and never reach the steady
@@ -339,7 +429,7 @@ def _peak_memory(spec, model: str, root: Path, corpora: dict, args) -> dict:
     rss_args = argparse.Namespace(**{**vars(args), "shard_rows": min(args.shard_rows, args.rows)})
     rss = {
         size: peak_rss_child(
-            job_config(model, corpora[size], str(root / f"rss-{spec.name}-{size}"), rss_args)
+            job_config(model, corpora[size], str(root / f"rss-{spec.name}-{size}"), rss_args), args
         )
         for size in ("N", "10N")
     }
@@ -350,13 +440,27 @@ def _peak_memory(spec, model: str, root: Path, corpora: dict, args) -> dict:
     }
 
 
-def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full: bool) -> dict:
-    if (
-        not full
-    ):  # tiny models run fast: time 3N and 10N rows, or start-up noise swamps the difference
+def _documents_cost(spec: ModelSpec, model: str, root: Path, corpus: str, args) -> dict:
+    """output.level=documents (document scores, Min-K%++ moments, no top-k, no token rows)
+    against today's top-k token rows on the 3N corpus: paired runs, best of two each."""
+    seconds: dict[str, list[float]] = {"tokens": [], "documents": []}
+    for _ in range(2):
+        for level in seconds:
+            config = job_config(model, corpus, str(root / f"out-{spec.name}-{level}"), args)
+            config.output.level = level
+            seconds[level].append(run_job_timed(config)[0])
+    tokens_s, documents_s = min(seconds["tokens"]), min(seconds["documents"])
+    return {
+        "tokens_level_s": round(tokens_s, 2),
+        "documents_level_s": round(documents_s, 2),
+        "documents_vs_tokens_time": round(documents_s / tokens_s, 3),
+    }
+
+
+def bench_model(spec: ModelSpec, model: str, root: Path, corpora: dict, args, full: bool) -> dict:
+    """The efficiency part for one model on the log-normal corpus (RSS too when `full`)."""
+    if not full:  # tiny models run fast: time 3N and 10N rows, or start-up noise swamps it
         corpora = {**corpora, "N": corpora["3N"], "3N": corpora["10N"]}
-    texts = pq.read_table(corpora["10N"], columns=["text"]).column(0).to_pylist()
-    model = build_model(spec, root / "models", texts)
     result = {
         "model": spec.name,
         "mode": spec.mode,
@@ -381,6 +485,8 @@ def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full
     result["complete_rerun_s"] = round(
         rerun_timed(job_config(model, corpora["3N"], str(root / f"out-{spec.name}-3N"), args)), 3
     )
+    if spec.mode == "causal":
+        result.update(_documents_cost(spec, model, root, corpora["3N"], args))
     marginal = (tokens["3N"] - tokens["N"]) / (times["3N"] - times["N"])
     mean_length = max(1, round(tokens["3N"] / pq.ParquetFile(corpora["3N"]).metadata.num_rows))
     dense = dense_rate(
@@ -401,11 +507,202 @@ def bench_model(spec: ModelSpec, root: Path, corpora: dict[str, str], args, full
             ),
         }
     )
-    if full:
-        result.update(_against_naive(spec, model, root, corpora, tokens, marginal, args))
-        if args.rss:
-            result.update(_peak_memory(spec, model, root, corpora, args))
+    if full and args.rss:
+        result.update(_peak_memory(spec, model, root, corpora, args))
     return result
+
+
+def case_sizes(case: str, args) -> dict[str, int]:
+    """Rows of a case's N, 3N and end-to-end corpora."""
+    rows = max(1, round(args.case_rows * CASES[case].rows_factor))
+    return {"N": rows, "3N": 3 * rows, "e2e": args.e2e_rows}
+
+
+def warm_up(model: str, root: Path, args) -> None:
+    """Pay the job's and the naive loop's one-time costs (lazy imports, first calls) up front."""
+    corpus = write_texts(root / "corpus-warmup.parquet", case_texts("lognormal", 32))
+    run_job_timed(job_config(model, corpus, str(root / "out-warmup"), args))
+    naive_seconds(model, corpus, str(root / "naive-warmup.parquet"), args)
+
+
+def bench_case(spec: ModelSpec, model: str, case: str, root: Path, args) -> dict:
+    """The job against the naive loop on one corpus case: steady state and end to end."""
+    sizes = case_sizes(case, args)
+    corpora = write_corpora(root / f"corpus-{case}", case, sizes)
+    tokens = {size: corpus_tokens(model, corpora[size], args.max_length) for size in corpora}
+    out = f"{root}/{case}-{spec.name}"
+    job, naive = {}, {}
+    for size in ("N", "3N"):
+        job[size], manifest = run_job_timed(job_config(model, corpora[size], f"{out}-{size}", args))
+        naive[size] = naive_seconds(model, corpora[size], f"{out}-{size}-naive.parquet", args)
+    added = tokens["3N"] - tokens["N"]
+    job_rate, naive_rate = added / (job["3N"] - job["N"]), added / (naive["3N"] - naive["N"])
+    e2e_job, _ = job_process_seconds(job_config(model, corpora["e2e"], f"{out}-e2e", args), args)
+    e2e_naive = naive_process_seconds(model, corpora["e2e"], f"{out}-e2e-naive.parquet", args)
+    return {
+        "case": case,
+        "model": spec.name,
+        "rows_N": sizes["N"],
+        "tokens_per_row": round(tokens["3N"] / sizes["3N"], 1),
+        "padding_efficiency": manifest["throughput"]["padding_efficiency"],
+        "job_marginal_tok_s": round(job_rate),
+        "naive_marginal_tok_s": round(naive_rate),
+        "steady_speedup": round(job_rate / naive_rate, 2),
+        "e2e_rows": sizes["e2e"],
+        "e2e_job_s": round(e2e_job, 2),
+        "e2e_naive_s": round(e2e_naive, 2),
+        "e2e_speedup": round(e2e_naive / e2e_job, 2),
+    }
+
+
+def host_ceiling(root: Path, training_texts: list[str], args) -> dict:
+    """Job tokens/s with a nearly free model at k=64 and k=1, and the tokenizer alone's."""
+    from transformers import AutoTokenizer
+
+    model = build_model(CEILING, root / "models", training_texts)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    # Enough log-normal rows for --ceiling-tokens (a row has 71 tokens or more here).
+    texts = case_texts("lognormal", max(1, args.ceiling_tokens // 50))
+    lengths = np.cumsum(
+        [len(x) for x in tokenizer(texts, truncation=True, max_length=args.max_length).input_ids]
+    )
+    rows = min(len(texts), int(np.searchsorted(lengths, args.ceiling_tokens)) + 1)
+    texts, tokens = texts[:rows], int(lengths[rows - 1])
+    corpus = write_texts(root / "corpus-ceiling.parquet", texts)
+
+    def tokenizer_seconds() -> float:
+        started = time.perf_counter()
+        tokenizer(texts, truncation=True, max_length=args.max_length)
+        return time.perf_counter() - started
+
+    result = {
+        "model": CEILING.name,
+        "rows": rows,
+        "tokens": tokens,
+        "tokenizer_tok_s": round(tokens / min(tokenizer_seconds() for _ in range(2))),
+    }
+    out = str(root / "out-ceiling")
+    run_job_timed(job_config(model, corpus, out, args, k=64))  # warm-up
+    for k in (64, 1):
+        best = min(run_job_timed(job_config(model, corpus, out, args, k=k))[0] for _ in range(2))
+        result[f"job_k{k}_tok_s"] = round(tokens / best)
+    result["job_k64_over_tokenizer"] = round(result["job_k64_tok_s"] / result["tokenizer_tok_s"], 3)
+    return result
+
+
+def startup(root: Path, training_texts: list[str], args) -> dict:
+    """Start-up of a 10-row `python -m jobs.extract` against the bare imports, best of --repeats."""
+    model = build_model(TINY["t5"], root / "models", training_texts)
+    corpus = write_texts(root / "corpus-startup.parquet", case_texts("lognormal", 10))
+    config = job_config(model, corpus, str(root / "out-startup"), args)
+    runs = [job_process_seconds(config, args) for _ in range(args.repeats)]
+    imports = min(
+        child_seconds(["-c", "import torch, transformers, accelerate"], args)[0]
+        for _ in range(args.repeats)
+    )
+    startup_s = min(manifest["throughput"]["startup_s"] for _, manifest in runs)
+    return {
+        "model": TINY["t5"].name,
+        "startup_s": startup_s,
+        "bare_imports_s": round(imports, 3),
+        "startup_beyond_imports_s": round(startup_s - imports, 3),
+        "job_10_rows_wall_s": round(min(seconds for seconds, _ in runs), 3),
+    }
+
+
+@contextmanager
+def took(label: str) -> Iterator[None]:
+    """Print how long a part of the benchmark took (to stderr), to size runs by."""
+    started = time.perf_counter()
+    yield
+    print(f"[{label}: {time.perf_counter() - started:.0f} s]", file=sys.stderr, flush=True)
+
+
+def _show(part: str, result: dict) -> None:
+    """Print one result as a JSON line as soon as it is measured."""
+    print(json.dumps({"part": part, **result}), flush=True)
+
+
+def efficiency_part(specs: list[ModelSpec], root: Path, training_texts: list[str], args) -> list:
+    """The job against the model's dense rate on the log-normal corpus, per model."""
+    corpora = write_corpora(
+        root / "corpus-efficiency",
+        "lognormal",
+        {"N": args.rows, "3N": 3 * args.rows, "10N": 10 * args.rows},
+    )
+    tiny = [TINY["t5"], TINY["gpt2"]] if args.tiny and not args.quick else []
+    rows = []
+    for spec in specs + tiny:
+        with took(f"efficiency {spec.name}"):
+            model = build_model(spec, root / "models", training_texts)
+            rows.append(bench_model(spec, model, root, corpora, args, full=spec not in tiny))
+        _show("efficiency", rows[-1])
+    return rows
+
+
+def cases_part(specs: list[ModelSpec], root: Path, training_texts: list[str], args) -> list:
+    """The job against the naive loop on every --cases corpus, per model."""
+    rows = []
+    for spec in specs:
+        model = build_model(spec, root / "models", training_texts)
+        warm_up(model, root, args)
+        for case in args.cases:
+            with took(f"case {case} {spec.name}"):
+                rows.append(bench_case(spec, model, case, root, args))
+            _show("cases", rows[-1])
+    return rows
+
+
+def run_parts(specs: list[ModelSpec], root: Path, args) -> dict:
+    """Every part of the benchmark that --parts selects, as JSON-ready results."""
+    training_texts = case_texts("lognormal", 10 * args.rows)  # every model's tokenizer
+    results = {}
+    if "efficiency" in args.parts:
+        results["efficiency"] = efficiency_part(specs, root, training_texts, args)
+    if "cases" in args.parts:
+        results["cases"] = cases_part(specs, root, training_texts, args)
+    if "ceiling" in args.parts:
+        with took("host ceiling"):
+            results["host_ceiling"] = host_ceiling(root, training_texts, args)
+        _show("host_ceiling", results["host_ceiling"])
+    if "startup" in args.parts:
+        with took("start-up"):
+            results["startup"] = startup(root, training_texts, args)
+        _show("startup", results["startup"])
+    return results
+
+
+def print_tables(results: dict) -> None:
+    """The results as tables: efficiency by model, ratios by case, then ceiling and start-up."""
+    import pandas as pd
+
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        if results.get("efficiency"):
+            print(pd.DataFrame(results["efficiency"]).set_index("model").T.to_string())
+        if results.get("cases"):
+            rows = sorted(results["cases"], key=lambda row: list(CASES).index(row["case"]))
+            print(pd.DataFrame(rows).set_index(["case", "model"]).to_string())
+    for part in ("host_ceiling", "startup"):
+        if part in results:
+            print(f"{part}: " + ", ".join(f"{k} {v}" for k, v in results[part].items()))
+
+
+def print_settings(root: Path, args) -> None:
+    """What this run measures on, and the sizes of its parts."""
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(
+        f"device {args.device} ({where}), torch {torch.__version__}, max_tokens={args.max_tokens}, "
+        f"k={args.k}, max_length={args.max_length}, work dir {root}"
+    )
+    if "efficiency" in args.parts:
+        print(f"efficiency: N={args.rows} log-normal rows")
+    if "cases" in args.parts:
+        print(
+            f"cases: N rows, about as many tokens in each case (fewer than the efficiency "
+            f"part's N, to fit the time budget); end to end: {args.e2e_rows} rows, new processes"
+        )
+        for case in args.cases:
+            print(f"  {case}: {CASES[case].about}, N={case_sizes(case, args)['N']}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -413,10 +710,22 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m jobs.bench", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument(
-        "--rows", type=int, default=400, help="N: rows of the small run (3N and 10N follow)"
+        "--cases", nargs="+", choices=list(CASES), help="default: all (lognormal with --quick)"
+    )
+    parser.add_argument(
+        "--rows", type=int, default=400, help="N of the efficiency part (3N and 10N follow)"
+    )
+    parser.add_argument(
+        "--case-rows",
+        type=int,
+        default=200,
+        help="N of the log-normal case in the case matrix (other cases: about as many tokens)",
     )
     parser.add_argument("--e2e-rows", type=int, default=1200)
+    parser.add_argument("--ceiling-tokens", type=int, default=500_000)
+    parser.add_argument("--repeats", type=int, default=3, help="start-up runs (best of)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument(
@@ -436,56 +745,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--naive-child", default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, run_python: Callable[[list[str]], str] = fresh_python
+) -> int:
+    """The benchmark. `run_python(argv)` runs `python ARGV` (the tests' uses a fork server)."""
     args = _parser().parse_args(argv)
+    args.run_python = run_python  # how child_seconds starts every child process
     logging.basicConfig(level=logging.ERROR)
     if args.rss_child:
         rss_child(args.rss_child)
+        return 0
+    if args.naive_child:
+        naive_child(args.naive_child)
         return 0
     specs = PRESETS[args.preset]
     if args.max_tokens is None:
         args.max_tokens = 65536 if args.preset == "gpu" else 16384
     if args.quick:
-        args.rows, args.e2e_rows, args.rss, args.max_length = 20, 30, False, 64
+        args.rows, args.case_rows, args.e2e_rows, args.max_length = 20, 10, 30, 64
+        args.rss, args.ceiling_tokens, args.repeats = False, 5000, 1
+        args.cases = args.cases or ["lognormal"]
         specs = [TINY["t5"], TINY["gpt2"]]
+    args.cases = args.cases or list(CASES)
     root = Path(args.work or tempfile.mkdtemp(prefix="logit-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    corpora = {}
-    full_corpus = sample.write_corpus(
-        root / "corpus-10N.parquet",
-        rows=10 * args.rows,
-        seed=123,
-        mean_words=40,
-        with_targets=False,
-    )
-    table = pq.read_table(full_corpus)
-    for name, rows in (
-        ("N", args.rows),
-        ("3N", 3 * args.rows),
-        ("10N", 10 * args.rows),
-        ("e2e", min(args.e2e_rows, 10 * args.rows)),
-    ):
-        path = root / f"corpus-{name}.parquet"
-        pq.write_table(table.slice(0, rows), path)
-        corpora[name] = str(path)
-    print(
-        f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
-        f"torch {torch.__version__}, N={args.rows}, max_tokens={args.max_tokens}, k={args.k}, work dir {root}"
-    )
-    results = []
-    for spec in specs:
-        results.append(bench_model(spec, root, corpora, args, full=True))
-        print(json.dumps(results[-1]), flush=True)
-    if args.tiny and not args.quick:
-        for spec in (TINY["t5"], TINY["gpt2"]):
-            results.append(bench_model(spec, root, corpora, args, full=False))
-            print(json.dumps(results[-1]), flush=True)
-    frame = pd.DataFrame(results).set_index("model")
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(frame.T.to_string())
+    print_settings(root, args)
+    results = run_parts(specs, root, args)
+    print_tables(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -14,7 +14,9 @@ import sys
 import threading
 from pathlib import Path
 
-from lib.config import load_config
+import yaml
+
+from lib.config import describe_keys, load_config
 from lib.errors import Interrupted, OutputError, UserError, first_line, one_line
 from lib.summary import print_summary
 
@@ -42,9 +44,18 @@ def _committed(out_dir: str, level: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m jobs.extract", description=__doc__)
+    parser = _Parser(
+        prog="python -m jobs.extract",
+        description=__doc__,
+        epilog="config keys (section.key, default, choices):\n" + describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the job's info logs")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {}
     if threading.current_thread() is threading.main_thread():
@@ -53,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         config = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+            return 0
+        if args.verbose:
+            logging.getLogger("lib").setLevel(logging.INFO)
         from lib.pipeline import run_job  # torch and transformers load only for a valid config
 
         manifest = run_job(config)

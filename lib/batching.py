@@ -34,6 +34,7 @@ class Request:
     decoder_ids: list[int] | None = None
     first: int = 0
     labels: list[int] = field(default_factory=list)
+    offset: int = 0  # added to the output positions: a window's place in its document
 
     @property
     def scored_length(self) -> int:
@@ -118,6 +119,93 @@ def tokenize(
     return ids, {i for i, seq in zip(full, longer, strict=True) if len(seq) > max_length}
 
 
+def window_requests(
+    row: int, tokens: list[int], start_token: int, max_length: int, context: int
+) -> list[Request]:
+    """Score every token of a long text once, in windows of at most `max_length` positions.
+
+    The sequence is `[start_token] + tokens` (position p predicts tokens[p]). The first window
+    holds its first `max_length` positions; each later one predicts the next
+    `max_length - context + 1` tokens after `context` tokens of context that it does not
+    score again, ending on its last predicted token. This is lm-evaluation-harness's rolling
+    rule (`get_rolling_token_windows`), which with context=1 is its `loglikelihood_rolling`.
+    """
+    sequence = [start_token, *tokens]
+    end = min(max_length, len(tokens))
+    windows = [Request(row, sequence[:end], None, 0, tokens[:end])]
+    step = max_length - context + 1
+    while end < len(tokens):
+        stop = min(len(tokens), end + step)
+        begin = max(0, stop - max_length)
+        ids = sequence[begin:stop]
+        windows.append(Request(row, ids, None, end - begin, tokens[end:stop], offset=begin))
+        end = stop
+    return windows
+
+
+def _windows_unit(
+    texts: list, tokenizer, prefix: str, max_length: int, context: int
+) -> TokenizedUnit:
+    """tokenize_unit for `input.long_documents=windows` (causal models): nothing is cut."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    skipped = [(row, "null_text") for row, text in enumerate(texts) if text is None]
+    rows = [row for row, text in enumerate(texts) if text is not None]
+    ids = (
+        tokenizer(
+            [prefix + texts[r] for r in rows],
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        if rows
+        else []
+    )
+    requests, lengths = [], []
+    for row, tokens in zip(rows, ids, strict=True):
+        if not tokens:
+            skipped.append((row, "empty_text"))
+            continue
+        requests += window_requests(row, tokens, start, max_length, context)
+        lengths.append(len(tokens))
+    return TokenizedUnit(requests, sorted(skipped), 0, lengths, None, [])
+
+
+def _requests(
+    task: str,
+    rows: list[int],
+    ids: list[list[int]],
+    target_ids: list[list[int]],
+    decoder_start: int | None,
+    skipped: list[tuple[int, str]],
+) -> tuple[list[Request], list[int]]:
+    """One request per scorable row (empty texts and targets go to `skipped`), and the indices
+    into `rows` of the rows scored."""
+    requests = []
+    scored_index = []
+    for i, row in enumerate(rows):
+        seq = ids[i]
+        if not seq:
+            skipped.append((row, "empty_text"))
+            continue
+        if task == CAUSAL:
+            requests.append(Request(row, seq, None, 0, seq[1:] + [NO_TOKEN]))
+        elif task == START:
+            requests.append(Request(row, seq, [decoder_start], 0, [NO_TOKEN]))
+        elif task == GENERATE:
+            requests.append(Request(row, seq))
+        elif not target_ids[i]:
+            skipped.append((row, "empty_target"))
+            continue
+        elif task == TARGETS:
+            tgt = target_ids[i]
+            requests.append(Request(row, seq, [decoder_start] + tgt[:-1], 0, tgt))
+        else:  # CONTINUATION
+            tgt = target_ids[i]
+            requests.append(Request(row, seq + tgt, None, len(seq) - 1, tgt))
+        scored_index.append(i)
+    return requests, scored_index
+
+
 def tokenize_unit(
     table: pa.Table,
     tokenizer,
@@ -125,9 +213,14 @@ def tokenize_unit(
     prefix: str,
     max_length: int,
     decoder_start_token_id: int | None = None,
+    *,
+    window_context: int | None = None,
 ) -> TokenizedUnit:
-    """Turn a unit's `text` (and `target`) columns into requests; unscorable rows are skipped."""
+    """Turn a unit's `text` (and `target`) columns into requests; unscorable rows are skipped.
+    With `window_context` (causal task only) long texts are scored whole, in windows."""
     texts = table.column("text").to_pylist()
+    if window_context is not None:
+        return _windows_unit(texts, tokenizer, prefix, max_length, window_context)
     targets = table.column("target").to_pylist() if "target" in table.column_names else None
     uses_targets = task in (CONTINUATION, TARGETS)
     skipped: list[tuple[int, str]] = []
@@ -152,29 +245,7 @@ def tokenize_unit(
         )
         cut |= target_cut
 
-    requests = []
-    scored_index = []
-    for i, row in enumerate(rows):
-        seq = ids[i]
-        if not seq:
-            skipped.append((row, "empty_text"))
-            continue
-        if task == CAUSAL:
-            requests.append(Request(row, seq, None, 0, seq[1:] + [NO_TOKEN]))
-        elif task == START:
-            requests.append(Request(row, seq, [decoder_start_token_id], 0, [NO_TOKEN]))
-        elif task == GENERATE:
-            requests.append(Request(row, seq))
-        elif not target_ids[i]:
-            skipped.append((row, "empty_target"))
-            continue
-        elif task == TARGETS:
-            tgt = target_ids[i]
-            requests.append(Request(row, seq, [decoder_start_token_id] + tgt[:-1], 0, tgt))
-        else:  # CONTINUATION
-            tgt = target_ids[i]
-            requests.append(Request(row, seq + tgt, None, len(seq) - 1, tgt))
-        scored_index.append(i)
+    requests, scored_index = _requests(task, rows, ids, target_ids, decoder_start_token_id, skipped)
     skipped.sort()
     # A row counts once however many of its sequences were cut, and only if it is scored.
     scored = {request.row for request in requests}
@@ -285,9 +356,10 @@ def collate(requests: list[Request], pad_id: int) -> Batch:
 
     counts = np.array([len(r.labels) for r in requests], dtype=np.int64)
     firsts = np.array([r.first for r in requests], dtype=np.int64)
+    offsets = np.array([r.offset for r in requests], dtype=np.int64)
     batch_row = np.repeat(np.arange(len(requests)), counts)
     starts = np.repeat(np.cumsum(counts) - counts, counts)
-    position = np.repeat(firsts, counts) + np.arange(counts.sum()) - starts
+    position = np.repeat(firsts, counts) + np.arange(counts.sum()) - starts  # in the window
     labels = np.fromiter(
         itertools.chain.from_iterable(r.labels for r in requests),
         dtype=np.int64,
@@ -307,7 +379,7 @@ def collate(requests: list[Request], pad_id: int) -> Batch:
         select=torch.from_numpy(batch_row * width + position),
         labels=torch.from_numpy(labels),
         row=rows[batch_row].astype(np.int32),
-        position=position.astype(np.int32),
+        position=(position + np.repeat(offsets, counts)).astype(np.int32),
         real_tokens=real,
         padded_tokens=padded,
     )

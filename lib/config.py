@@ -36,6 +36,8 @@ class InputConfig:
     target_column: str | None = None
     prefix: str = ""
     max_length: int = 512
+    long_documents: str = "truncate"  # or windows: every token scored, in rolling windows
+    window_context: int | None = None  # tokens of context a window carries; null: max_length // 2
 
 
 @dataclass
@@ -65,12 +67,20 @@ class OutputConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    # torch's intra-op threads; null: the cores this process may use, split between the ranks
+    # on this host (on a loaded 2-core machine OMP_NUM_THREADS=1 ran 3.5x faster than 2)
+    threads: int | None = None
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The resolved config as plain data, for the manifest and the fingerprint."""
@@ -79,6 +89,7 @@ class JobConfig:
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "input.long_documents": ("truncate", "windows"),
     "decoder.mode": ("start", "targets", "generate"),
     "output.logits": ("topk", "full"),
     "output.dtype": ("float16", "float32"),
@@ -86,7 +97,14 @@ CHOICES = {
     "output.rows": ("positions", "examples"),
     "output.level": ("tokens", "documents", "both"),
 }
-POSITIVE = ("input.max_length", "decoder.max_new_tokens", "output.k", "output.shard_rows")
+POSITIVE = (
+    "input.max_length",
+    "input.window_context",
+    "decoder.max_new_tokens",
+    "output.k",
+    "output.shard_rows",
+    "runtime.threads",
+)
 # What each required key expects, so the message for a missing one says what to give.
 REQUIRED_HELP = {
     "model.path": "a checkpoint directory or a hub id",
@@ -100,6 +118,22 @@ _TYPE_NAMES = {
     str: "a string",
     type(None): "null",
 }
+
+
+def describe_keys() -> str:
+    """Every `section.key` with its default and choices, for `--help`."""
+    lines = []
+    for section in dataclasses.fields(JobConfig):
+        for item in dataclasses.fields(section.default_factory()):
+            key = f"{section.name}.{item.name}"
+            default = item.default
+            if default == REQUIRED:
+                default = "required"
+            elif not isinstance(default, str) or not default:
+                default = _show(default)
+            choices = f" ({' | '.join(CHOICES[key])})" if key in CHOICES else ""
+            lines.append(f"  {key:<26} {default}{choices}")
+    return "\n".join(lines)
 
 
 def _type_name(tp: Any) -> str:
@@ -275,11 +309,17 @@ def validate(config: JobConfig) -> None:
             if key in CHOICES and value not in CHOICES[key]:
                 expected = ", ".join(CHOICES[key])
                 raise UserError(f"config key {key}: expected one of {expected}, got {_show(value)}")
-            if key in POSITIVE and value < 1:
+            if key in POSITIVE and value is not None and value < 1:
                 raise UserError(f"config key {key}: must be at least 1, got {value}")
     if config.batching.max_tokens < 8:
         raise UserError(
             f"config key batching.max_tokens: must be at least 8, got {config.batching.max_tokens}"
+        )
+    context = config.input.window_context
+    if context is not None and context > config.input.max_length:
+        raise UserError(
+            f"config key input.window_context: {context} is more than input.max_length "
+            f"({config.input.max_length}); a window is at most max_length positions"
         )
     if not 0 < config.output.min_k_fraction <= 1:
         raise UserError(

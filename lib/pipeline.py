@@ -215,6 +215,7 @@ class Extraction:
             cfg.prefix,
             cfg.max_length,
             self.lm.decoder_start_token_id,
+            window_context=_window_context(cfg),
         )
         lengths = {"text": batching.length_histogram(tokenized.text_lengths, cfg.max_length)}
         if tokenized.target_lengths is not None:
@@ -229,7 +230,7 @@ class Extraction:
             {r.row: r.ids for r in tokenized.requests} if self.examples else None,
             started_at,
             lengths,
-            np.array(sorted(r.row for r in tokenized.requests), dtype=np.int64),
+            np.unique(np.array([r.row for r in tokenized.requests], dtype=np.int64)),
             truncated_rows,
             _text_bytes(table, task, cfg.prefix),
             sum(len(r.ids) + len(r.decoder_ids or ()) for r in tokenized.requests),
@@ -482,6 +483,31 @@ class Extraction:
             raise sink.error
 
 
+def _window_context(cfg) -> int | None:
+    """input.window_context with its default, or None when long texts are truncated."""
+    if cfg.long_documents != "windows":
+        return None
+    return cfg.window_context or max(1, cfg.max_length // 2)
+
+
+def _check_windows(config: JobConfig, task: str, lm: models.LoadedModel) -> None:
+    """`input.long_documents=windows` scores whole texts with a causal model."""
+    if config.input.long_documents != "windows":
+        return
+    why = None
+    if task != batching.CAUSAL:
+        why = "seq2seq models" if lm.is_seq2seq else "input.target_column (a continuation)"
+    elif config.output.rows == "examples":
+        why = "output.rows=examples"
+    elif lm.tokenizer.bos_token_id is None and lm.tokenizer.eos_token_id is None:
+        why = "a tokenizer with neither a BOS nor an EOS token to predict the first token from"
+    if why:
+        raise UserError(
+            f"config key input.long_documents: windows scores whole texts with a causal model, "
+            f"not with {why}; use input.long_documents=truncate"
+        )
+
+
 def _text_bytes(table: pa.Table, task: str, prefix: str) -> np.ndarray | None:
     """UTF-8 bytes of each row's scored text: the target where one is scored, else the prefix
     and the text; None in generate mode, where the scored text is the model's own."""
@@ -609,6 +635,7 @@ def _set_up(config: JobConfig, device: torch.device) -> _Setup:
         )
     task = models.task_for(lm, config.decoder, has_targets=config.input.target_column is not None)
     models.check_lengths(lm, task, config.input.max_length, config.decoder.max_new_tokens)
+    _check_windows(config, task, lm)
     schema = writer.output_schema(
         id_type,
         config.output.k,
@@ -641,6 +668,30 @@ def run_job(config: JobConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     out_dir = Path(config.output.dir)
     state = PartialState(cpu=not torch.cuda.is_available())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads(config.runtime.threads))
+    try:
+        return _run(config, progress, state, started, out_dir)
+    finally:
+        torch.set_num_threads(threads)  # the caller's own setting, for library use
+
+
+def _threads(requested: int | None) -> int:
+    """runtime.threads, else OMP_NUM_THREADS (torchrun sets it), else the cores this process
+    may use over the ranks on this host."""
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _run(config: JobConfig, progress: bool, state, started: float, out_dir: Path) -> dict:
+    """run_job's work, with torch's threads set."""
     setup = _set_up(config, state.device)
     claim, lease, error = None, None, None
     if state.is_main_process:

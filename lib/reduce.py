@@ -67,23 +67,25 @@ def reduce_logits(
     scratch: torch.Tensor | None = None,
     tokens: bool = True,
     moments: bool = False,
+    spare: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Statistics for (n, V) logits and their (n,) next-token labels (-1: no token).
 
-    `scratch`, an (n, V) float32 buffer, holds the log-probabilities; when it is given the
-    caller reuses `logits`' storage too, so full-mode logits are copied out. `tokens=False`
-    (no position has a next token, as in seq2seq `start` mode) skips the token statistics.
-    `k=0` keeps no top-k (document scores need only the top-1); `moments=True` adds the spread
-    of log p over the vocabulary, `logprob_std`, which Min-K%++ divides by.
+    `scratch`, an (n, V) float32 buffer, holds the probabilities; when it is given the caller
+    reuses `logits`' storage too (the counts overwrite it), so full-mode logits are copied out.
+    `tokens=False` (no position has a next token, as in seq2seq `start` mode) skips the token
+    statistics. `k=0` keeps no top-k (document scores need only the top-1). `moments=True` adds
+    `logprob_std`, the spread of log p over the vocabulary that Min-K%++ divides by; it needs a
+    third (n, V) buffer, `spare` (allocated when not given).
     """
     logits = logits.float()
-    # log_softmax is one fused pass on CPU and GPU, where torch.logsumexp is several (measured
-    # about 2x slower on CPU). logsumexp follows from any entry: logit - logprob, taken at the
-    # top-1 entry, where the difference loses least precision.
-    logprobs = torch.log_softmax(logits, dim=-1, out=scratch)
+    # softmax is one fused pass, as log_softmax is; with the probabilities the entropy is a
+    # single multiply-sum with the logits, H = logsumexp - sum p x, with no exp pass of its own
+    # (an exp of log_softmax cost GPT-2 d256 a quarter of its CPU throughput).
+    probs = torch.softmax(logits, dim=-1, out=scratch)
     has_token = labels >= 0
-    token_logprob = logprobs.gather(1, labels.clamp(min=0).unsqueeze(1))
-    out = {"has_token": has_token, "token_logprob": token_logprob.squeeze(1)}
+    token_logit = logits.gather(1, labels.clamp(min=0).unsqueeze(1))
+    out = {"has_token": has_token}
     if full or k == 0:
         top1 = logits.argmax(dim=-1, keepdim=True)
         if full:
@@ -95,36 +97,72 @@ def reduce_logits(
         top1 = ids[:, :1]
         out["topk_logits"] = values.to(output_dtype)
         out["topk_ids"] = ids.to(torch.int32)
-    top1_logprob = logprobs.gather(1, top1)
-    out["logsumexp"] = (logits.gather(1, top1) - top1_logprob).squeeze(1)
-    out["top1_logprob"] = top1_logprob.squeeze(1)
-    # With `scratch` the logits buffer is the caller's to reuse (full-mode logits were copied
-    # out), so it takes the counts and probabilities; else they get a buffer of their own.
-    spare = logits if scratch is not None else torch.empty_like(logprobs)
-    if tokens:  # entries strictly above the token's log-probability, counted as floats:
-        # several times faster on CPU than summing a bool tensor; exact up to 2**24 entries
-        rank = torch.gt(logprobs, token_logprob, out=spare).sum(dim=1)
-        out["token_rank"] = rank.to(torch.int32)
-    else:  # all null in the output; zeros keep the arrays' shapes and dtypes
-        out["token_rank"] = torch.zeros_like(has_token, dtype=torch.int32)
-    out.update(_spread(logprobs, spare, moments))
+    top1_logit = logits.gather(1, top1)
+    # max + log(sum exp(x - max)), read off the top-1 entry, whose probability is at least 1/V
+    lse = top1_logit - probs.gather(1, top1).log()
+    out["logsumexp"] = lse.squeeze(1)
+    out["top1_logprob"] = (top1_logit - lse).squeeze(1)
+    out["token_logprob"] = (token_logit - lse).squeeze(1)
+    token_rank = None
+    if moments:
+        # Moments of x - x_top1 under p (log p is x shifted, so its variance is theirs): with
+        # the shift the one-pass sum p y^2 - (sum p y)^2 keeps its precision for flat and
+        # peaked distributions alike (unshifted it was 0.3% off float64 at a std of 0.05).
+        shifted = logits.sub_(top1_logit) if scratch is not None else logits - top1_logit
+        weighted = torch.mul(probs, shifted, out=spare)
+        mean = weighted.sum(dim=1)
+        second = weighted.mul_(shifted).sum(dim=1)
+        mean, second = _masked(mean, second, shifted)
+        out["logprob_std"] = (second - mean * mean).clamp_(min=0).sqrt_()
+        out["entropy"] = (lse - top1_logit).squeeze(1) - mean
+        # the token's own entry, shifted by the same subtraction, stays equal to it
+        token_rank = _rank(shifted, token_logit - top1_logit, probs, tokens, in_place=True)
+    else:
+        mean, _ = _masked(probs.mul_(logits).sum(dim=1), None, logits)  # probs are spent
+        out["entropy"] = lse.squeeze(1) - mean
+        # last, as it may count in place in the logits: the caller's when `scratch` is given
+        token_rank = _rank(logits, token_logit, probs, tokens, in_place=scratch is not None)
+    out["token_rank"] = token_rank
     return out
 
 
-def _spread(logprobs: torch.Tensor, spare: torch.Tensor, moments: bool) -> dict[str, torch.Tensor]:
-    """Entropy -sum p log p over the vocabulary and, with `moments`, the standard deviation of
-    log p under p. Overwrites `logprobs` and `spare`, two (n, V) buffers."""
-    # A masked entry (logit -inf) has p = 0 and adds nothing, but 0 * -inf is nan; every
-    # log p below -1e4 has p = 0 in float32.
-    logprobs.clamp_(min=-1e4)
-    p = torch.exp(logprobs, out=spare)
-    if not moments:
-        return {"entropy": p.mul_(logprobs).sum(dim=1).neg_()}
-    mean = torch.bmm(p.unsqueeze(1), logprobs.unsqueeze(2)).view(-1)  # sum p log p
-    # Centred, sum p (log p - mean)^2: the shortcut sum p (log p)^2 - mean^2 cancels badly for
-    # flat distributions (measured 0.3% off float64 at a std of 0.05).
-    variance = logprobs.sub_(mean.unsqueeze(1)).square_().mul_(p).sum(dim=1)
-    return {"entropy": -mean, "logprob_std": variance.sqrt_()}
+def _rank(
+    logits: torch.Tensor,
+    token_logit: torch.Tensor,
+    buffer: torch.Tensor,
+    tokens: bool,
+    *,
+    in_place: bool,
+) -> torch.Tensor:
+    """Entries strictly above the token's logit, counted as floats (several times faster on
+    CPU than summing a bool tensor; exact up to 2**24 entries), in place in `logits` or into
+    `buffer`."""
+    if not tokens:  # all null in the output; zeros keep the arrays' shapes and dtypes
+        return torch.zeros(logits.shape[0], dtype=torch.int32, device=logits.device)
+    if in_place:
+        above = logits.sub_(token_logit).gt_(0)
+    else:
+        above = torch.gt(logits, token_logit, out=buffer)
+    return above.sum(dim=1).to(torch.int32)
+
+
+def _masked(
+    mean: torch.Tensor, second: torch.Tensor | None, shifted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mean (and second moment) of `shifted` under p, with the rows that have masked
+    entries (logit -inf, p = 0, and 0 * inf is nan) computed again without them. Such rows are
+    rare: this costs nothing otherwise. (The shift is the same for every entry of a row, so p
+    follows from `shifted` alone.)"""
+    bad = mean.isnan().nonzero().squeeze(1)
+    if len(bad) == 0:
+        return mean, second
+    y = shifted.index_select(0, bad).double()
+    p = torch.softmax(y, dim=-1)
+    y = torch.where(p > 0, y, torch.zeros_like(y))
+    mean = mean.index_copy(0, bad, (p * y).sum(dim=1).to(mean.dtype))
+    if second is not None:
+        second = second.index_copy(0, bad, (p * y * y).sum(dim=1).to(second.dtype))
+    return mean, second
 
 
 def reduce_states(
@@ -156,9 +194,10 @@ def reduce_states(
         step = min(step, CPU_MAX_POSITIONS)
     buffers = None
     if on_cpu and states.shape[0] > step:
-        # Two buffers reused by every chunk: on CPU each fresh (step, V) tensor is a malloc of
+        # Buffers reused by every chunk: on CPU each fresh (step, V) tensor is a malloc of
         # megabytes, and their churn fragmented glibc's heap into gigabytes of resident memory.
-        buffers = [torch.empty((step, vocab_size), dtype=torch.float32) for _ in range(2)]
+        count = 3 if moments else 2  # logits, probabilities (and the moments' spare)
+        buffers = [torch.empty((step, vocab_size), dtype=torch.float32) for _ in range(count)]
     parts = []
     for i in range(0, max(1, states.shape[0]), step):
         chunk = states[i : i + step]
@@ -167,10 +206,18 @@ def reduce_states(
                 head(chunk), labels[i : i + step], k, output_dtype, full, None, tokens, moments
             )
         else:
-            logits_buffer, scratch = (b[: chunk.shape[0]] for b in buffers)
+            logits_buffer, scratch, *spare = (b[: chunk.shape[0]] for b in buffers)
             logits = head(chunk, out=logits_buffer)
             part = reduce_logits(
-                logits, labels[i : i + step], k, output_dtype, full, scratch, tokens, moments
+                logits,
+                labels[i : i + step],
+                k,
+                output_dtype,
+                full,
+                scratch,
+                tokens,
+                moments,
+                spare[0] if spare else None,
             )
         if logits_out is not None:
             logits_out[i : i + step].copy_(part.pop("logits"), non_blocking=True)

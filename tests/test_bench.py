@@ -2,40 +2,118 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from jobs import bench
 
-pytestmark = pytest.mark.slow
+
+def test_case_corpora_have_their_length_mix():
+    for case in bench.CASES:
+        texts = bench.case_texts(case, 400)
+        assert len(texts) == 400 and all(texts), case
+        assert bench.case_texts(case, 50) == texts[:50], case  # N is a prefix of 3N
+    words = {
+        case: np.array([len(t.split()) for t in bench.case_texts(case, 400)])
+        for case in bench.CASES
+    }
+    assert words["tiny"].min() == 1 and words["tiny"].max() == 4
+    assert 25 <= words["narrow"].min() and words["narrow"].max() <= 60
+    assert words["lognormal"].min() < 10 and words["lognormal"].max() > 200
+    assert 0.2 < (words["heavy-tail"] >= 500).mean() < 0.3  # cut at 512 tokens
+    assert np.median(words["heavy-tail"]) < 40
 
 
-def test_bench_quick_reports_every_figure(tmp_path, capsys):
-    out = tmp_path / "bench.json"
+def _python_through(launcher):
+    """bench's `python -m` children as fork-server children, and `python -c` code run here."""
+
+    def run(argv: list[str]) -> str:
+        if argv[0] == "-c":  # the bare imports: this process has them already
+            exec(argv[1], {})
+            return ""
+        result = launcher.start(argv[2:], module=argv[1]).wait()
+        result.assert_exit(0)
+        return result.stdout
+
+    return run
+
+
+def _positive(row: dict, *keys: str) -> None:
+    for key in keys:
+        assert math.isfinite(row[key]) and row[key] > 0, (row, key)
+
+
+def _finite(row: dict, *keys: str) -> None:
+    # Marginal figures of a smoke run are noise (even negative), but they must be computed.
+    for key in keys:
+        assert math.isfinite(row[key]), (row, key)
+
+
+@pytest.mark.slow
+def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
+    out, work = tmp_path / "bench.json", tmp_path / "work"
     threads = torch.get_num_threads()
     try:  # in this process: `make bench` runs the same main(), without a second torch import
-        assert bench.main(["--quick", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+        argv = ["--quick", "--work", str(work), "--json", str(out)]
+        assert bench.main(argv, run_python=_python_through(launcher)) == 0
     finally:
         torch.set_num_threads(threads)
     stdout = capsys.readouterr().out
-    rows = {row["model"]: row for row in json.loads(out.read_text())}
-    assert set(rows) == {"t5-tiny", "gpt2-tiny"}
-    for row in rows.values():
-        for key in ("job_tok_s", "dense_tok_s", "naive_tok_s"):
-            assert row[key] > 0, (row["model"], key)
-        # Marginal figures of a smoke run are noise (even negative), but they must be computed.
-        for key in (
+    results = json.loads(out.read_text())
+    efficiency = {row["model"]: row for row in results["efficiency"]}
+    assert set(efficiency) == {"t5-tiny", "gpt2-tiny"}
+    for row in efficiency.values():
+        _positive(row, "job_tok_s", "dense_tok_s", "complete_rerun_s")
+        _finite(
+            row,
             "efficiency",
-            "steady_speedup",
             "pipeline_efficiency",
             "model_on_job_batches_tok_s",
             "job_marginal_tok_s",
-        ):
-            assert math.isfinite(row[key]), (row["model"], key)
+        )
         assert 0 < row["padding_efficiency"] <= 1
-        assert 0 < row["input_checksum_share"] < 1 and row["complete_rerun_s"] > 0
-    assert rows["t5-tiny"]["e2e_speedup"] > 0
-    assert "efficiency" in stdout and "steady_speedup" in stdout
+        assert 0 < row["input_checksum_share"] < 1
+    # level documents against top-k token rows, for the causal model (T5 start has no tokens)
+    _positive(efficiency["gpt2-tiny"], "tokens_level_s", "documents_level_s")
+    assert "documents_vs_tokens_time" not in efficiency["t5-tiny"]
+    cases = {(row["case"], row["model"]): row for row in results["cases"]}
+    assert set(cases) == {("lognormal", "t5-tiny"), ("lognormal", "gpt2-tiny")}
+    for row in cases.values():
+        _positive(row, "rows_N", "tokens_per_row", "e2e_job_s", "e2e_naive_s", "e2e_speedup")
+        _finite(row, "job_marginal_tok_s", "naive_marginal_tok_s", "steady_speedup")
+        assert 0 < row["padding_efficiency"] <= 1
+    ceiling = results["host_ceiling"]
+    assert ceiling["tokens"] >= 5000  # --quick's ceiling_tokens
+    _positive(ceiling, "tokenizer_tok_s", "job_k64_tok_s", "job_k1_tok_s", "job_k64_over_tokenizer")
+    startup = results["startup"]
+    _positive(startup, "startup_s", "job_10_rows_wall_s")
+    _finite(startup, "startup_beyond_imports_s")
+    assert startup["bare_imports_s"] >= 0  # imported already in this test's process
+    for heading in ("pipeline_efficiency", "steady_speedup", "e2e_speedup", "host_ceiling:"):
+        assert heading in stdout, heading
+
+
+def test_naive_loop_writes_the_jobs_rows(tmp_path, model_dirs, texts):
+    """The baseline does the job's work, the same rows and values, so the ratios are fair."""
+    corpus = bench.write_texts(tmp_path / "corpus.parquet", texts[:40])
+    args = argparse.Namespace(k=5, max_length=32, max_tokens=4096, shard_rows=2000, dtype="auto")
+    for family in ("t5", "gpt2"):
+        naive_out, job_out = tmp_path / f"naive-{family}.parquet", tmp_path / f"job-{family}"
+        bench.naive_loop(model_dirs[family], corpus, str(naive_out), 5, 32, "cpu")
+        bench.run_job_timed(bench.job_config(model_dirs[family], corpus, str(job_out), args))
+        naive = pd.read_parquet(naive_out).sort_values(["id", "position"], ignore_index=True)
+        job = pd.read_parquet(job_out).sort_values(["id", "position"], ignore_index=True)
+        assert len(naive) == len(job) >= 40, family
+        for column in ("id", "position", "token_id"):
+            assert naive[column].equals(job[column].astype(naive[column].dtype)), (family, column)
+        for column in ("logsumexp", "token_logprob"):
+            np.testing.assert_allclose(naive[column], job[column], atol=2e-3, err_msg=column)
+        np.testing.assert_allclose(
+            np.stack(naive.topk_logits), np.stack(job.topk_logits), atol=2e-2, err_msg=family
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,10 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import yaml
 from transformers import AutoTokenizer
 
+from jobs import extract
 from lib import sample
+from lib.config import JobConfig, load_config
 from tests.reference import read_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,3 +251,60 @@ def test_make_sample_then_default_config(tmp_path):
     assert set(frame["id"]) == set(table.column("doc_id").to_pylist()[:60])
     assert manifest["model"]["vocab_size"] > manifest["model"]["tokenizer_size"]
     assert max(frame["topk_ids"].map(max)) < manifest["model"]["vocab_size"]
+
+
+def test_help_lists_every_key_and_print_config_round_trips(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        extract.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for section, keys in JobConfig().to_dict().items():
+        for key in keys:
+            assert f"  {section}.{key} " in text, key
+    assert "output.level               tokens (tokens | documents | both)" in text
+
+    argv = ["--config", str(DEFAULT), "output.k=7", "runtime.threads=1", "--print-config"]
+    assert extract.main(argv) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(printed)
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == load_config(DEFAULT, ["output.k=7", "runtime.threads=1"])
+    assert again.output.k == 7 and again.runtime.threads == 1
+
+
+def test_runtime_threads_sets_torchs_threads_for_the_job_only(monkeypatch):
+    from lib import pipeline
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert pipeline._threads(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cores = len(os.sched_getaffinity(0))
+    assert pipeline._threads(None) == max(1, cores // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert pipeline._threads(None) == 1
+
+
+def test_a_resume_with_changed_local_weights_is_refused(
+    tmp_path, model_dirs, corpus, texts, capsys
+):
+    """The same model.path, other weights (re-saved with another seed): the output that was
+    started with the old ones is refused in one line naming the changed file."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dirs["gpt2"], model)
+    argv = [
+        f"model.path={model}",
+        f"input.path={corpus}",
+        f"output.dir={tmp_path / 'out'}",
+        "input.max_length=16",
+    ]
+    assert extract.main(argv) == 0
+    # the fixture's tokenizer and shapes, other random weights
+    sample.build_causal(tmp_path / "other", texts, "gpt2", d_model=32, vocab_size=300, seed=9)
+    shutil.copy(tmp_path / "other" / "model.safetensors", model / "model.safetensors")
+    capsys.readouterr()
+    assert extract.main(argv) == 2
+    line = capsys.readouterr().err.strip()
+    assert "the model's files changed since this output was started" in line
+    assert "model.safetensors differs" in line and "\n" not in line

@@ -132,7 +132,7 @@ def test_yaml_file_and_overrides_combine(tmp_path):
         (
             "modle.path=x",
             "unknown config section 'modle' in 'modle.path' (did you mean model?); "
-            "sections are model, input, decoder, batching, output",
+            "sections are model, input, decoder, batching, output, runtime",
         ),
         ("output.k=abc", "config key output.k: expected an integer, got 'abc'"),
         ("output.k=2.5", "config key output.k: expected an integer, got 2.5"),
@@ -209,11 +209,11 @@ def test_yaml_errors_name_file_line_and_problem(tmp_path):
     [
         (
             "path: x\n",
-            "unknown config section 'path'; sections are model, input, decoder, batching, output",
+            "unknown config section 'path'; sections are model, input, decoder, batching, output, runtime",
         ),
         (
             "- model\n",
-            "expected a mapping of sections (model, input, decoder, batching, output), got list",
+            "expected a mapping of sections (model, input, decoder, batching, output, runtime), got list",
         ),
         ("model: gpt2\n", "section 'model' must be a mapping of keys, got 'gpt2'"),
         ("output:\n  dirr: x\n", "unknown config key 'output.dirr' (did you mean output.dir?)"),

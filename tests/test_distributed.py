@@ -53,6 +53,7 @@ def test_two_processes_equal_one(model_dirs, tmp_path):
         "model.dtype=float32",
         "input.max_length=32",
         "output.level=both",
+        "runtime.threads=1",  # as each of the two ranks gets
     ]
 
     single = tmp_path / "single"

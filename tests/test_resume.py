@@ -70,6 +70,7 @@ def job_args(model: str, corpus: str, out: Path, *extra: str) -> list[str]:
         f"output.shard_rows={SHARD_ROWS}",
         "input.max_length=24",
         "batching.max_tokens=64",
+        "runtime.threads=1",
         *extra,
     ]
 
