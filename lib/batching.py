@@ -45,10 +45,14 @@ class Request:
 class TokenizedUnit:
     requests: list[Request]
     skipped: list[tuple[int, str]]  # (row in unit, reason)
-    truncated: int
     text_lengths: list[int] = field(default_factory=list)  # tokens of each scored row's text
     target_lengths: list[int] | None = None  # and of its target, where one is tokenized
     truncated_rows: list[int] = field(default_factory=list)  # the scored rows that were cut
+
+    @property
+    def truncated(self) -> int:
+        """Scored rows whose text or target was cut (a row counts once)."""
+        return len(self.truncated_rows)
 
 
 @dataclass
@@ -167,7 +171,7 @@ def _windows_unit(
             continue
         requests += window_requests(row, tokens, start, max_length, context)
         lengths.append(len(tokens))
-    return TokenizedUnit(requests, sorted(skipped), 0, lengths, None, [])
+    return TokenizedUnit(requests, sorted(skipped), lengths)
 
 
 def _requests(
@@ -253,7 +257,6 @@ def tokenize_unit(
     return TokenizedUnit(
         requests,
         skipped,
-        len(truncated_rows),
         [len(ids[i]) for i in scored_index],
         [len(target_ids[i]) for i in scored_index] if uses_targets else None,
         truncated_rows,

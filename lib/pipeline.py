@@ -66,7 +66,6 @@ class Unit:
     work: corpus.WorkUnit
     ids: pa.Array
     skipped: list[tuple[int, str]]
-    truncated: int
     input_ids: dict[int, list[int]] | None  # row -> its tokens, for output.rows=examples
     started_at: float  # unix time its reading began
     lengths: dict  # token-length histograms of the scored rows' texts (and targets)
@@ -97,13 +96,19 @@ class Reduced:
 
 @dataclass
 class Computed:
-    """Compute -> writer: a batch's results, or `reduced=None` with the unit's token counts."""
+    """Compute -> writer: a batch's results, or `reduced=None` with the unit's batch sizes."""
 
     unit: Unit
     reduced: Reduced | None
-    tokens: int = 0
-    padded_tokens: int = 0
     batches: list[list[int]] = field(default_factory=list)  # [rows, tokens, padded tokens]
+
+    @property
+    def tokens(self) -> int:
+        return sum(batch[1] for batch in self.batches)
+
+    @property
+    def padded_tokens(self) -> int:
+        return sum(batch[2] for batch in self.batches)
 
 
 class _Progress:
@@ -226,7 +231,6 @@ class Extraction:
             work,
             table.column("id").combine_chunks(),
             tokenized.skipped,
-            tokenized.truncated,
             {r.row: r.ids for r in tokenized.requests} if self.examples else None,
             started_at,
             lengths,
@@ -250,9 +254,7 @@ class Extraction:
             if self.first_batch_at is None and item.batch is not None:
                 self.first_batch_at = time.time()
             if item.batch is None:
-                done = batches.pop(index)
-                tokens, padded = (sum(b[i] for b in done) for i in (1, 2))
-                yield Computed(item.unit, None, tokens, padded, done)
+                yield Computed(item.unit, None, batches.pop(index))
                 continue
             for reduced, sizes in self._forward(item.unit, item.batch):
                 batches[index].append(sizes)
@@ -434,7 +436,7 @@ class Extraction:
             "input_rows": work.rows,
             "scored_rows": work.rows - len(skipped),
             "skipped_rows": len(skipped),
-            "truncated_rows": unit.truncated,
+            "truncated_rows": int(unit.truncated_rows.sum()),
             "tokens": end.tokens,
             "padded_tokens": end.padded_tokens,
             "started_at": round(unit.started_at, 3),
