@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import yaml
 
@@ -37,10 +36,13 @@ def _on_signal(signum: int, frame) -> None:
 
 def _committed(out_dir: str, level: str) -> int:
     """Shards committed so far in the level's first folder (one per committed unit)."""
-    from lib import layout
+    from lib import layout, storage
 
     folder = layout.folders(level)[0]
-    return len(layout.shard_files(Path(out_dir), folder)) if Path(out_dir).is_dir() else 0
+    try:
+        return len(layout.shard_files(storage.location(out_dir), folder))
+    except (OSError, UserError):
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 def _write_report(out_dir: str, rewrite: bool) -> None:
     """OUT/report.html (see jobs.report); a rerun that changed nothing keeps an existing one.
     A finished job never fails for its report: a failure is a one-line warning."""
-    from lib import layout
+    from lib import layout, storage
 
-    path = Path(out_dir) / layout.REPORT
+    path = storage.location(out_dir) / layout.REPORT
     if os.environ.get("LOGIT_EXTRACT_NO_REPORT") or (path.exists() and not rewrite):
         return  # the variable: the test suite's runs skip drawing (a second or two each)
     try:

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lib import storage
 from lib.config import InputConfig
 from lib.errors import UserError, first_line
 
@@ -46,7 +47,10 @@ _GLOB_CHARS = frozenset("*?[")
 
 
 def find_input_files(pattern: str) -> list[str]:
-    """Resolve a Parquet file, a directory of them (recursively) or a glob, in sorted path order."""
+    """Resolve a Parquet file, a directory of them (recursively) or a glob, in sorted path order;
+    local paths or object-store URIs."""
+    if storage.is_uri(pattern):
+        return _find_objects(pattern)
     pattern = os.path.expanduser(pattern)
     path = Path(pattern)
     if path.is_file():
@@ -66,6 +70,32 @@ def find_input_files(pattern: str) -> list[str]:
     files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
         raise UserError(f"input.path {pattern}: no file matches this pattern")
+    return files
+
+
+def _find_objects(uri: str) -> list[str]:
+    """find_input_files on an object store: one listing, never a download."""
+    try:
+        path = storage.location(uri)
+        if not _GLOB_CHARS & set(uri):
+            if path.is_file():
+                return [str(path)]
+            files = sorted(
+                str(p)
+                for p in path.files()
+                if p.name.endswith(".parquet")
+                and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+            )
+            if not files:
+                raise UserError(f"input.path {uri}: no *.parquet files under this location")
+            return files
+        fixed = uri[: min(uri.index(c) for c in _GLOB_CHARS if c in uri)].rsplit("/", 1)[0]
+        regex = storage.glob_regex(str(storage.location(uri)))
+        files = sorted(str(p) for p in storage.location(fixed).files() if regex.match(str(p)))
+    except OSError as exc:
+        raise UserError(f"input.path {uri}: {storage.explain(exc)}") from None
+    if not files:
+        raise UserError(f"input.path {uri}: no file matches this pattern")
     return files
 
 
@@ -109,8 +139,10 @@ def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
     id_type = None
     for path in find_input_files(cfg.path):
         try:
-            meta = pq.ParquetFile(path)
+            meta = pq.ParquetFile(storage.open_input(path))
             schema = meta.schema_arrow
+        except storage.StorageError as exc:
+            raise UserError(f"input file {path}: cannot read it: {exc}") from None
         except (pa.ArrowException, OSError) as exc:
             raise UserError(f"input file {path} is not valid Parquet: {first_line(exc)}") from None
         _check_columns(path, schema, cfg)
@@ -122,7 +154,8 @@ def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
                     f"other files have {id_type}"
                 )
             id_type = id_type or tp
-        inputs.append(InputFile(path, meta.metadata.num_rows, os.path.getsize(path)))
+        size = storage.location(path).stat().st_size
+        inputs.append(InputFile(path, meta.metadata.num_rows, size))
     return inputs
 
 
@@ -130,7 +163,7 @@ def id_type(inputs: list[InputFile], cfg: InputConfig) -> pa.DataType:
     """The Arrow type of the output `id` column: string or int64."""
     if cfg.id_column is None:
         return pa.int64()
-    tp = pq.ParquetFile(inputs[0].path).schema_arrow.field(cfg.id_column).type
+    tp = pq.ParquetFile(storage.open_input(inputs[0].path)).schema_arrow.field(cfg.id_column).type
     return pa.string() if is_string(tp) else pa.int64()
 
 
@@ -138,7 +171,7 @@ def _read_column(path: str, column: str) -> pa.ChunkedArray:
     try:
         # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose import
         # pulls in pandas (0.2 s of a job's start-up)
-        return pq.ParquetFile(path).read(columns=[column]).column(0)
+        return pq.ParquetFile(storage.open_input(path)).read(columns=[column]).column(0)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(
             f"input file {path}: cannot read column {column!r}: {first_line(exc)}"
@@ -175,7 +208,7 @@ def check_unique_ids(inputs: list[InputFile], cfg: InputConfig) -> None:
     if len(repeated):
         value, times = repeated[0]["values"].as_py(), repeated[0]["counts"].as_py()
         where = [
-            Path(item.path).name
+            storage.location(item.path).name
             for item, column in zip(inputs, columns, strict=True)
             if pc.any(pc.equal(column, value)).as_py()
         ]
@@ -201,7 +234,7 @@ def read_unit(unit: WorkUnit, cfg: InputConfig) -> pa.Table:
     """Read the unit's rows (only the row groups that overlap it) with an `id` column first."""
     columns = [c for c in (cfg.id_column, cfg.text_column, cfg.target_column) if c is not None]
     try:
-        parquet = pq.ParquetFile(unit.file)
+        parquet = pq.ParquetFile(storage.open_input(unit.file))
         groups, first_row, row = [], 0, 0
         for index in range(parquet.metadata.num_row_groups):
             count = parquet.metadata.row_group(index).num_rows

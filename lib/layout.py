@@ -13,19 +13,19 @@
 Readers that skip names starting with `_` or `.` (pyarrow, pandas, Polars, DuckDB with a
 `tokens/*` glob, Hugging Face datasets) see only the shards. Output of the first layout, with
 `part-*` files at OUT itself, is still read by `lib.results` and `jobs.verify`.
+
+OUT is a local path or an object-store URI (lib/storage.py): on an object store a shard is
+uploaded under its final name and appears only when its upload completes, so `_tmp` stays empty.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-from pathlib import Path
 
-from lib import faults
+from lib import storage
 from lib.errors import output_error
 from lib.lease import Process, tag_alive
+from lib.storage import AnyPath
 
 TOKENS = "tokens"
 DOCUMENTS = "documents"
@@ -42,7 +42,6 @@ EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
 # scores, and a record's shards listed under "files"
 FORMAT_VERSION = 3
 _OURS = {TOKENS, DOCUMENTS, UNITS, TMP, JOB, LOCK, MANIFEST, SUCCESS, SKIPPED, REPORT}
-_HASH_BLOCK = 8 << 20
 
 _writer_tag: str | None = None
 
@@ -66,15 +65,15 @@ def shard_name(name: str, fmt: str, folder: str = TOKENS) -> str:
     return f"{folder}/{name}.{EXTENSIONS[fmt]}"
 
 
-def shard_path(out_dir: Path, name: str, fmt: str, folder: str = TOKENS) -> Path:
+def shard_path(out_dir: AnyPath, name: str, fmt: str, folder: str = TOKENS) -> AnyPath:
     return out_dir / shard_name(name, fmt, folder)
 
 
-def record_path(out_dir: Path, name: str) -> Path:
+def record_path(out_dir: AnyPath, name: str) -> AnyPath:
     return out_dir / UNITS / f"{name}.json"
 
 
-def temp_path(out_dir: Path, final: Path) -> Path:
+def temp_path(out_dir: AnyPath, final: AnyPath) -> AnyPath:
     """A temporary for `final`, unique to this process, in OUT/_tmp (a document shard's name
     starts with `documents-`, as token and document shards of a unit share a name)."""
     folder = final.parent.name
@@ -87,29 +86,43 @@ def is_ours(name: str) -> bool:
     return name in _OURS or name.startswith(("part-", ".part-", "._"))
 
 
-def legacy_shards(out_dir: Path) -> list[Path]:
+def legacy_shards(out_dir: AnyPath) -> list[AnyPath]:
     """Shards of the first layout, directly in OUT."""
     return sorted(p for p in out_dir.glob("part-*") if p.is_file())
 
 
-def shard_files(out_dir: Path, folder: str = TOKENS) -> list[Path]:
+def shard_files(out_dir: AnyPath, folder: str = TOKENS) -> list[AnyPath]:
     """The committed shards of a folder, in name order (the order readers use); for tokens,
     the first layout's too."""
     path = out_dir / folder
-    found = sorted(p for p in path.glob("part-*") if p.is_file()) if path.is_dir() else []
+    found = sorted(p for p in path.glob("part-*") if p.is_file())
     return found or (legacy_shards(out_dir) if folder == TOKENS else [])
 
 
-def relative(out_dir: Path, path: Path) -> str:
+def visible_shards(out_dir: AnyPath, level: str) -> set[str]:
+    """The shards in OUT (relative names), from one listing per folder: on an object store a
+    request per unit would cost minutes on a large job."""
+    return {
+        relative(out_dir, path)
+        for folder in folders(level)
+        for path in shard_files(out_dir, folder)
+    }
+
+
+def relative(out_dir: AnyPath, path: AnyPath) -> str:
     return path.relative_to(out_dir).as_posix()
 
 
 # -- temporaries -----------------------------------------------------------------------------
-def temporaries(out_dir: Path) -> list[Path]:
+def temporaries(out_dir: AnyPath) -> list[AnyPath]:
     """Every temporary file in OUT: in `_tmp`, and hidden `*.tmp` files of the first layout."""
     found = []
-    for folder in (out_dir, out_dir / UNITS, out_dir / TOKENS, out_dir / DOCUMENTS, out_dir / TMP):
-        if folder.is_dir():
+    if storage.is_remote(out_dir):
+        folders = (out_dir / TMP,)  # object-store output never had the first layout
+    else:
+        folders = (out_dir, out_dir / UNITS, out_dir / TOKENS, out_dir / DOCUMENTS, out_dir / TMP)
+    for folder in folders:
+        if storage.is_remote(folder) or folder.is_dir():
             found += [
                 p
                 for p in folder.iterdir()
@@ -119,7 +132,7 @@ def temporaries(out_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-def remove_dead_temporaries(out_dir: Path) -> int:
+def remove_dead_temporaries(out_dir: AnyPath) -> int:
     """Delete temporaries whose writer is gone (any but those of live processes on this
     machine; called under the lease, so writers on other machines have stopped); return how many."""
     removed = 0
@@ -132,7 +145,7 @@ def remove_dead_temporaries(out_dir: Path) -> int:
     return removed
 
 
-def remove_own_temporaries(out_dir: Path) -> None:
+def remove_own_temporaries(out_dir: AnyPath) -> None:
     """Delete this process's temporaries (after an error, a signal or the end of a run)."""
     for path in temporaries(out_dir):
         if f"@{writer_tag()}." in path.name:
@@ -140,56 +153,17 @@ def remove_own_temporaries(out_dir: Path) -> None:
 
 
 # -- durable writes --------------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def write_atomic(path: AnyPath, data: bytes, out_dir: AnyPath) -> None:
+    """Write a small file whole (storage.put_atomic through a temporary of this process); an
+    I/O error becomes an OutputError naming `path`."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        faults.point("fsync", path)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, out_dir: Path) -> None:
-    """Write a small file to a temporary of this process, fsync it and rename it into place;
-    an I/O error becomes an OutputError naming `path`, with no temporary left."""
-    tmp = temp_path(out_dir, path)
-    try:
-        tmp.parent.mkdir(exist_ok=True)
-        with open(tmp, "wb") as handle:
-            faults.point("write", tmp)
-            handle.write(data)
-            handle.flush()
-            faults.point("fsync", tmp)
-            os.fsync(handle.fileno())
-        faults.point("rename", path)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        storage.put_atomic(path, data, temp_path(out_dir, path))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise output_error(path, exc) from None
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    """The file's sha256 hex digest and its size in bytes, read in blocks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
 # -- records ---------------------------------------------------------------------------------
-def read_json(path: Path) -> dict | None:
+def read_json(path: AnyPath) -> dict | None:
     """A JSON object from `path`; None when it is missing, empty, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
@@ -198,28 +172,20 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def read_manifest(out_dir: Path) -> dict | None:
+def read_manifest(out_dir: AnyPath) -> dict | None:
     return read_json(out_dir / MANIFEST)
 
 
-def read_record(out_dir: Path, name: str) -> dict | None:
+def read_record(out_dir: AnyPath, name: str) -> dict | None:
     return read_json(record_path(out_dir, name))
 
 
-def write_json(path: Path, data: dict, out_dir: Path) -> None:
+def write_json(path: AnyPath, data: dict, out_dir: AnyPath) -> None:
     write_atomic(path, json.dumps(data, indent=2).encode(), out_dir)
 
 
-def remove(path: Path) -> None:
-    """Delete a file or a folder, if it is there."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def clear(out_dir: Path) -> None:
+def clear(out_dir: AnyPath) -> None:
     """Remove every entry this job writes (output.overwrite=true), the lease excepted."""
     for entry in out_dir.iterdir():
         if is_ours(entry.name) and entry.name != LOCK:
-            remove(entry)
+            storage.remove(entry)

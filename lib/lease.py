@@ -7,6 +7,9 @@ and process start time, so a reused pid does not count); on another machine, tha
 touched less than LEASE_S seconds ago. A dead holder's lease is moved aside and replaced, and
 every commit first checks that the lease is still this job's, so a job that lost its lease (a
 stalled node whose lease expired) stops instead of writing over its successor.
+
+On an object store (lib/storage.py) the lease is created with a conditional write where the
+store has one (S3), renewed by writing it again, and a dead holder's is deleted, not moved.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lib import storage
 from lib.errors import UserError
+from lib.storage import AnyPath
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +128,10 @@ class Holder:
         return time.time() - self.touched < LEASE_S
 
 
-def read_holder(path: Path) -> Holder | None:
+def read_holder(path: AnyPath) -> Holder | None:
     """The lease's holder; None when there is no lease file. An unreadable one (a damaged disk,
     or a holder that has not finished writing it) reads as an unknown holder on another host."""
+    touched = time.time()
     try:
         touched = path.stat().st_mtime
         data = json.loads(path.read_text())
@@ -140,30 +146,15 @@ def read_holder(path: Path) -> Holder | None:
 class Lease:
     """This job's hold on an output directory, from `acquire()` to `release()`."""
 
-    def __init__(self, path: Path, token: str):
+    def __init__(self, path: AnyPath, token: str):
         self.path = path
         self.token = token
         self.lost: str | None = None
+        self._content = b""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _create(self, content: bytes) -> bool:
-        """Create the lease file only if there is none (atomic, also on NFS v3 and later)."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            os.write(fd, content)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            self.path.unlink(missing_ok=True)  # an empty lease would block every later run
-            raise
-        os.close(fd)
-        return True
-
-    def acquire(self, out_dir: Path) -> None:
+    def acquire(self, out_dir: AnyPath) -> None:
         """Take the lease, or raise UserError naming the live holder."""
         me = Process.current()
         content = json.dumps(
@@ -176,8 +167,9 @@ class Lease:
                 "started": time.time(),
             }
         ).encode()
+        self._content = content
         for _ in range(10):
-            if self._create(content):
+            if storage.create_exclusive(self.path, content):
                 self._start_renewing()
                 return
             holder = read_holder(self.path)
@@ -200,6 +192,15 @@ class Lease:
     def _move_aside(self, stale: Holder) -> bool:
         """Remove a dead holder's lease, and only that one: if a live job replaced it between our
         look and our rename, put the live one back."""
+        if storage.is_remote(self.path):
+            # No rename on an object store: delete it if it is still the dead holder's. A live
+            # job's lease written between our read and the delete is lost, and that job stops
+            # at its next commit's check instead of sharing the directory.
+            again = read_holder(self.path)
+            if again is None or again.token != stale.token:
+                return False
+            self.path.unlink(missing_ok=True)
+            return True
         aside = self.path.with_name(f".{self.path.name}.{self.token}.stale")
         try:
             os.rename(self.path, aside)
@@ -227,7 +228,7 @@ class Lease:
                 self.lost = "another job took it over" if holder else "its lease file was removed"
                 return
             try:
-                os.utime(self.path)  # needs no free space, unlike a rewrite
+                storage.touch(self.path, self._content)
             except OSError as exc:
                 log.warning("cannot renew %s: %s", self.path, exc)
 

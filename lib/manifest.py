@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lib import corpus, faults, layout, scores
 from lib.config import JobConfig
 from lib.errors import UserError
+from lib.storage import AnyPath
 
 _COUNTS = ("input_rows", "scored_rows", "skipped_rows", "truncated_rows")
 
 
-def _record(out_dir: Path, unit: corpus.WorkUnit, fmt: str, level: str) -> dict:
+def _record(out_dir: AnyPath, unit: corpus.WorkUnit, fmt: str, level: str, visible: set) -> dict:
     record = layout.read_record(out_dir, unit.name)
-    folders = layout.folders(level)
-    if record is None or not all(
-        layout.shard_path(out_dir, unit.name, fmt, f).exists() for f in folders
-    ):
+    names = [layout.shard_name(unit.name, fmt, folder) for folder in layout.folders(level)]
+    if record is None or not all(name in visible for name in names):
         raise UserError(
             f"output.dir {out_dir}: shard {unit.name} or its record is missing after all ranks "
             "finished; run the same command again to recompute it"
@@ -27,7 +24,7 @@ def _record(out_dir: Path, unit: corpus.WorkUnit, fmt: str, level: str) -> dict:
     return record
 
 
-def _write_skipped(out_dir: Path, ids: list, reasons: list[str], id_type: pa.DataType) -> None:
+def _write_skipped(out_dir: AnyPath, ids: list, reasons: list[str], id_type: pa.DataType) -> None:
     skipped = pa.table(
         {"id": pa.array(ids, type=id_type), "reason": pa.array(reasons, pa.string())}
     )
@@ -41,7 +38,7 @@ def _fields(schema: pa.Schema) -> list[dict]:
 
 
 def finalize(
-    out_dir: Path,
+    out_dir: AnyPath,
     units: list[corpus.WorkUnit],
     *,
     config: JobConfig,
@@ -60,8 +57,9 @@ def finalize(
     shards, skipped_ids, skipped_reasons, partial_scores = [], [], [], []
     totals = dict.fromkeys((*_COUNTS, "output_rows"), 0)
     run = {"units": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
+    visible = layout.visible_shards(out_dir, config.output.level)
     for unit in units:
-        record = _record(out_dir, unit, fmt, config.output.level)
+        record = _record(out_dir, unit, fmt, config.output.level, visible)
         shards += [{**entry, "rank": record["rank"]} for entry in record["files"]]
         partial_scores.append(record["scores"])
         for key in _COUNTS:
@@ -102,7 +100,7 @@ def finalize(
     }
 
 
-def write(out_dir: Path, manifest: dict) -> None:
+def write(out_dir: AnyPath, manifest: dict) -> None:
     """The manifest, then `_SUCCESS` last: a directory with `_SUCCESS` is complete."""
     layout.write_json(out_dir / layout.MANIFEST, manifest, out_dir)
     faults.point("before_success")

@@ -26,11 +26,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from lib import batching, corpus, layout, manifest, models, reduce, resume, scores, writer
+from lib import (
+    batching,
+    corpus,
+    layout,
+    manifest,
+    models,
+    reduce,
+    resume,
+    scores,
+    storage,
+    writer,
+)
 from lib.config import JobConfig
 from lib.errors import Interrupted, UserError, output_error
 from lib.lease import Lease
 from lib.overlap import Background, Sink, Workers
+from lib.storage import AnyPath
 
 log = logging.getLogger(__name__)
 _IMPORTED_AT = time.time()
@@ -52,7 +64,7 @@ class Plan:
     schema: pa.Schema  # position rows, as the reduction and writer.to_table build them
     shard_schema: pa.Schema  # what the shards hold: position rows or example rows
     documents_schema: pa.Schema | None  # document rows, at output.level documents or both
-    out_dir: Path
+    out_dir: AnyPath
     rank: int
     run_id: str
     fingerprint: str
@@ -559,7 +571,7 @@ def _shut_down(loaded: Background, sink: Sink) -> Interrupted | None:
 
 
 def _claim(
-    out_dir: Path, config: JobConfig, inputs: list, units: list, identity: dict
+    out_dir: AnyPath, config: JobConfig, inputs: list, units: list, identity: dict
 ) -> tuple[dict, Lease | None]:
     """Main process: fingerprint the inputs, then either find the job finished (writing
     nothing) or take the directory's lease and prepare it. Returns what every rank needs."""
@@ -627,7 +639,7 @@ class _Setup:
 def _set_up(config: JobConfig, device: torch.device) -> _Setup:
     """Check the inputs and the output location, load the model, plan the units."""
     inputs = corpus.inspect_inputs(config.input)
-    resume.check_layout(config.input.path, Path(config.output.dir), inputs)
+    resume.check_layout(config.input.path, storage.location(config.output.dir), inputs)
     corpus.check_unique_ids(inputs, config.input)
     id_type = corpus.id_type(inputs, config.input)
     lm = models.load_model(config.model, device)
@@ -668,7 +680,7 @@ def run_job(config: JobConfig, progress: bool = True) -> dict:
     from accelerate import PartialState
 
     started = time.perf_counter()
-    out_dir = Path(config.output.dir)
+    out_dir = storage.location(config.output.dir)
     state = PartialState(cpu=not torch.cuda.is_available())
     threads = torch.get_num_threads()
     torch.set_num_threads(_threads(config.runtime.threads))
@@ -692,7 +704,7 @@ def _threads(requested: int | None) -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def _run(config: JobConfig, progress: bool, state, started: float, out_dir: Path) -> dict:
+def _run(config: JobConfig, progress: bool, state, started: float, out_dir: AnyPath) -> dict:
     """run_job's work, with torch's threads set."""
     setup = _set_up(config, state.device)
     claim, lease, error = None, None, None
@@ -716,11 +728,11 @@ def _run(config: JobConfig, progress: bool, state, started: float, out_dir: Path
             fingerprint=claim["fingerprint"],
             check_lease=(lease or Lease(out_dir / layout.LOCK, claim["run_id"])).check,
         )
+        done = resume.committed(out_dir, setup.units, config.output.format, config.output.level)
         mine = [
             u
             for u in setup.units
-            if u.index % state.num_processes == state.process_index
-            and not resume.committed(out_dir, u, config.output.format, config.output.level)
+            if u.index % state.num_processes == state.process_index and u.index not in done
         ]
         extraction = Extraction(
             config, setup.lm, plan, mine, progress=progress and state.is_main_process
@@ -745,7 +757,7 @@ def _run(config: JobConfig, progress: bool, state, started: float, out_dir: Path
 
 def _finish(config: JobConfig, setup: _Setup, claim: dict, wall: float, state) -> dict:
     """Main process, after every rank is done: the manifest, then `_SUCCESS`."""
-    out_dir = Path(config.output.dir)
+    out_dir = storage.location(config.output.dir)
     result = manifest.finalize(
         out_dir,
         setup.units,

@@ -15,7 +15,6 @@ import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from matplotlib import rc_context
@@ -23,7 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lib import layout
+from lib import layout, storage
 from lib.errors import output_error
 from lib.run_stats import (
     MASS_BINS,
@@ -39,6 +38,7 @@ from lib.run_stats import (
     totals,
     unit_rates,
 )
+from lib.storage import AnyPath
 
 MAX_POINTS = 4000  # scatter points drawn; more are thinned evenly
 _PALETTE = ("#3b6ea8", "#d1793a", "#4f9a5d", "#b04a5a", "#7b62a8", "#8c6d3f", "#3aa0a8")
@@ -490,7 +490,7 @@ class Report:
     panels: list[Panel]
 
 
-def build(out_dir: str | Path) -> Report:
+def build(out_dir: str | AnyPath) -> Report:
     """Read and aggregate everything the report draws (one pass over the shards)."""
     info = read_run(out_dir)
     stats = scan_tokens(info)
@@ -670,9 +670,10 @@ def render_png(report: Report, dpi: int = 64) -> bytes:
     return buffer.getvalue()
 
 
-def _write(path: Path, data: bytes, out_dir: Path) -> None:
-    """Atomically: through OUT/_tmp inside the output directory, a sibling temporary elsewhere."""
-    if path.resolve().parent == out_dir.resolve():
+def _write(path: AnyPath, data: bytes, out_dir: AnyPath) -> None:
+    """Atomically: through OUT/_tmp inside the output directory, a sibling temporary elsewhere
+    (an object store writes an object whole)."""
+    if path.resolve().parent == out_dir.resolve() or storage.is_remote(path):
         layout.write_atomic(path, data, out_dir)
         return
     tmp = path.with_name(f".{path.name}.tmp")
@@ -685,13 +686,13 @@ def _write(path: Path, data: bytes, out_dir: Path) -> None:
 
 
 def write_report(
-    out_dir: str | Path, output: str | Path | None = None, png: str | Path | None = None
-) -> tuple[Path, Report]:
+    out_dir: str | AnyPath, output: str | AnyPath | None = None, png: str | AnyPath | None = None
+) -> tuple[AnyPath, Report]:
     """Write the HTML report (default OUT/report.html), and the one-image PNG if asked."""
-    out_dir = Path(out_dir)
+    out_dir = storage.location(out_dir)
     report = build(out_dir)
-    path = Path(output) if output is not None else out_dir / layout.REPORT
+    path = storage.location(output) if output is not None else out_dir / layout.REPORT
     _write(path, render_html(report).encode("utf-8"), out_dir)
     if png is not None:
-        _write(Path(png), render_png(report), out_dir)
+        _write(storage.location(png), render_png(report), out_dir)
     return path, report

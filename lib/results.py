@@ -13,7 +13,6 @@ which rows have one. Logit arrays keep their storage dtype (float16 or float32).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,26 +21,27 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lib import layout
+from lib import layout, storage
 from lib.corpus import as_ids, find_input_files, is_string
 from lib.errors import UserError
+from lib.storage import AnyPath
 
 # Nullable columns and the value that stands for null in numpy.
 _NULL_FILL = {"token_id": -1, "token_rank": -1, "token_logprob": float("nan")}
 _LIST_COLUMNS = ("topk_ids", "topk_logits", "logits")
 
 
-def read_manifest(out_dir: str | Path) -> dict | None:
+def read_manifest(out_dir: str | AnyPath) -> dict | None:
     """The job's `_manifest.json`, or None while the job has not finished."""
-    return layout.read_manifest(Path(out_dir))
+    return layout.read_manifest(storage.location(out_dir))
 
 
-def output_format(out_dir: str | Path, folder: str = layout.TOKENS) -> str:
+def output_format(out_dir: str | AnyPath, folder: str = layout.TOKENS) -> str:
     """`parquet` or `arrow`: the manifest says, else the shard files present do."""
     manifest = read_manifest(out_dir)
     if manifest is not None and manifest.get("format") in layout.EXTENSIONS:
         return manifest["format"]
-    shards = layout.shard_files(Path(out_dir), folder)
+    shards = layout.shard_files(storage.location(out_dir), folder)
     present = {fmt for fmt in ("parquet", "arrow") if any(p.suffix == f".{fmt}" for p in shards)}
     if len(present) != 1:
         found = "both part-*.parquet and part-*.arrow" if present else "no part-* shards"
@@ -49,17 +49,18 @@ def output_format(out_dir: str | Path, folder: str = layout.TOKENS) -> str:
     return present.pop()
 
 
-def open_dataset(out_dir: str | Path, folder: str = layout.TOKENS) -> ds.Dataset:
+def open_dataset(out_dir: str | AnyPath, folder: str = layout.TOKENS) -> ds.Dataset:
     """The shards of a folder (token rows by default) as one pyarrow dataset, in shard order
     (the order `pd.read_parquet` uses)."""
     fmt = output_format(out_dir, folder)
-    files = [str(p) for p in layout.shard_files(Path(out_dir), folder) if p.suffix == f".{fmt}"]
+    shards = layout.shard_files(storage.location(out_dir), folder)
+    files, filesystem = storage.dataset_files([p for p in shards if p.suffix == f".{fmt}"])
     if not files:
         raise UserError(f"{out_dir}: no {folder}/part-*.{fmt} shards")
-    return ds.dataset(files, format="ipc" if fmt == "arrow" else "parquet")
+    return ds.dataset(files, format="ipc" if fmt == "arrow" else "parquet", filesystem=filesystem)
 
 
-def load_table(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+def load_table(out_dir: str | AnyPath, columns: list[str] | None = None) -> pa.Table:
     """All rows as one Arrow table, as stored (one row per position, or per example)."""
     return open_dataset(out_dir).to_table(columns=columns)
 
@@ -81,18 +82,20 @@ def positions_table(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
-def load_frame(out_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+def load_frame(out_dir: str | AnyPath, columns: list[str] | None = None) -> pd.DataFrame:
     """All rows as a DataFrame, the same as `pd.read_parquet(out_dir)` gives for Parquet."""
     return load_table(out_dir, columns).to_pandas()
 
 
-def load_documents(out_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+def load_documents(out_dir: str | AnyPath, columns: list[str] | None = None) -> pd.DataFrame:
     """One row per scored document (output.level documents or both), in input order; the same
     as `pd.read_parquet(OUT / "documents")` gives for Parquet."""
     return open_dataset(out_dir, layout.DOCUMENTS).to_table(columns=columns).to_pandas()
 
 
-def document_arrays(out_dir: str | Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+def document_arrays(
+    out_dir: str | AnyPath, columns: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """Document columns as numpy arrays: ids as in `load_arrays`, null floats as NaN and a
     null `n_bytes` (generate mode) as -1."""
     table = open_dataset(out_dir, layout.DOCUMENTS).to_table(columns=columns)
@@ -108,19 +111,24 @@ def document_arrays(out_dir: str | Path, columns: list[str] | None = None) -> di
     return out
 
 
-def to_hf_dataset(out_dir: str | Path, cache_dir: str | None = None):
+def to_hf_dataset(out_dir: str | AnyPath, cache_dir: str | None = None):
     """The shards as a Hugging Face `datasets.Dataset` with torch formatting.
 
     Arrow output is memory-mapped in place (no copy); Parquet output is decoded once into the
-    datasets cache (`cache_dir`, default datasets' own), which it then memory-maps. With
-    `output.rows=examples` each row is one input row, ready for a DataLoader.
+    datasets cache (`cache_dir`, default datasets' own), which it then memory-maps. Output on an
+    object store is read into memory. With `output.rows=examples` each row is one input row,
+    ready for a DataLoader.
     """
     import datasets
 
     fmt = output_format(out_dir)
-    files = [str(p) for p in layout.shard_files(Path(out_dir)) if p.suffix == f".{fmt}"]
-    if not files:
+    shards = [p for p in layout.shard_files(storage.location(out_dir)) if p.suffix == f".{fmt}"]
+    if not shards:
         raise UserError(f"{out_dir}: no shards to read")
+    if storage.is_remote(shards[0]):
+        table = open_dataset(out_dir).to_table()
+        return datasets.Dataset(datasets.table.InMemoryTable(table)).with_format("torch")
+    files = [str(p) for p in shards]
     if fmt == "arrow":
         tables = [pa.ipc.open_file(pa.memory_map(path)).read_all() for path in files]
         dataset = datasets.Dataset(datasets.table.InMemoryTable(pa.concat_tables(tables)))
@@ -168,12 +176,12 @@ def table_to_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_arrays(out_dir: str | Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+def load_arrays(out_dir: str | AnyPath, columns: list[str] | None = None) -> dict[str, np.ndarray]:
     """All rows as numpy arrays: 1-D per scalar column, (N, k) or (N, V) per list column."""
     return table_to_arrays(positions_table(load_table(out_dir, columns)))
 
 
-def iter_examples(out_dir: str | Path) -> Iterator[tuple[object, dict[str, np.ndarray]]]:
+def iter_examples(out_dir: str | AnyPath) -> Iterator[tuple[object, dict[str, np.ndarray]]]:
     """Yield (id, arrays of that example's rows sorted by position), one shard in memory at a time.
 
     Every input row lands in exactly one shard, so grouping shard by shard is complete. Within a
@@ -209,7 +217,7 @@ def topk_logprobs(topk_logits, logsumexp):
     return topk_logits.float() - logsumexp.float().unsqueeze(-1)
 
 
-def to_torch(source: str | Path | dict[str, np.ndarray]) -> dict:
+def to_torch(source: str | AnyPath | dict[str, np.ndarray]) -> dict:
     """Tensors for a distillation loss from an output directory or `load_arrays` output.
 
     `topk_ids` and `token_id` are int64 (-1 where `token_mask` is False), logits and `logsumexp`
@@ -245,7 +253,10 @@ def input_frame(
     wanted = columns
     if columns is not None and id_column is not None:
         wanted = list(dict.fromkeys([*columns, id_column]))
-    tables = [pq.read_table(path, columns=wanted) for path in find_input_files(input_path)]
+    tables = [
+        pq.ParquetFile(storage.open_input(path)).read(columns=wanted)
+        for path in find_input_files(input_path)
+    ]
     table = pa.concat_tables(tables, promote_options="permissive")
     if id_column is None:
         ids = pa.array(np.arange(table.num_rows, dtype=np.int64))
@@ -260,7 +271,7 @@ def input_frame(
 
 
 def join_input(
-    out_dir: str | Path,
+    out_dir: str | AnyPath,
     input_path: str | None = None,
     id_column: str | None = None,
     columns: list[str] | None = None,

@@ -13,15 +13,15 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import layout
+from lib import layout, storage
 from lib.config import JobConfig
 from lib.corpus import InputFile, WorkUnit
 from lib.errors import UserError, output_error
+from lib.storage import AnyPath
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +33,35 @@ def _model_files(path: str) -> list[tuple[str, int, str]]:
     if not os.path.isdir(path):
         return []
     files = sorted(p for p in Path(path).iterdir() if p.is_file())
-    return [(p.name, *reversed(layout.sha256_file(p))) for p in files]
+    return [(p.name, *reversed(storage.sha256(p))) for p in files]
 
 
 def input_checksums(inputs: list[InputFile]) -> list[dict]:
-    """Path, size, rows and the sha256 of the bytes of every input file (streamed)."""
+    """Path, size, rows and what proves the bytes unchanged: the sha256 of a local file
+    (streamed), the modification time of an object (an object store rewrites objects whole, so
+    any change moves it; hashing would download the whole corpus before the first batch)."""
     out = []
     for item in inputs:
-        try:
-            sha256, size = layout.sha256_file(Path(item.path))
-        except OSError as exc:
-            raise UserError(f"input file {item.path}: cannot read it: {exc.strerror}") from None
-        out.append({"path": item.path, "size": size, "rows": item.rows, "sha256": sha256})
+        path = storage.location(item.path)
+        if storage.is_remote(path):
+            try:
+                stat = path.stat()
+            except OSError as exc:
+                raise UserError(f"input file {item.path}: cannot read it: {exc}") from None
+            entry = {"size": stat.st_size, "modified": stat.st_mtime}
+        else:
+            try:
+                sha256, size = storage.sha256(path)
+            except OSError as exc:
+                raise UserError(f"input file {item.path}: cannot read it: {exc.strerror}") from None
+            entry = {"size": size, "sha256": sha256}
+        out.append({"path": item.path, "rows": item.rows, **entry})
     return out
+
+
+def _proof(item: dict) -> object:
+    """What stands for an input file's bytes: its sha256, or an object's modification time."""
+    return item.get("sha256") or item.get("modified")
 
 
 def model_record(path: str, identity: dict) -> dict:
@@ -72,57 +88,36 @@ def fingerprint(config: JobConfig, files: list[dict], model: dict) -> str:
             for key in ("logits", "k", "dtype", "format", "shard_rows", "rows", "level")
         }
         | ({} if config.output.level == "tokens" else {"min_k": config.output.min_k_fraction}),
-        "files": [(f["path"], f["size"], f["rows"], f["sha256"]) for f in files],
+        "files": [(f["path"], f["size"], f["rows"], _proof(f)) for f in files],
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
 
 
 # -- layouts that cannot work ------------------------------------------------------------------
-def _glob_regex(pattern: str) -> re.Pattern:
-    """A glob (with `**`) as a regex over absolute paths, the way glob.glob reads it."""
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
-            end = pattern.index("]", i + 1)
-            out.append("[" + pattern[i + 1 : end].replace("!", "^", 1) + "]")
-            i = end + 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
+def _within(path: AnyPath, folder: AnyPath) -> bool:
+    """Whether `path` lies in `folder` (never, when one is local and the other a URI)."""
+    return type(path) is type(folder) and path.is_relative_to(folder)
 
 
-def check_layout(input_path: str, out_dir: Path, inputs: list[InputFile]) -> None:
+def check_layout(input_path: str, out_dir: AnyPath, inputs: list[InputFile]) -> None:
     """Refuse an output directory whose shards the input path would read back as input."""
     out = out_dir.resolve()
-    inside = [f.path for f in inputs if Path(f.path).resolve().is_relative_to(out)]
+    inside = [f.path for f in inputs if _within(storage.location(f.path).resolve(), out)]
     if inside:  # output.overwrite would delete them as the job's own files
         raise UserError(
             f"output.dir {out_dir} holds input file {inside[0]}; choose another output.dir"
         )
-    source = Path(os.path.expanduser(input_path))
-    if source.is_dir() and out.is_relative_to(source.resolve()):
+    source = storage.location(input_path)
+    if source.is_dir() and _within(out, source.resolve()):
         raise UserError(
             f"output.dir {out_dir} is inside input.path {input_path}: a rerun would read the "
             "job's own shards as input; choose an output.dir outside it"
         )
     if not source.exists():
         probe = layout.shard_path(out, "part-00000", "parquet").as_posix()
-        pattern = os.path.abspath(os.path.expanduser(input_path))
-        if _glob_regex(pattern).match(probe):
+        pattern = str(source) if storage.is_remote(source) else os.path.abspath(source)
+        if storage.glob_regex(pattern).match(probe):
             raise UserError(
                 f"input.path {input_path} matches the job's own shards in output.dir {out_dir}; "
                 "choose an output.dir the pattern does not match"
@@ -130,10 +125,13 @@ def check_layout(input_path: str, out_dir: Path, inputs: list[InputFile]) -> Non
 
 
 # -- is the job already done? ------------------------------------------------------------------
-def _shard_ok(out_dir: Path, unit: WorkUnit, names: list[str], fp: str) -> bool | None:
+def _shard_ok(
+    out_dir: AnyPath, unit: WorkUnit, names: list[str], fp: str, visible: set[str]
+) -> bool | None:
     """True when the unit's shards (`names`, relative to OUT) are all proven by its record,
-    False when one is there but the set is not proven, None when none is there."""
-    present = [(out_dir / name).exists() for name in names]
+    False when one is there but the set is not proven, None when none is there. `visible`: the
+    shards present (`layout.visible_shards`)."""
+    present = [name in visible for name in names]
     if not any(present):
         return None
     record = layout.read_record(out_dir, unit.name)
@@ -142,14 +140,7 @@ def _shard_ok(out_dir: Path, unit: WorkUnit, names: list[str], fp: str) -> bool 
     entries = record.get("files")
     if not isinstance(entries, list) or [e.get("file") for e in entries] != names:
         return False
-    for entry in entries:
-        try:
-            sha256, size = layout.sha256_file(out_dir / entry["file"])
-        except OSError:
-            return False
-        if size != entry.get("bytes") or sha256 != entry.get("sha256"):
-            return False
-    return True
+    return all(storage.matches(out_dir / entry["file"], entry) for entry in entries)
 
 
 def shard_names(unit: WorkUnit, fmt: str, level: str) -> list[str]:
@@ -157,7 +148,7 @@ def shard_names(unit: WorkUnit, fmt: str, level: str) -> list[str]:
     return [layout.shard_name(unit.name, fmt, folder) for folder in layout.folders(level)]
 
 
-def finished(out_dir: Path, fp: str, units: list[WorkUnit], fmt: str, level: str) -> dict | None:
+def finished(out_dir: AnyPath, fp: str, units: list[WorkUnit], fmt: str, level: str) -> dict | None:
     """The manifest of a finished job with this fingerprint whose every shard still matches its
     checksum; None otherwise. Reads only: a finished job re-run writes nothing."""
     if not (out_dir / layout.SUCCESS).exists():
@@ -168,7 +159,10 @@ def finished(out_dir: Path, fp: str, units: list[WorkUnit], fmt: str, level: str
         return None
     if not (out_dir / layout.SKIPPED).is_file():
         return None
-    if not all(_shard_ok(out_dir, unit, shard_names(unit, fmt, level), fp) for unit in units):
+    visible = layout.visible_shards(out_dir, level)
+    if not all(
+        _shard_ok(out_dir, unit, shard_names(unit, fmt, level), fp, visible) for unit in units
+    ):
         return None
     return manifest
 
@@ -189,7 +183,7 @@ def _changed_inputs(previous: dict, files: list[dict]) -> str | None:
     if not before:
         return None
     for path, item in now.items():
-        if path in before and before[path].get("sha256") != item["sha256"]:
+        if path in before and _proof(before[path]) != _proof(item):
             return f"input file {path} changed since this output was started (its bytes differ)"
     added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
     if added or removed:
@@ -197,7 +191,7 @@ def _changed_inputs(previous: dict, files: list[dict]) -> str | None:
     return None
 
 
-def _foreign_records(out_dir: Path, fp: str) -> bool:
+def _foreign_records(out_dir: AnyPath, fp: str) -> bool:
     folder = out_dir / layout.UNITS
     if not folder.is_dir():
         return False
@@ -225,7 +219,7 @@ def _changed_model(previous: dict, model: dict | None, path: str) -> str | None:
 
 
 def _refuse_or_clear(
-    out_dir: Path, fp: str, files: list[dict], config: JobConfig, model: dict | None
+    out_dir: AnyPath, fp: str, files: list[dict], config: JobConfig, model: dict | None
 ) -> list[str]:
     """Refuse a directory that holds something else unless output.overwrite; returns the
     bookkeeping files that will be rebuilt."""
@@ -279,29 +273,32 @@ def _refuse_or_clear(
     return []
 
 
-def _check_shards(out_dir: Path, units: list[WorkUnit], fmt: str, level: str, fp: str) -> list[str]:
+def _check_shards(
+    out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str, fp: str
+) -> list[str]:
     """Keep the shards their records prove, delete the rest with their records, delete records
     without shards and files no unit owns; returns the shards that failed their check."""
     failed = []
     keep = set()
+    visible = layout.visible_shards(out_dir, level)
     for unit in units:
         names = shard_names(unit, fmt, level)
-        ok = _shard_ok(out_dir, unit, names, fp)
+        ok = _shard_ok(out_dir, unit, names, fp, visible)
         if ok:
             keep.update(names)
             keep.add(layout.relative(out_dir, layout.record_path(out_dir, unit.name)))
         elif ok is False:
-            failed += [name for name in names if (out_dir / name).exists()]
+            failed += [name for name in names if name in visible]
     for folder in (layout.TOKENS, layout.DOCUMENTS, layout.UNITS):
         if (out_dir / folder).is_dir():
             for path in (out_dir / folder).iterdir():
                 if layout.relative(out_dir, path) not in keep:
-                    layout.remove(path)
+                    storage.remove(path)
     return failed
 
 
 def prepare_output(
-    out_dir: Path,
+    out_dir: AnyPath,
     fp: str,
     files: list[dict],
     units: list[WorkUnit],
@@ -342,6 +339,12 @@ def prepare_output(
     return Prepared(record, recomputed, healed)
 
 
-def committed(out_dir: Path, unit: WorkUnit, fmt: str, level: str) -> bool:
-    """A unit is done when its shards are visible (prepare_output removed every unproven one)."""
-    return all((out_dir / name).exists() for name in shard_names(unit, fmt, level))
+def committed(out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str) -> set[int]:
+    """The units that are done: their shards are visible (prepare_output removed every
+    unproven one)."""
+    visible = layout.visible_shards(out_dir, level)
+    return {
+        unit.index
+        for unit in units
+        if all(name in visible for name in shard_names(unit, fmt, level))
+    }

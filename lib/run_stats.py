@@ -14,16 +14,16 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lib import layout
+from lib import layout, storage
 from lib.errors import UserError, first_line
 from lib.overlap import Background
+from lib.storage import AnyPath
 
 CALIBRATION_BINS = 15
 HISTOGRAM_BINS = 64
@@ -162,7 +162,7 @@ class Calibration:
 class RunInfo:
     """The bookkeeping side of an output directory: manifest or job record, unit records."""
 
-    out_dir: Path
+    out_dir: AnyPath
     manifest: dict | None
     config: dict
     records: list[dict]
@@ -171,9 +171,9 @@ class RunInfo:
     fmt: str | None
 
 
-def read_run(out_dir: str | Path) -> RunInfo:
+def read_run(out_dir: str | AnyPath) -> RunInfo:
     """Everything but the shards' rows; a UserError if `out_dir` is not an output directory."""
-    out_dir = Path(out_dir)
+    out_dir = storage.location(out_dir)
     if not out_dir.exists():
         raise UserError(f"{out_dir} does not exist")
     if not out_dir.is_dir():
@@ -192,7 +192,7 @@ def read_run(out_dir: str | Path) -> RunInfo:
     return RunInfo(out_dir, manifest, config, records, partial, _skipped(out_dir, records), fmt)
 
 
-def _records(out_dir: Path, fingerprint: str | None) -> list[dict]:
+def _records(out_dir: AnyPath, fingerprint: str | None) -> list[dict]:
     """The unit records of this job whose shard is committed, in unit order."""
     folder = out_dir / layout.UNITS
     found = []
@@ -213,12 +213,13 @@ def record_files(record: dict) -> list[dict]:
     return record["files"] if isinstance(record.get("files"), list) else [record]
 
 
-def _skipped(out_dir: Path, records: list[dict]) -> dict[str, int]:
+def _skipped(out_dir: AnyPath, records: list[dict]) -> dict[str, int]:
     """Skipped rows by reason: `_skipped.parquet` when the job finished, else the records."""
     path = out_dir / layout.SKIPPED
     if path.is_file() and (out_dir / layout.SUCCESS).exists():
         try:
-            reasons = pq.read_table(path, columns=["reason"]).column("reason")
+            parquet = pq.ParquetFile(storage.open_input(path))
+            reasons = parquet.read(columns=["reason"]).column("reason")
             counts = pc.value_counts(reasons).to_pylist()
             return {item["values"]: item["counts"] for item in counts}
         except (OSError, pa.ArrowException, KeyError):
@@ -316,7 +317,7 @@ class TokenStats:
     mode: str = "topk"
 
 
-def token_shards(out_dir: Path, fmt: str | None) -> list[Path]:
+def token_shards(out_dir: AnyPath, fmt: str | None) -> list[AnyPath]:
     """The committed token shards of the output's format (by suffix where no format is known)."""
     shards = layout.shard_files(out_dir)
     if fmt in layout.EXTENSIONS:
@@ -325,36 +326,37 @@ def token_shards(out_dir: Path, fmt: str | None) -> list[Path]:
     return shards if len(suffixes) == 1 else []
 
 
-def _unreadable(path: Path, exc: BaseException) -> UserError:
+def _unreadable(path: AnyPath, exc: BaseException) -> UserError:
     """The one-line error for a shard that cannot be read."""
     return UserError(
         f"cannot read {path}: {first_line(exc)} (python -m jobs.verify names damaged shards)"
     )
 
 
-def _schema(path: Path) -> pa.Schema:
+def _schema(path: AnyPath) -> pa.Schema:
     """A shard's schema, without reading its rows."""
     try:
         if path.suffix == ".arrow":
-            return pa.ipc.open_file(pa.memory_map(str(path))).schema
-        return pq.read_schema(path)
+            return pa.ipc.open_file(storage.open_mapped(path)).schema
+        return pq.ParquetFile(storage.open_input(path)).schema_arrow
     except (OSError, pa.ArrowException) as exc:
         raise _unreadable(path, exc) from None
 
 
-def record_batches(files: list[Path], columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+def record_batches(files: list[AnyPath], columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
     """The shards' `columns` in batches of at most `rows` rows, one shard open at a time.
     Parquet pages stream through a small buffer: a full-logit row group can be a gigabyte."""
     for path in files:
         try:
             if path.suffix == ".arrow":
-                reader = pa.ipc.open_file(pa.memory_map(str(path)))
+                reader = pa.ipc.open_file(storage.open_mapped(path))
                 for i in range(reader.num_record_batches):
                     batch = reader.get_batch(i).select(columns)
                     for offset in range(0, batch.num_rows, rows):
                         yield batch.slice(offset, rows)
             else:
-                with pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER) as shard:
+                source = storage.open_input(path)
+                with pq.ParquetFile(source, pre_buffer=False, buffer_size=READ_BUFFER) as shard:
                     yield from shard.iter_batches(batch_size=rows, columns=columns)
         except (OSError, pa.ArrowException) as exc:
             raise _unreadable(path, exc) from None
@@ -437,7 +439,7 @@ def add_batch(stats: TokenStats, columns: dict[str, pa.Array]) -> None:
 
 
 # -- the documents folder (output.level=documents|both) ------------------------------------------
-def scan_documents(out_dir: Path) -> dict[str, Histogram] | None:
+def scan_documents(out_dir: AnyPath) -> dict[str, Histogram] | None:
     """Histograms of the per-document scores (perplexity on a log10 scale); None without any."""
     files = layout.shard_files(out_dir, layout.DOCUMENTS)
     files = [p for p in files if p.suffix == files[0].suffix] if files else []

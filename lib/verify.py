@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lib import corpus, layout
+from lib import corpus, layout, storage
 from lib.errors import UserError, first_line
+from lib.storage import AnyPath
 
 EXAMPLES = 3  # ids quoted in a problem line
 
@@ -56,16 +56,16 @@ def _schema_difference(actual: pa.Schema, expected: list[dict]) -> str | None:
     return None
 
 
-def _read_keys(path: Path, fmt: str) -> tuple[pa.Schema, pa.Table]:
+def _read_keys(path: AnyPath, fmt: str) -> tuple[pa.Schema, pa.Table]:
     """A shard's schema and its (id, position) columns, after decoding and validating every
     column of every batch; raises on an unreadable file."""
     if fmt == "arrow":
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))  # zero-copy: batches stay on disk
+        reader = pa.ipc.open_file(storage.open_mapped(path))
         schema = reader.schema
         batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
         expected_rows = None
     else:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(storage.open_input(path))
         schema = parquet.schema_arrow
         batches = parquet.iter_batches(batch_size=8192)
         expected_rows = parquet.metadata.num_rows
@@ -89,11 +89,11 @@ def _read_keys(path: Path, fmt: str) -> tuple[pa.Schema, pa.Table]:
     return schema, table
 
 
-def _checksum_problem(path: Path, entry: dict) -> str | None:
+def _checksum_problem(path: AnyPath, entry: dict) -> str | None:
     """How a shard differs from the size and sha256 its manifest entry recorded, if it does."""
     if "sha256" not in entry:
         return None  # output of the first layout carries no checksums
-    sha256, size = layout.sha256_file(path)
+    sha256, size = storage.sha256(path)
     if size != entry.get("bytes"):
         return f"has {size:,} bytes, the job committed {entry.get('bytes'):,}"
     if sha256 != entry["sha256"]:
@@ -147,7 +147,9 @@ def _folders(manifest: dict) -> tuple[str, ...]:
     return layout.folders(level if level in ("tokens", "documents", "both") else "tokens")
 
 
-def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[pa.Array, int, bool]:
+def _check_shards(
+    out_dir: AnyPath, manifest: dict, problems: list[str]
+) -> tuple[pa.Array, int, bool]:
     """Check every shard, folder by folder, against the manifest.
 
     Returns the distinct ids of the first folder's rows, the row count of every shard and
@@ -180,7 +182,7 @@ def _check_shards(out_dir: Path, manifest: dict, problems: list[str]) -> tuple[p
 
 
 def _check_folder(
-    out_dir: Path, names: list[str], entries: dict, schema: list, manifest: dict, problems: list
+    out_dir: AnyPath, names: list[str], entries: dict, schema: list, manifest: dict, problems: list
 ) -> tuple[pa.Array, int, bool]:
     """One folder's shards: checksums, schema, rows and keys, and no id in two shards."""
     fmt = manifest["format"]
@@ -221,13 +223,13 @@ def _check_folder(
     return counts.field("values"), rows, all_read
 
 
-def _read_skipped(out_dir: Path, problems: list[str]) -> pa.Array | None:
+def _read_skipped(out_dir: AnyPath, problems: list[str]) -> pa.Array | None:
     path = out_dir / layout.SKIPPED
     if not path.exists():
         problems.append(f"{layout.SKIPPED} is missing")
         return None
     try:
-        table = pq.read_table(path, columns=["id", "reason"])
+        table = pq.ParquetFile(storage.open_input(path)).read(columns=["id", "reason"])
     except Exception as exc:
         problems.append(f"{layout.SKIPPED} is not readable: {first_line(exc)}")
         return None
@@ -245,16 +247,17 @@ def input_ids(path: str, id_column: str | None) -> pa.Array:
     """Each input row's id as the job assigns it: its id column value, else its global row index."""
     files = corpus.find_input_files(path)
     if id_column is None:
-        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        total = sum(pq.ParquetFile(storage.open_input(f)).metadata.num_rows for f in files)
         return pa.array(np.arange(total, dtype=np.int64))
     chunks = []
     for file in files:
-        schema = pq.ParquetFile(file).schema_arrow
+        parquet = pq.ParquetFile(storage.open_input(file))
+        schema = parquet.schema_arrow
         if id_column not in schema.names:
             raise UserError(
                 f"id column {id_column!r} not in {file}; columns are {', '.join(schema.names)}"
             )
-        column = pq.read_table(file, columns=[id_column]).column(0)
+        column = parquet.read(columns=[id_column]).column(0)
         column = corpus.as_ids(column, file, id_column)
         chunks.extend(column.chunks)
     if not chunks:
@@ -366,7 +369,7 @@ def _read_input_ids(manifest: dict, path: str | None, column: str | None, proble
     return None
 
 
-def _read_manifest(out_dir: Path, problems: list[str]) -> dict | None:
+def _read_manifest(out_dir: AnyPath, problems: list[str]) -> dict | None:
     if not (out_dir / layout.MANIFEST).exists():
         problems.append(f"{layout.MANIFEST} is missing")
         return None
@@ -379,16 +382,19 @@ def _read_manifest(out_dir: Path, problems: list[str]) -> dict | None:
 
 
 def verify(
-    out_dir: str | Path,
+    out_dir: str | AnyPath,
     input_path: str | None = None,
     id_column: str | None = None,
     check_input: bool = False,
 ) -> Report:
     """Check `out_dir`; with `check_input`, account for every input id (path and id column default
     to the manifest's config)."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return Report([f"{out_dir} is not a directory"])
+    out_dir = storage.location(out_dir)
+    try:
+        if not out_dir.is_dir():
+            return Report([f"{out_dir} is not a directory"])
+    except OSError as exc:
+        return Report([f"{out_dir} is not readable: {storage.explain(exc)}"])
     problems: list[str] = []
     if not (out_dir / layout.SUCCESS).exists():
         problems.append(f"{layout.SUCCESS} is missing: the job has not finished")

@@ -1,24 +1,24 @@
 """Output rows: the schema, Arrow tables built from numpy, and shards committed atomically.
 
-A unit's shards (token rows, document rows, or both) are written to temporaries of their own
-process in OUT/_tmp, closed, fsynced and hashed. The unit's record (each shard's rows, bytes and
-sha256, then rank, skipped ids, counts, scores) goes to `_units/part-00042.json`, then each
-temporary is renamed to `tokens/part-00042.parquet` (`documents/...`) and its folder fsynced:
-a visible shard always has complete rows and a record whose checksum proves them.
+A unit's shards (token rows, document rows, or both) are written to sinks that nobody sees yet
+(lib/storage.py: a temporary of this process in OUT/_tmp, or an object store's upload), closed
+and hashed. The unit's record (each shard's rows, bytes and sha256, then rank, skipped ids,
+counts, scores) goes to `_units/part-00042.json`, then each shard is published as
+`tokens/part-00042.parquet` (`documents/...`): a visible shard always has complete rows and a
+record whose checksum proves them.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lib import faults, layout
+from lib import faults, layout, storage
 from lib.errors import output_error
+from lib.storage import AnyPath
 
 
 def output_schema(
@@ -124,31 +124,32 @@ class ShardWriter:
     """Streams tables into one shard's temporary file; `commit` makes it visible or discards it."""
 
     def __init__(
-        self, out_dir: Path, name: str, schema: pa.Schema, fmt: str, folder: str = layout.TOKENS
+        self, out_dir: AnyPath, name: str, schema: pa.Schema, fmt: str, folder: str = layout.TOKENS
     ):
         self.out_dir = out_dir
         self.name = name
         self.final = layout.shard_path(out_dir, name, fmt, folder)
         self.tmp = layout.temp_path(out_dir, self.final)
+        # what an error names: the temporary on a local disk, else the object being uploaded
+        self._where = self.final if storage.is_remote(out_dir) else self.tmp
         self.rows = 0
         self._writer = None
         self._sink = None
         try:
-            self.tmp.parent.mkdir(exist_ok=True)
-            self._sink = pa.OSFile(str(self.tmp), "wb")
+            self._sink = storage.Sink(self.final, self.tmp)
             if fmt == "parquet":
                 self._writer = pq.ParquetWriter(
-                    self._sink,
+                    self._sink.file,
                     schema,
                     compression="zstd",
                     use_dictionary=["id"],
                     write_statistics=["id", "position"],
                 )
             else:
-                self._writer = pa.ipc.new_file(self._sink, schema)
+                self._writer = pa.ipc.new_file(self._sink.file, schema)
         except OSError as exc:
             self.abort()
-            raise output_error(self.tmp, exc) from None
+            raise output_error(self._where, exc) from None
         except BaseException:
             self.abort()
             raise
@@ -161,7 +162,7 @@ class ShardWriter:
             self._writer.write_table(table)
         except OSError as exc:
             self.abort()
-            raise output_error(self.tmp, exc) from None
+            raise output_error(self._where, exc) from None
         self.rows += table.num_rows
         faults.point("shard_write")
 
@@ -169,17 +170,12 @@ class ShardWriter:
         """Close, fsync and hash the temporary; its entry for the unit record."""
         faults.point("shard_close", self.tmp)
         self._writer.close()
-        self._sink.close()
-        layout.fsync_file(self.tmp)
-        sha256, size = layout.sha256_file(self.tmp)
+        sha256, size = self._sink.close()
         file = layout.relative(self.out_dir, self.final)
         return {"file": file, "rows": self.rows, "bytes": size, "sha256": sha256}
 
     def _publish(self) -> None:
-        faults.point("rename", self.final)
-        self.final.parent.mkdir(exist_ok=True)
-        os.replace(self.tmp, self.final)  # our own temporary: a rename never takes another's
-        layout.fsync_dir(self.final.parent)
+        self._sink.publish()
 
     def commit(self, record: dict, check_lease: Callable[[], None]) -> dict:
         """`commit([self], ...)`: a unit with one shard."""
@@ -195,13 +191,11 @@ class ShardWriter:
                     self._writer.close()
                 except Exception:
                     pass
-            if self._sink is not None:
-                try:
-                    self._sink.close()
-                except Exception:
-                    pass
         finally:
-            self.tmp.unlink(missing_ok=True)
+            if self._sink is not None:
+                self._sink.abort()
+            else:
+                storage.remove(self.tmp)
 
 
 def commit(shards: list[ShardWriter], record: dict, check_lease: Callable[[], None]) -> dict:
@@ -220,7 +214,7 @@ def commit(shards: list[ShardWriter], record: dict, check_lease: Callable[[], No
     except OSError as exc:
         for shard in shards:
             shard.abort()  # e.g. a full disk while closing: never rename a file that may be short
-        raise output_error(getattr(exc, "filename", None) or first.tmp, exc) from None
+        raise output_error(getattr(exc, "filename", None) or first._where, exc) from None
     except BaseException:
         for shard in shards:
             shard.abort()

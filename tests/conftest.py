@@ -81,3 +81,29 @@ def launcher(tmp_path_factory):
     launcher = Launcher(tmp_path_factory.mktemp("runs"))
     yield launcher
     launcher.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3-compatible server (moto, with authentication), for the session."""
+    from tests.s3server import S3Server
+
+    server = S3Server(str(tmp_path_factory.mktemp("s3") / "moto.log"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The server's credentials and endpoint in this process's environment, as a user sets them;
+    clients made before are dropped so that each test's environment is the one in force."""
+    from lib import storage
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    storage.filesystem.cache_clear()
+    storage._clients.clear()
+    yield s3_server
+    storage.filesystem.cache_clear()
+    storage._clients.clear()

@@ -258,3 +258,49 @@ class Launcher:
             kill(pid)
         self.server.kill()
         self.server.wait(30)
+
+
+def accelerate_launch(
+    args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> tuple[int, str, str]:
+    """`accelerate launch` of two CPU processes running `jobs.extract ARGS`; the exit status,
+    stdout and stderr. The repository is on PYTHONPATH, so `cwd` may be anywhere."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",  # a free port: other jobs on this machine may hold 29500
+        "-m",
+        "jobs.extract",
+        *args,
+    ]
+    environment = {k: v for k, v in os.environ.items() if k != "LOGIT_EXTRACT_CRASH_AT"}
+    environment.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    environment["PYTHONPATH"] = str(ROOT)
+    # A session of its own, so a hung run's torchrun workers can be killed with the launcher.
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return process.returncode, stdout, stderr

@@ -7,10 +7,6 @@ over gloo. (`--cpu` would start a single process unless MPI is installed.)
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -22,6 +18,7 @@ from jobs import extract
 from lib import sample
 from lib.verify import verify
 from tests.conftest import write_rows
+from tests.launcher import accelerate_launch
 
 pytestmark = pytest.mark.slow
 
@@ -65,45 +62,8 @@ def test_two_processes_equal_one(model_dirs, tmp_path):
         torch.set_num_threads(threads)
 
     double = tmp_path / "double"
-    env = {key: value for key, value in os.environ.items() if key != "LOGIT_EXTRACT_CRASH_AT"}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",  # a free port: other jobs on this machine may hold 29500
-        "-m",
-        "jobs.extract",
-        *settings,
-        f"output.dir={double}",
-    ]
-    # A session of its own, so a hung run's torchrun workers can be killed with the launcher.
-    process = subprocess.Popen(
-        launch,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    assert process.returncode == 0, stderr[-3000:]
+    code, stdout, stderr = accelerate_launch([*settings, f"output.dir={double}"])
+    assert code == 0, stderr[-3000:]
     assert stdout.count("output rows") == 1  # only the main process prints the summary
 
     assert _read(double).equals(_read(single))  # every column, exactly

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import layout, resume
+from lib import layout, resume, storage
 from lib.config import load_config
 from lib.corpus import InputFile, WorkUnit
 from lib.errors import UserError
@@ -33,7 +33,7 @@ def _commit(out_dir: Path, unit: WorkUnit, fp: str = "fp1", data: bytes = b"rows
     """A committed shard as the writer leaves it: the file and a record with its checksum."""
     shard = layout.shard_path(out_dir, unit.name, "parquet")
     shard.write_bytes(data)
-    sha256, size = layout.sha256_file(shard)
+    sha256, size = storage.sha256(shard)
     entry = {"file": layout.shard_name(unit.name, "parquet"), "bytes": size, "sha256": sha256}
     record = {"files": [entry], "fingerprint": fp}
     layout.record_path(out_dir, unit.name).write_text(json.dumps(record))
@@ -102,7 +102,7 @@ def test_damage_makes_a_finished_job_unfinished_and_is_repaired(tmp_path, damage
         [layout.JOB, "_units/part-00000.json", "tokens/part-00000.parquet"]
         + ([] if shard_damaged else ["_units/part-00001.json", "tokens/part-00001.parquet"])
     )
-    assert resume.committed(out, UNITS[0], "parquet", "tokens")
+    assert resume.committed(out, UNITS, "parquet", "tokens") == ({0} if shard_damaged else {0, 1})
 
 
 def test_shards_of_another_fingerprint_are_not_trusted(tmp_path):
