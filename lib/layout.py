@@ -21,6 +21,7 @@ uploaded under its final name and appears only when its upload completes, so `_t
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from lib import storage
 from lib.errors import output_error
@@ -41,6 +42,7 @@ EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
 # 1: shards at OUT itself; 2: shards in OUT/tokens with checksums; 3: entropy, documents,
 # scores, and a record's shards listed under "files"
 FORMAT_VERSION = 3
+_PARALLEL_READS = 32  # requests in flight when reading many records from an object store
 _OURS = {TOKENS, DOCUMENTS, UNITS, TMP, JOB, LOCK, MANIFEST, SUCCESS, SKIPPED, REPORT}
 
 _writer_tag: str | None = None
@@ -99,11 +101,11 @@ def shard_files(out_dir: AnyPath, folder: str = TOKENS) -> list[AnyPath]:
     return found or (legacy_shards(out_dir) if folder == TOKENS else [])
 
 
-def visible_shards(out_dir: AnyPath, level: str) -> set[str]:
-    """The shards in OUT (relative names), from one listing per folder: on an object store a
-    request per unit would cost minutes on a large job."""
+def visible_shards(out_dir: AnyPath, level: str) -> dict[str, AnyPath]:
+    """The shards in OUT by relative name, from one listing per folder: on an object store a
+    request per unit would cost minutes on a large job (and the listing knows their sizes)."""
     return {
-        relative(out_dir, path)
+        relative(out_dir, path): path
         for folder in folders(level)
         for path in shard_files(out_dir, folder)
     }
@@ -178,6 +180,16 @@ def read_manifest(out_dir: AnyPath) -> dict | None:
 
 def read_record(out_dir: AnyPath, name: str) -> dict | None:
     return read_json(record_path(out_dir, name))
+
+
+def read_records(out_dir: AnyPath, names: list[str]) -> dict[str, dict | None]:
+    """Unit records by name (None where missing or unreadable); on an object store, where each
+    is a request, many at once."""
+    paths = [record_path(out_dir, name) for name in names]
+    if storage.is_remote(out_dir) and len(paths) > 1:
+        with ThreadPoolExecutor(_PARALLEL_READS) as pool:
+            return dict(zip(names, pool.map(read_json, paths), strict=True))
+    return {name: read_json(path) for name, path in zip(names, paths, strict=True)}
 
 
 def write_json(path: AnyPath, data: dict, out_dir: AnyPath) -> None:

@@ -13,8 +13,9 @@ from lib.storage import AnyPath
 _COUNTS = ("input_rows", "scored_rows", "skipped_rows", "truncated_rows")
 
 
-def _record(out_dir: AnyPath, unit: corpus.WorkUnit, fmt: str, level: str, visible: set) -> dict:
-    record = layout.read_record(out_dir, unit.name)
+def _record(
+    out_dir: AnyPath, unit: corpus.WorkUnit, fmt: str, level: str, visible: dict, record: dict
+) -> dict:
     names = [layout.shard_name(unit.name, fmt, folder) for folder in layout.folders(level)]
     if record is None or not all(name in visible for name in names):
         raise UserError(
@@ -58,8 +59,9 @@ def finalize(
     totals = dict.fromkeys((*_COUNTS, "output_rows"), 0)
     run = {"units": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
     visible = layout.visible_shards(out_dir, config.output.level)
+    records = layout.read_records(out_dir, [unit.name for unit in units])
     for unit in units:
-        record = _record(out_dir, unit, fmt, config.output.level, visible)
+        record = _record(out_dir, unit, fmt, config.output.level, visible, records[unit.name])
         shards += [{**entry, "rank": record["rank"]} for entry in record["files"]]
         partial_scores.append(record["scores"])
         for key in _COUNTS:

@@ -126,21 +126,28 @@ def check_layout(input_path: str, out_dir: AnyPath, inputs: list[InputFile]) -> 
 
 # -- is the job already done? ------------------------------------------------------------------
 def _shard_ok(
-    out_dir: AnyPath, unit: WorkUnit, names: list[str], fp: str, visible: set[str]
+    names: list[str], fp: str, visible: dict[str, AnyPath], record: dict | None
 ) -> bool | None:
-    """True when the unit's shards (`names`, relative to OUT) are all proven by its record,
+    """True when a unit's shards (`names`, relative to OUT) are all proven by its `record`,
     False when one is there but the set is not proven, None when none is there. `visible`: the
     shards present (`layout.visible_shards`)."""
     present = [name in visible for name in names]
     if not any(present):
         return None
-    record = layout.read_record(out_dir, unit.name)
     if record is None or record.get("fingerprint") != fp or not all(present):
         return False
     entries = record.get("files")
     if not isinstance(entries, list) or [e.get("file") for e in entries] != names:
         return False
-    return all(storage.matches(out_dir / entry["file"], entry) for entry in entries)
+    return all(storage.matches(visible[entry["file"]], entry) for entry in entries)
+
+
+def _records(out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str, visible: dict):
+    """The records of the units with a visible shard (the others need none)."""
+    names = [
+        unit.name for unit in units if any(n in visible for n in shard_names(unit, fmt, level))
+    ]
+    return layout.read_records(out_dir, names)
 
 
 def shard_names(unit: WorkUnit, fmt: str, level: str) -> list[str]:
@@ -160,8 +167,10 @@ def finished(out_dir: AnyPath, fp: str, units: list[WorkUnit], fmt: str, level: 
     if not (out_dir / layout.SKIPPED).is_file():
         return None
     visible = layout.visible_shards(out_dir, level)
+    records = _records(out_dir, units, fmt, level, visible)
     if not all(
-        _shard_ok(out_dir, unit, shard_names(unit, fmt, level), fp, visible) for unit in units
+        _shard_ok(shard_names(unit, fmt, level), fp, visible, records.get(unit.name))
+        for unit in units
     ):
         return None
     return manifest
@@ -281,9 +290,10 @@ def _check_shards(
     failed = []
     keep = set()
     visible = layout.visible_shards(out_dir, level)
+    records = _records(out_dir, units, fmt, level, visible)
     for unit in units:
         names = shard_names(unit, fmt, level)
-        ok = _shard_ok(out_dir, unit, names, fp, visible)
+        ok = _shard_ok(names, fp, visible, records.get(unit.name))
         if ok:
             keep.update(names)
             keep.add(layout.relative(out_dir, layout.record_path(out_dir, unit.name)))

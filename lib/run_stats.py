@@ -194,14 +194,14 @@ def read_run(out_dir: str | AnyPath) -> RunInfo:
 
 def _records(out_dir: AnyPath, fingerprint: str | None) -> list[dict]:
     """The unit records of this job whose shard is committed, in unit order."""
-    folder = out_dir / layout.UNITS
+    names = [path.stem for path in sorted((out_dir / layout.UNITS).glob("part-*.json"))]
+    visible = layout.visible_shards(out_dir, "both")
     found = []
-    for path in sorted(folder.glob("part-*.json")) if folder.is_dir() else []:
-        record = layout.read_json(path)
+    for record in layout.read_records(out_dir, names).values():
         if record is None or record.get("fingerprint") not in (None, fingerprint):
             continue
         files = [entry.get("file") for entry in record_files(record)]
-        if not all(isinstance(f, str) and (out_dir / f).is_file() for f in files):
+        if not all(isinstance(f, str) and f in visible for f in files):
             continue  # a record without its shards is not committed
         found.append(record)
     return found

@@ -159,12 +159,12 @@ class ObjectPath:
     """
 
     def __init__(
-        self, fs: pafs.FileSystem, scheme: str, key: str, kind: pafs.FileType | None = None
+        self, fs: pafs.FileSystem, scheme: str, key: str, listed: pafs.FileInfo | None = None
     ):
         self.fs = fs
         self.scheme = scheme
         self.key = key.strip("/")  # fsspec lists "/bucket/key" where pyarrow says "bucket/key"
-        self._kind = kind  # known from the listing that found this path: no request to ask
+        self._listed = listed  # what the listing that found this path said: no request to ask
 
     def __truediv__(self, name: str) -> ObjectPath:
         return ObjectPath(self.fs, self.scheme, f"{self.key}/{name}")
@@ -187,6 +187,10 @@ class ObjectPath:
     @property
     def name(self) -> str:
         return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
 
     @property
     def suffix(self) -> str:
@@ -224,7 +228,7 @@ class ObjectPath:
             raise _storage_error(exc, self) from None
 
     def _type(self) -> pafs.FileType:
-        return self._kind if self._kind is not None else self._info().type
+        return (self._listed or self._info()).type
 
     def exists(self) -> bool:
         return self._type() != pafs.FileType.NotFound
@@ -236,7 +240,7 @@ class ObjectPath:
         return self._type() == pafs.FileType.Directory
 
     def stat(self) -> Stat:
-        info = self._info()
+        info = self._listed or self._info()
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(2, "No such file", str(self))
         mtime = info.mtime.timestamp() if isinstance(info.mtime, datetime) else 0.0
@@ -258,9 +262,7 @@ class ObjectPath:
             raise _storage_error(exc, self) from None
 
     def iterdir(self) -> list[ObjectPath]:
-        return [
-            ObjectPath(self.fs, self.scheme, info.path, info.type) for info in self._list(False)
-        ]
+        return [ObjectPath(self.fs, self.scheme, info.path, info) for info in self._list(False)]
 
     def glob(self, pattern: str) -> list[ObjectPath]:
         """Entries of this folder whose names match `pattern` (no `/` in it)."""
@@ -269,7 +271,7 @@ class ObjectPath:
     def files(self) -> list[ObjectPath]:
         """Every file below this folder, at any depth."""
         return [
-            ObjectPath(self.fs, self.scheme, info.path, info.type)
+            ObjectPath(self.fs, self.scheme, info.path, info)
             for info in self._list(True)
             if info.type == pafs.FileType.File
         ]
