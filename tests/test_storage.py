@@ -129,3 +129,37 @@ def test_glob_regex_matches_like_glob():
     assert regex.match("s3://b/corpus/a.parquet") and regex.match("s3://b/corpus/x/y/a.parquet")
     assert not regex.match("s3://b/corpus/a.json") and not regex.match("s3://b/other/a.parquet")
     assert storage.glob_regex("/d/part-[0-9]?.parquet").match("/d/part-07.parquet")
+
+
+def test_the_lease_holds_on_s3_and_a_dead_holders_is_taken_over(s3, bucket):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lib import lease
+
+    out = storage.location(f"s3://{bucket}/out")
+    path = out / "_lock.json"
+    first = lease.Lease(path, "a")
+    first.acquire(out)
+    with pytest.raises(UserError, match=rf"is in use by another job \(pid {os.getpid()} on "):
+        lease.Lease(path, "b").acquire(out)
+    first.check()
+    first.release()
+    assert not path.exists()
+    # A holder on this machine whose process is gone (a killed job) is replaced at once, and
+    # the lease it held is lost for it.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    me = lease.Process.current()
+    dead = {"host": me.host, "boot": me.boot, "pid": int(gone.stdout), "start": 1, "token": "t0"}
+    storage.put_atomic(path, json.dumps({**dead, "started": 0}).encode(), path)
+    successor = lease.Lease(path, "c")
+    successor.acquire(out)
+    assert lease.read_holder(path).token == "c"
+    stale = lease.Lease(path, "t0")
+    with pytest.raises(UserError, match="lost its lease"):
+        stale.check()
+    successor.release()
