@@ -136,8 +136,9 @@ def temporaries(out_dir: AnyPath) -> list[AnyPath]:
 
 def remove_dead_temporaries(out_dir: AnyPath) -> int:
     """Delete temporaries whose writer is gone (any but those of live processes on this
-    machine; called under the lease, so writers on other machines have stopped); return how many."""
-    removed = 0
+    machine; called under the lease, so writers on other machines have stopped), and on S3 the
+    unfinished uploads of killed writers; return how many."""
+    removed = storage.abort_uploads(out_dir)
     for path in temporaries(out_dir):
         tag = path.name[: -len(".tmp")].split("@", 1)[-1] if "@" in path.name else ""
         if tag and tag != writer_tag() and tag_alive(tag):

@@ -551,6 +551,29 @@ def _s3_put(path: ObjectPath, data: bytes, if_none_match: bool = False) -> bool:
     return True
 
 
+def abort_uploads(folder: AnyPath) -> int:
+    """Abort the unfinished S3 multipart uploads under `folder` (left by killed writers; call it
+    only while no live writer uploads there); how many. Elsewhere nothing to do."""
+    if not is_remote(folder) or folder.scheme not in _S3:
+        return 0
+    bucket, prefix = _bucket_key(folder)
+    client = _s3_client()
+    aborted = 0
+    try:
+        pages = client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=bucket, Prefix=prefix + "/"
+        )
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                client.abort_multipart_upload(
+                    Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                aborted += 1
+    except Exception as exc:
+        raise _storage_error(exc, folder) from None
+    return aborted
+
+
 class Sink:
     """A file being written that becomes visible under `final` only when published, whole.
 

@@ -86,6 +86,18 @@ def test_sink_appears_whole_only_when_published(s3, bucket, monkeypatch):
     assert final.with_name("part-00002.parquet").read_bytes() == b"tiny"
 
 
+def test_a_killed_writers_upload_is_aborted_by_the_next_run(s3, bucket, monkeypatch):
+    from lib import layout
+
+    monkeypatch.setattr(storage, "PART_BYTES", 1024)
+    out = storage.location(f"s3://{bucket}/out")
+    left = storage.Sink(out / "tokens" / "part-00000.parquet", out / "_tmp" / "x")
+    left.file.write(b"x" * 5000)  # parts sent, then the writer is gone (as after SIGKILL)
+    assert len(_uploads(s3, bucket)) == 1
+    assert layout.remove_dead_temporaries(out) == 1
+    assert _uploads(s3, bucket) == []
+
+
 def test_create_exclusive_is_a_conditional_write_on_s3(s3, bucket):
     lock = storage.location(f"s3://{bucket}/out/_lock.json")
     assert storage.create_exclusive(lock, b"first")
