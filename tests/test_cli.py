@@ -184,6 +184,7 @@ def test_default_config_on_the_fixtures(tmp_path, model_dirs, corpus):
         "skipped_rows": 0,
         "truncated_rows": truncated,
         "output_rows": sum(map(len, targets)),
+        "topk_entries": sum(map(len, targets)) * k,
     }
     # One shard per input file: each holds fewer than output.shard_rows rows.
     assert len(manifest["shards"]) == 2
