@@ -22,6 +22,11 @@ Four parts, on the same machine and models:
 - start-up: process start to the first batch reaching the model (the manifest's
   throughput.startup_s) of a 10-row job, against the bare imports of torch, transformers and
   accelerate.
+- storage: the top-k rows of a 32k-vocabulary model with peaked distributions (k = 64,
+  --storage-rows log-normal rows, extracted once) written in every encoding: plain float16,
+  plain float32, compact, compact with top_p = 0.95 and min_k = 2. Bytes per position and per
+  stored entry (and per column), the largest stored log-probability error, and the write
+  (to_table, Parquet, fsync, sha256) and read (results.load_arrays) rates.
 
     python -m jobs.bench                       # CPU preset: T5 start mode and GPT-2 causal
     python -m jobs.bench --cases lognormal     # one corpus case (all parts still run)
@@ -102,7 +107,19 @@ CASES = {
     "heavy-tail": Case("75% short rows (sigma 0.6 around 20 words), 25% cut at max_length", 0.5),
     "tiny": Case("1-4 words a row", 15.0),
 }
-PARTS = ("efficiency", "cases", "ceiling", "startup")
+PARTS = ("efficiency", "cases", "ceiling", "startup", "storage")
+# The storage part: a 32k-vocabulary GPT-2 with peaked, frequency-skewed distributions (like a
+# trained model's; lib.sample.build_peaked_causal), the same extracted rows in every encoding.
+STORAGE = ModelSpec("gpt2-peaked-32k", "gpt2", 64, 2, 32000, "causal")
+STORAGE_K = 64
+STORAGE_ENCODINGS = {
+    "plain float16": {"dtype": "float16"},
+    "plain float32": {"dtype": "float32"},
+    "compact": {"encoding": "compact"},
+    "compact top_p=0.95 min_k=2": {"encoding": "compact", "top_p": 0.95, "min_k": 2},
+}
+# Issue 12's target: all part-* bytes within this much per stored entry plus per position.
+TARGET_BYTES_PER_ENTRY, TARGET_BYTES_PER_POSITION = 2.0, 12.0
 
 
 def case_texts(case: str, rows: int) -> list[str]:
@@ -610,6 +627,127 @@ def startup(root: Path, training_texts: list[str], args) -> dict:
     }
 
 
+def _column_bytes(path: Path, positions: int) -> dict[str, float]:
+    """Compressed bytes a position of each column takes (a list's values under its name), and
+    the rest of the file (footer, the compact id order) as `footer`."""
+    metadata = pq.read_metadata(path)
+    sizes: dict[str, int] = {}
+    for group in range(metadata.num_row_groups):
+        for i in range(metadata.num_columns):
+            chunk = metadata.row_group(group).column(i)
+            name = chunk.path_in_schema.split(".")[0]
+            sizes[name] = sizes.get(name, 0) + chunk.total_compressed_size
+    sizes["footer"] = path.stat().st_size - sum(sizes.values())
+    return {name: round(size / positions, 2) for name, size in sizes.items()}
+
+
+def _stored_errors(decoded: dict, exact: np.ndarray) -> dict[str, float]:
+    """The largest error of the stored top-k log-probabilities against the float32 ones the
+    reduction computed: in nats for entries at -20 or above, relative to |lp| below."""
+    width = decoded["topk_logprobs"].shape[1]
+    kept = np.arange(width) < decoded["topk_count"][:, None]
+    stored, exact = decoded["topk_logprobs"][kept].astype(np.float64), exact[:, :width][kept]
+    error = np.abs(stored - exact)
+    high = exact >= -20
+    low = ~high & np.isfinite(exact)
+    return {
+        "max_error_nats": float(error[high].max(initial=0.0)),
+        "max_relative_error_below_20": float((error[low] / -exact[low]).max(initial=0.0)),
+    }
+
+
+def storage_row(name: str, settings: dict, arrays: dict, vocab: int, root: Path) -> dict:
+    """One encoding of the extracted rows: bytes (per column too), error, write and read rates.
+
+    Writing is the job's own path (writer.to_table, ShardWriter, commit: Parquet encoding,
+    zstd, fsync, sha256); reading is results.load_arrays (decoded (N, k) arrays)."""
+    from lib import reduce, results, writer
+    from lib.layout import UNITS
+
+    top_p = settings.get("top_p", 1.0)
+    encoding = settings.get("encoding", "plain")
+    dtype = settings.get("dtype", "float32")
+    ids = pa.array(arrays["id"])
+    schema = writer.output_schema(ids.type, STORAGE_K, vocab, dtype, full=False, encoding=encoding)
+    stats = {key: arrays[key] for key in ("has_token", "token_logprob", "token_rank", "entropy")}
+    stats["logsumexp"], stats["topk_ids"] = arrays["logsumexp"], arrays["topk_ids"]
+    stats["topk_logits"] = arrays["topk_logits"].astype(dtype if encoding == "plain" else "float32")
+    exact = arrays["topk_logits"].astype(np.float64) - arrays["logsumexp"][:, None]
+    if top_p < 1:
+        counts = reduce.kept_counts(
+            torch.tensor(arrays["topk_logits"]),
+            torch.tensor(arrays["logsumexp"]),
+            top_p,
+            settings["min_k"],
+        )
+        stats["topk_count"] = counts.numpy()
+    positions = len(arrays["position"])
+    out = root / f"out-storage-{name.replace(' ', '-')}"
+
+    def write() -> float:
+        shutil.rmtree(out, ignore_errors=True)
+        (out / UNITS).mkdir(parents=True)
+        started = time.perf_counter()
+        table = writer.to_table(
+            schema, ids, np.arange(positions), arrays["position"], arrays["token_id"], stats
+        )
+        shard = writer.ShardWriter(out, "part-00000", schema, "parquet")
+        shard.write(table)
+        writer.commit([shard], {}, lambda: None)
+        return time.perf_counter() - started
+
+    def read() -> tuple[float, dict]:
+        started = time.perf_counter()
+        decoded = results.load_arrays(out)
+        return time.perf_counter() - started, decoded
+
+    write_s = min(write() for _ in range(2))
+    (read_s, decoded), (again_s, _) = read(), read()
+    path = out / "tokens" / "part-00000.parquet"
+    size = path.stat().st_size
+    entries = int(decoded["topk_count"].sum())
+    width = decoded["topk_ids"].shape[1]  # no manifest here: as wide as the longest row
+    kept = np.arange(width) < decoded["topk_count"][:, None]
+    assert (decoded["topk_ids"][kept] == arrays["topk_ids"][:, :width][kept]).all(), name
+    return {
+        "encoding": name,
+        "positions": positions,
+        "entries_per_position": round(entries / positions, 2),
+        "bytes_per_position": round(size / positions, 2),
+        "bytes_per_entry": round(size / entries, 3),
+        "target_ratio": round(
+            size / (TARGET_BYTES_PER_ENTRY * entries + TARGET_BYTES_PER_POSITION * positions), 3
+        ),
+        **{key: round(value, 5) for key, value in _stored_errors(decoded, exact).items()},
+        "write_positions_s": round(positions / write_s),
+        "read_positions_s": round(positions / min(read_s, again_s)),
+        "columns": _column_bytes(path, positions),
+    }
+
+
+def storage(root: Path, training_texts: list[str], args) -> list[dict]:
+    """Bytes per position and per entry, and write and read rates, of every encoding, on rows
+    extracted once (float32, k = 64) from the peaked 32k-vocabulary model."""
+    from lib import results
+
+    model = root / "models" / STORAGE.name
+    if not (model / "config.json").exists():
+        sample.build_peaked_causal(
+            model, training_texts, d_model=STORAGE.d_model, num_layers=STORAGE.layers
+        )
+    corpus = write_texts(
+        root / "corpus-storage.parquet", case_texts("lognormal", args.storage_rows)
+    )
+    config = job_config(str(model), corpus, str(root / "out-storage-extract"), args, k=STORAGE_K)
+    config.output.dtype, config.output.shard_rows = "float32", args.storage_rows
+    run_job_timed(config)
+    arrays = results.load_arrays(config.output.dir)
+    return [
+        storage_row(name, settings, arrays, STORAGE.vocab, root)
+        for name, settings in STORAGE_ENCODINGS.items()
+    ]
+
+
 @contextmanager
 def took(label: str) -> Iterator[None]:
     """Print how long a part of the benchmark took (to stderr), to size runs by."""
@@ -669,6 +807,11 @@ def run_parts(specs: list[ModelSpec], root: Path, args) -> dict:
         with took("start-up"):
             results["startup"] = startup(root, training_texts, args)
         _show("startup", results["startup"])
+    if "storage" in args.parts:
+        with took("storage"):
+            results["storage"] = storage(root, training_texts, args)
+        for row in results["storage"]:
+            _show("storage", row)
     return results
 
 
@@ -685,6 +828,14 @@ def print_tables(results: dict) -> None:
     for part in ("host_ceiling", "startup"):
         if part in results:
             print(f"{part}: " + ", ".join(f"{k} {v}" for k, v in results[part].items()))
+    if results.get("storage"):
+        rows = [{k: v for k, v in row.items() if k != "columns"} for row in results["storage"]]
+        columns = {row["encoding"]: row["columns"] for row in results["storage"]}
+        figure = lambda v: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"  # noqa: E731
+        with pd.option_context("display.width", 250, "display.max_columns", 30):
+            print(pd.DataFrame(rows).set_index("encoding").T.to_string(float_format=figure))
+            print("bytes per position, by column:")
+            print(pd.DataFrame(columns).to_string(na_rep=""))
 
 
 def print_settings(root: Path, args) -> None:
@@ -696,6 +847,8 @@ def print_settings(root: Path, args) -> None:
     )
     if "efficiency" in args.parts:
         print(f"efficiency: N={args.rows} log-normal rows")
+    if "storage" in args.parts:
+        print(f"storage: {args.storage_rows} log-normal rows, k={STORAGE_K}, {STORAGE.name}")
     if "cases" in args.parts:
         print(
             f"cases: N rows, about as many tokens in each case (fewer than the efficiency "
@@ -725,6 +878,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--e2e-rows", type=int, default=1200)
     parser.add_argument("--ceiling-tokens", type=int, default=500_000)
+    parser.add_argument(
+        "--storage-rows", type=int, default=300, help="log-normal rows of the storage part"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="start-up runs (best of)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=512)
@@ -767,6 +923,7 @@ def main(
         args.max_tokens = 65536 if args.preset == "gpu" else 16384
     if args.quick:
         args.rows, args.case_rows, args.e2e_rows, args.max_length = 20, 10, 30, 64
+        args.storage_rows = 20
         args.rss, args.ceiling_tokens, args.repeats = False, 5000, 1
         args.cases = args.cases or ["lognormal"]
         specs = [TINY["t5"], TINY["gpt2"]]

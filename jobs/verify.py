@@ -47,7 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     checked = (
         f", {report.input_rows:,} input ids accounted for" if report.input_rows is not None else ""
     )
-    print(f"OK {args.out_dir}: {report.shards} shards, {report.output_rows:,} rows{checked}")
+    storage = ""
+    if report.storage:  # compact or top_p output: what its top-k costs on disk
+        s = report.storage
+        storage = (
+            f"; {s['bytes_per_position']:.1f} bytes/position, {s['bytes_per_entry']:.2f} "
+            f"bytes/entry ({s['entries_per_position']:.1f} top-k entries/position)"
+        )
+    print(
+        f"OK {args.out_dir}: {report.shards} shards, {report.output_rows:,} rows{checked}{storage}"
+    )
     return 0
 
 

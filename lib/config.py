@@ -56,6 +56,9 @@ class OutputConfig:
     dir: str = REQUIRED
     logits: str = "topk"
     k: int = 20
+    top_p: float = 1.0  # keep each position's shortest top-k prefix holding this mass; 1: all k
+    min_k: int = 1  # with top_p: keep at least this many entries
+    encoding: str = "plain"  # plain: today's columns; compact: quantized, frequency-coded top-k
     dtype: str = "float16"
     format: str = "parquet"
     shard_rows: int = 5000
@@ -96,6 +99,7 @@ CHOICES = {
     "output.format": ("parquet", "arrow"),
     "output.rows": ("positions", "examples"),
     "output.level": ("tokens", "documents", "both"),
+    "output.encoding": ("plain", "compact"),
 }
 POSITIVE = (
     "input.max_length",
@@ -103,6 +107,7 @@ POSITIVE = (
     "decoder.max_new_tokens",
     "output.k",
     "output.shard_rows",
+    "output.min_k",
     "runtime.threads",
 )
 # What each required key expects, so the message for a missing one says what to give.
@@ -326,5 +331,42 @@ def validate(config: JobConfig) -> None:
             "config key output.min_k_fraction: must be above 0 and at most 1, "
             f"got {config.output.min_k_fraction}"
         )
+    _validate_topk_storage(config.output)
     if config.decoder.mode == "targets" and not config.input.target_column:
         raise UserError("config key input.target_column is required when decoder.mode=targets")
+
+
+def _validate_topk_storage(output: OutputConfig) -> None:
+    """output.top_p, output.min_k and output.encoding shape the top-k of token rows."""
+    if not 0 < output.top_p <= 1:
+        raise UserError(
+            f"config key output.top_p: must be above 0 and at most 1, got {output.top_p}"
+        )
+    if output.min_k > output.k:
+        raise UserError(
+            f"config key output.min_k: {output.min_k} is more than output.k ({output.k})"
+        )
+    for key, value, active in (
+        ("output.top_p", output.top_p, output.top_p < 1),
+        ("output.encoding", output.encoding, output.encoding == "compact"),
+    ):
+        if not active:
+            continue
+        if output.logits == "full":
+            raise UserError(
+                f"config key {key}: {value} shapes top-k rows; output.logits=full has none"
+            )
+        if output.level == "documents":
+            raise UserError(
+                f"config key {key}: {value} shapes token rows; output.level=documents has none"
+            )
+    if output.encoding == "compact" and output.format != "parquet":
+        raise UserError(
+            "config key output.encoding: compact needs output.format=parquet "
+            "(its columns rely on Parquet's encodings)"
+        )
+    if output.encoding == "compact" and output.rows == "examples":
+        raise UserError(
+            "config key output.encoding: compact writes one row per position; "
+            "use output.rows=positions or output.encoding=plain"
+        )

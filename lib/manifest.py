@@ -60,6 +60,7 @@ def finalize(
     run = {"units": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
     visible = layout.visible_shards(out_dir, config.output.level)
     records = layout.read_records(out_dir, [unit.name for unit in units])
+    topk_entries = []  # stored top-k entries per unit; None in records of older jobs
     for unit in units:
         record = _record(out_dir, unit, fmt, config.output.level, visible, records[unit.name])
         shards += [{**entry, "rank": record["rank"]} for entry in record["files"]]
@@ -67,6 +68,7 @@ def finalize(
         for key in _COUNTS:
             totals[key] += record[key]
         totals["output_rows"] += record["files"][0]["rows"]
+        topk_entries.append(record.get("topk_entries"))
         if config.output.level != "tokens":
             totals["document_rows"] = totals.get("document_rows", 0) + record["files"][-1]["rows"]
         for item_id, reason in record["skipped"]:
@@ -77,6 +79,8 @@ def finalize(
             run["rows"] += record["input_rows"]
             run["tokens"] += record["tokens"]
             run["padded_tokens"] += record["padded_tokens"]
+    if topk_entries and None not in topk_entries:
+        totals["topk_entries"] = sum(topk_entries)
     _write_skipped(out_dir, skipped_ids, skipped_reasons, id_type)
     return {
         "format_version": layout.FORMAT_VERSION,

@@ -203,7 +203,9 @@ class Extraction:
         self.document_rows = config.output.level != "tokens"
         self.full = config.output.logits == "full" and self.token_rows
         self.examples = config.output.rows == "examples"
-        self.output_dtype = getattr(torch, config.output.dtype)
+        # compact rows quantize float32 log-probabilities; plain rows store the logits as set
+        compact = config.output.encoding == "compact"
+        self.output_dtype = torch.float32 if compact else getattr(torch, config.output.dtype)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
         self.first_batch_at: float | None = None  # unix time the first batch reached the model
 
@@ -293,6 +295,8 @@ class Extraction:
             logits_out=logits_out,
             tokens=scored.has_tokens,
             moments=self.document_rows,
+            top_p=cfg.output.top_p,
+            min_k=cfg.output.min_k,
         )
         host = {name: _to_host(value) for name, value in stats.items()}
         ready = None
@@ -419,6 +423,8 @@ class Extraction:
                 )
                 shards.append(state.documents)
             record = self._record(unit, end, scores.partial(arrays, columns))
+            if self.token_rows and not self.full:  # for bytes per entry (jobs.verify)
+                record["topk_entries"] = _topk_entries(arrays, self.config.output.k)
             writer.commit(shards, record, self.plan.check_lease)
         except BaseException:
             _abort(state)
@@ -531,6 +537,13 @@ def _text_bytes(table: pa.Table, task: str, prefix: str) -> np.ndarray | None:
     column = table.column("target" if scored_target else "text")
     lengths = pc.binary_length(column).fill_null(0).to_numpy().astype(np.int64)
     return lengths if scored_target else lengths + len(prefix.encode())
+
+
+def _topk_entries(arrays: dict[str, np.ndarray], k: int) -> int:
+    """Top-k entries a unit's token rows store: k a position, or the kept counts (top_p)."""
+    if "topk_count" in arrays:
+        return int(arrays["topk_count"].sum())
+    return len(arrays["position"]) * k
 
 
 def _abort(state: UnitShard) -> None:
@@ -656,6 +669,7 @@ def _set_up(config: JobConfig, device: torch.device) -> _Setup:
         lm.vocab_size,
         config.output.dtype,
         full=config.output.logits == "full",
+        encoding=config.output.encoding,
     )
     shard_schema = schema
     if config.output.rows == "examples":

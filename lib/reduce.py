@@ -3,7 +3,8 @@
 For each scored position: `logsumexp` and the `entropy` over the whole output vocabulary, the
 top-k logits and ids (descending), the top-1 log-probability (for calibration), and for the
 actual next token its log-probability and rank (how many vocabulary entries score strictly
-higher). In full mode the logits themselves are kept.
+higher). With `top_p` below 1, `topk_count` says how many of the top-k entries to keep. In full
+mode the logits themselves are kept.
 """
 
 from __future__ import annotations
@@ -58,6 +59,21 @@ def topk_by_blocks(
     return values, candidates.gather(1, picked)
 
 
+def kept_counts(
+    topk_logits: torch.Tensor, logsumexp: torch.Tensor, top_p: float, min_k: int
+) -> torch.Tensor:
+    """How many entries of each (descending) top-k row to keep: the shortest prefix whose
+    probability mass reaches `top_p`, at least `min_k` and at most k.
+
+    In float32 the running mass is within about 1e-6 of its float64 value (k terms, each with
+    float32's relative error), so the count is exact unless the float64 mass of a prefix lies
+    that close to `top_p`.
+    """
+    mass = (topk_logits.float() - logsumexp.unsqueeze(-1)).exp().cumsum(dim=-1)
+    below = (mass < top_p).sum(dim=-1)
+    return (below + 1).clamp(min_k, topk_logits.shape[-1]).to(torch.int32)
+
+
 def reduce_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -68,6 +84,9 @@ def reduce_logits(
     tokens: bool = True,
     moments: bool = False,
     spare: torch.Tensor | None = None,
+    *,
+    top_p: float = 1.0,
+    min_k: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Statistics for (n, V) logits and their (n,) next-token labels (-1: no token).
 
@@ -76,7 +95,8 @@ def reduce_logits(
     `tokens=False` (no position has a next token, as in seq2seq `start` mode) skips the token
     statistics. `k=0` keeps no top-k (document scores need only the top-1). `moments=True` adds
     `logprob_std`, the spread of log p over the vocabulary that Min-K%++ divides by; it needs a
-    third (n, V) buffer, `spare` (allocated when not given).
+    third (n, V) buffer, `spare` (allocated when not given). `top_p` below 1 adds `topk_count`
+    (see kept_counts).
     """
     logits = logits.float()
     # softmax is one fused pass, as log_softmax is; with the probabilities the entropy is a
@@ -101,6 +121,8 @@ def reduce_logits(
     # max + log(sum exp(x - max)), read off the top-1 entry, whose probability is at least 1/V
     lse = top1_logit - probs.gather(1, top1).log()
     out["logsumexp"] = lse.squeeze(1)
+    if top_p < 1 and "topk_logits" in out:
+        out["topk_count"] = kept_counts(values, out["logsumexp"], top_p, min_k)
     out["top1_logprob"] = (top1_logit - lse).squeeze(1)
     out["token_logprob"] = (token_logit - lse).squeeze(1)
     token_rank = None
@@ -178,6 +200,8 @@ def reduce_states(
     logits_out: torch.Tensor | None = None,
     tokens: bool = True,
     moments: bool = False,
+    top_p: float = 1.0,
+    min_k: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Run `head` and `reduce_logits` over `states` in chunks of positions and concatenate.
 
@@ -203,7 +227,16 @@ def reduce_states(
         chunk = states[i : i + step]
         if buffers is None:
             part = reduce_logits(
-                head(chunk), labels[i : i + step], k, output_dtype, full, None, tokens, moments
+                head(chunk),
+                labels[i : i + step],
+                k,
+                output_dtype,
+                full,
+                None,
+                tokens,
+                moments,
+                top_p=top_p,
+                min_k=min_k,
             )
         else:
             logits_buffer, scratch, *spare = (b[: chunk.shape[0]] for b in buffers)
@@ -218,6 +251,8 @@ def reduce_states(
                 tokens,
                 moments,
                 spare[0] if spare else None,
+                top_p=top_p,
+                min_k=min_k,
             )
         if logits_out is not None:
             logits_out[i : i + step].copy_(part.pop("logits"), non_blocking=True)

@@ -7,7 +7,12 @@ directory without `_SUCCESS` reads as the rows finished so far.
 
 Null conventions in `load_arrays` (numpy has no nullable integers): `token_id` and `token_rank`
 are -1 where the row has no next token, `token_logprob` is NaN there, and `has_token` says
-which rows have one. Logit arrays keep their storage dtype (float16 or float32).
+which rows have one. Logit arrays keep their storage dtype (float16 or float32); scalar floats
+are float32.
+
+Top-k rows of every encoding read as `topk_ids` (N, k), `topk_logprobs` (N, k, float32) and
+`topk_count` (N,): entries past a row's count (`output.top_p`) are -1 and -inf. Compact shards
+(`output.encoding=compact`) are decoded shard by shard, each with the id order in its footer.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lib import layout, storage
+from lib import compact, layout, storage
 from lib.corpus import as_ids, find_input_files, is_string
 from lib.errors import UserError
 from lib.storage import AnyPath
@@ -29,6 +34,8 @@ from lib.storage import AnyPath
 # Nullable columns and the value that stands for null in numpy.
 _NULL_FILL = {"token_id": -1, "token_rank": -1, "token_logprob": float("nan")}
 _LIST_COLUMNS = ("topk_ids", "topk_logits", "logits")
+_COMPACT_COLUMNS = ("topk_id_codes", "topk_logprob_deltas")
+_DECODED = ("topk_ids", "topk_logprobs", "topk_count")  # what the compact columns read as
 
 
 def read_manifest(out_dir: str | AnyPath) -> dict | None:
@@ -157,11 +164,18 @@ def _fixed_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def table_to_arrays(table: pa.Table) -> dict[str, np.ndarray]:
-    """Output rows as numpy arrays, with no per-row Python objects (see the module docstring)."""
+def table_to_arrays(
+    table: pa.Table, id_order: np.ndarray | None = None, k: int | None = None
+) -> dict[str, np.ndarray]:
+    """Output rows as numpy arrays, with no per-row Python objects (see the module docstring).
+
+    Compact rows need their shard's `id_order` (see `shard_id_order`) to decode `topk_ids`, and
+    are `k` wide (default: their longest row)."""
     arrays = {}
     for name in table.column_names:
         column = table.column(name)
+        if name in _COMPACT_COLUMNS:
+            continue
         if name == "id":
             arrays[name] = _ids_to_numpy(column)
         elif name in _LIST_COLUMNS:
@@ -173,12 +187,65 @@ def table_to_arrays(table: pa.Table) -> dict[str, np.ndarray]:
             arrays[name] = filled.to_numpy()
         else:
             arrays[name] = column.to_numpy()
+        if arrays[name].dtype == np.float16 and name not in _LIST_COLUMNS:
+            arrays[name] = arrays[name].astype(np.float32)  # compact's token_logprob, entropy
+    if "topk_logprob_deltas" in table.column_names:
+        codes = table.column("topk_id_codes") if "topk_id_codes" in table.column_names else None
+        arrays |= compact.decode(codes, table.column("topk_logprob_deltas"), id_order, k)
+    elif "topk_ids" in arrays:
+        arrays["topk_count"] = (arrays["topk_ids"] >= 0).sum(axis=1, dtype=np.int32)
+        if "topk_logits" in arrays and "logsumexp" in arrays:
+            arrays["topk_logprobs"] = topk_logprobs(arrays["topk_logits"], arrays["logsumexp"])
     return arrays
+
+
+def shard_id_order(fragment: ds.Fragment) -> np.ndarray | None:
+    """The id order in a compact Parquet shard's footer; None where it has none."""
+    footer = fragment.metadata.metadata if isinstance(fragment, ds.ParquetFileFragment) else None
+    text = (footer or {}).get(compact.ID_ORDER_KEY.encode())
+    return None if text is None else compact.unpack_id_order(text)
+
+
+def _stored_columns(columns: list[str] | None) -> list[str] | None:
+    """The compact columns to read for the decoded names among `columns`."""
+    if columns is None:
+        return None
+    wanted = [name for name in columns if name not in _DECODED]
+    return wanted + list(_COMPACT_COLUMNS) if len(wanted) < len(columns) else wanted
+
+
+def _topk_width(out_dir: str | AnyPath) -> int | None:
+    """`output.k` from the manifest; None while the job has not finished."""
+    manifest = read_manifest(out_dir)
+    return manifest["config"]["output"]["k"] if manifest else None
+
+
+def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Shards' arrays end to end; (n, k) top-k arrays padded to the widest (-1, -inf)."""
+    out = {}
+    for name in parts[0]:
+        values = [part[name] for part in parts]
+        if name in ("topk_ids", "topk_logprobs"):
+            width = max(v.shape[1] for v in values)
+            fill = -1 if name == "topk_ids" else -np.inf
+            values = [
+                np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=fill) for v in values
+            ]
+        out[name] = np.concatenate(values)
+    return out
 
 
 def load_arrays(out_dir: str | AnyPath, columns: list[str] | None = None) -> dict[str, np.ndarray]:
     """All rows as numpy arrays: 1-D per scalar column, (N, k) or (N, V) per list column."""
-    return table_to_arrays(positions_table(load_table(out_dir, columns)))
+    dataset = open_dataset(out_dir)
+    if "topk_logprob_deltas" not in dataset.schema.names:
+        return table_to_arrays(positions_table(dataset.to_table(columns=columns)))
+    k, stored = _topk_width(out_dir), _stored_columns(columns)
+    parts = [
+        table_to_arrays(fragment.to_table(columns=stored), shard_id_order(fragment), k)
+        for fragment in dataset.get_fragments()
+    ]
+    return _concatenate(parts)
 
 
 def iter_examples(out_dir: str | AnyPath) -> Iterator[tuple[object, dict[str, np.ndarray]]]:
@@ -187,6 +254,7 @@ def iter_examples(out_dir: str | AnyPath) -> Iterator[tuple[object, dict[str, np
     Every input row lands in exactly one shard, so grouping shard by shard is complete. Within a
     shard, examples come in order of first appearance: input order in top-k mode.
     """
+    k = _topk_width(out_dir)
     for fragment in open_dataset(out_dir).get_fragments():
         table = positions_table(fragment.to_table())
         if table.num_rows == 0:
@@ -194,7 +262,7 @@ def iter_examples(out_dir: str | AnyPath) -> Iterator[tuple[object, dict[str, np
         # Codes in order of first appearance; sorting by (code, position) groups each example.
         codes = pc.dictionary_encode(table.column("id")).combine_chunks()
         ids = codes.dictionary.to_pylist()
-        arrays = table_to_arrays(table.drop_columns(["id"]))
+        arrays = table_to_arrays(table.drop_columns(["id"]), shard_id_order(fragment), k)
         order = np.lexsort((arrays["position"], codes.indices.to_numpy()))
         arrays = {name: values[order] for name, values in arrays.items()}
         sorted_codes = codes.indices.to_numpy()[order]
@@ -220,9 +288,10 @@ def topk_logprobs(topk_logits, logsumexp):
 def to_torch(source: str | AnyPath | dict[str, np.ndarray]) -> dict:
     """Tensors for a distillation loss from an output directory or `load_arrays` output.
 
-    `topk_ids` and `token_id` are int64 (-1 where `token_mask` is False), logits and `logsumexp`
-    float32, `topk_logprobs` the exact top-k log-probabilities. String ids have no tensor form
-    and are left out; integer ids come as int64 `id`.
+    `topk_ids` and `token_id` are int64 (-1 where `token_mask` is False, or past a row's
+    `topk_count`), logits and `logsumexp` float32, `topk_logprobs` the top-k log-probabilities
+    (-inf past the count; exact in plain rows, within 0.0096 nats in compact ones). String ids
+    have no tensor form and are left out; integer ids come as int64 `id`.
     """
     import torch
 
@@ -230,15 +299,15 @@ def to_torch(source: str | AnyPath | dict[str, np.ndarray]) -> dict:
     out = {}
     if "id" in arrays and arrays["id"].dtype.kind in "iu":
         out["id"] = torch.from_numpy(arrays["id"].astype(np.int64))
-    for name in ("position", "token_id", "token_rank", "topk_ids"):
+    for name in ("position", "token_id", "token_rank", "topk_ids", "topk_count"):
         if name in arrays:
             out[name] = torch.from_numpy(arrays[name].astype(np.int64))
-    for name in ("token_logprob", "logsumexp", "topk_logits", "logits"):
+    for name in ("token_logprob", "logsumexp", "entropy", "topk_logits", "topk_logprobs", "logits"):
         if name in arrays:
             out[name] = torch.from_numpy(arrays[name].astype(np.float32))
     if "has_token" in arrays:
         out["token_mask"] = torch.from_numpy(arrays["has_token"].astype(bool))
-    if "topk_logits" in out and "logsumexp" in out:
+    if "topk_logprobs" not in out and "topk_logits" in out and "logsumexp" in out:
         out["topk_logprobs"] = topk_logprobs(out["topk_logits"], out["logsumexp"])
     return out
 

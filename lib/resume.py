@@ -87,11 +87,22 @@ def fingerprint(config: JobConfig, files: list[dict], model: dict) -> str:
             key: c["output"][key]
             for key in ("logits", "k", "dtype", "format", "shard_rows", "rows", "level")
         }
-        | ({} if config.output.level == "tokens" else {"min_k": config.output.min_k_fraction}),
+        | ({} if config.output.level == "tokens" else {"min_k": config.output.min_k_fraction})
+        | _topk_storage(config),
         "files": [(f["path"], f["size"], f["rows"], _proof(f)) for f in files],
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
+
+
+def _topk_storage(config: JobConfig) -> dict:
+    """The top-k storage keys that change the output, only where they are not the default, so
+    that outputs written before they existed keep their fingerprints."""
+    out = config.output
+    keys = {} if out.encoding == "plain" else {"encoding": out.encoding}
+    if out.top_p < 1:
+        keys |= {"top_p": out.top_p, "top_p_min_k": out.min_k}
+    return keys
 
 
 # -- layouts that cannot work ------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lib import layout, storage
+from lib import compact, layout, storage
 from lib.errors import UserError, first_line
 from lib.overlap import Background
 from lib.storage import AnyPath
@@ -34,7 +34,15 @@ MAX_BATCH_ROWS = 1 << 16
 READ_AHEAD = 2  # record batches decoded ahead of the arithmetic
 READ_BUFFER = 8 << 20  # bytes of a Parquet column chunk read at a time
 DOCUMENT_COLUMNS = ("perplexity", "bits_per_byte", "min_k_plus_plus")
-TOKEN_COLUMNS = ("token_logprob", "token_rank", "logsumexp", "entropy", "topk_logits", "logits")
+TOKEN_COLUMNS = (
+    "token_logprob",
+    "token_rank",
+    "logsumexp",
+    "entropy",
+    "topk_logits",
+    "topk_logprob_deltas",  # compact rows' log-probabilities (lib/compact.py); no ids needed
+    "logits",
+)
 
 
 # -- streaming histograms ----------------------------------------------------------------------
@@ -383,27 +391,26 @@ def scan_tokens(info: RunInfo) -> TokenStats | None:
     schema = _schema(files[0])
     columns = [name for name in TOKEN_COLUMNS if name in schema.names]
     stats = TokenStats(mode="full" if "logits" in columns else "topk")
-    if "topk_logits" in columns:
+    if "topk_logits" in columns or "topk_logprob_deltas" in columns:
         stats.mass = Histogram(MASS_BINS, 0.0, 1.0)
     if "entropy" in columns or "logits" in columns:
         stats.entropy = Histogram(lo=0.0)
     max_length = info.config.get("input", {}).get("max_length", 512)
+    examples = pa.types.is_list(schema.field("logsumexp").type)  # output.rows=examples
     # Decoding (in a thread) and the arithmetic here both release the GIL: they overlap.
     batches = record_batches(files, columns, _batch_rows(schema, max_length))
     reader = Background(batches, READ_AHEAD, "report-reader")
     try:
         for batch in reader:
-            add_batch(stats, {name: _positions(batch.column(name)) for name in columns})
+            add_batch(stats, {name: _positions(batch.column(name), examples) for name in columns})
     finally:
         reader.close()
     return stats
 
 
-def _positions(column: pa.Array) -> pa.Array:
+def _positions(column: pa.Array, examples: bool) -> pa.Array:
     """A per-position column: as stored, or flattened from example rows' lists."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        return column.flatten()
-    return column
+    return column.flatten() if examples else column
 
 
 def _matrix(column: pa.Array) -> np.ndarray:
@@ -425,8 +432,11 @@ def add_batch(stats: TokenStats, columns: dict[str, pa.Array]) -> None:
     stats.logprob.add(columns["token_logprob"].to_numpy(zero_copy_only=False)[has_token])
     if "entropy" in columns:
         stats.entropy.add(columns["entropy"].to_numpy(zero_copy_only=False))
-    if "topk_logits" in columns:
-        logprobs = _matrix(columns["topk_logits"]).astype(np.float32) - logsumexp[:, None]
+    if "topk_logits" in columns or "topk_logprob_deltas" in columns:
+        if "topk_logits" in columns:
+            logprobs = _matrix(columns["topk_logits"]).astype(np.float32) - logsumexp[:, None]
+        else:
+            logprobs = compact.decode(None, columns["topk_logprob_deltas"], None)["topk_logprobs"]
         stats.mass.add(np.minimum(np.exp(logprobs).sum(axis=1), 1.0))
         top1 = logprobs[:, 0]
     else:

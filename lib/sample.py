@@ -231,6 +231,49 @@ def build_causal(
     return out_dir
 
 
+def build_peaked_causal(
+    out_dir: str | Path,
+    texts: list[str],
+    *,
+    d_model: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = 2000,
+    model_vocab_size: int = 32000,
+    spread: float = 8.0,
+    zipf: float = 1.5,
+    seed: int = 0,
+) -> Path:
+    """A random-weight GPT-2 whose next-token distributions are peaked like a trained model's.
+
+    Its own LM head (not tied to the embeddings) gives logits of standard deviation `spread`,
+    plus a frequency skew: one hidden unit is held at 1 by the final layer norm, and its head
+    weights add `-zipf * log(1 + id)`, so low ids (a BPE vocabulary's early, frequent merges)
+    are likelier everywhere. The defaults put the mean entropy near 1.2 nats, the top-1
+    probability near 0.64, and a plain float16 k=64 output near the 254.5 bytes a position
+    (149 of ids, 94 of logits) that issue 12 measured on its model.
+    """
+    import torch
+
+    out_dir = Path(
+        build_causal(
+            out_dir, texts, "gpt2", d_model, num_layers, vocab_size, seed, model_vocab_size
+        )
+    )
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(out_dir)
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.randn(model_vocab_size, d_model, generator=generator) * spread / d_model**0.5
+    head[:, 0] = -zipf * torch.log1p(torch.arange(model_vocab_size, dtype=torch.float32))
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = 0.0
+        model.transformer.ln_f.bias[0] = 1.0
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 def build_default_sample(root: str | Path, rows: int = 2000, seed: int = 0) -> dict[str, str]:
     """Build the corpus and tiny T5 that `configs/default.yaml` reads; skip what already exists."""
     root = Path(root)

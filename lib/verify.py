@@ -29,6 +29,7 @@ class Report:
     shards: int = 0
     output_rows: int = 0
     input_rows: int | None = None  # set when the input was checked
+    storage: dict | None = None  # compact or top_p position rows: bytes per position, entry
 
 
 def _examples(values: pa.Array) -> str:
@@ -223,6 +224,50 @@ def _check_folder(
     return counts.field("values"), rows, all_read
 
 
+def _footer_entries(path: AnyPath) -> int:
+    """Stored top-k entries of a compact shard, from its footer: its lists are never empty, so
+    the log-probability column holds one value per entry."""
+    metadata = pq.ParquetFile(storage.open_input(path)).metadata
+    paths = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
+    leaf = paths.index("topk_logprob_deltas.list.element")
+    return sum(
+        metadata.row_group(i).column(leaf).num_values for i in range(metadata.num_row_groups)
+    )
+
+
+def storage_figures(out_dir: AnyPath, manifest: dict, problems: list[str]) -> dict | None:
+    """Bytes of the token shards per position and per stored top-k entry, from the manifest
+    (compact shards' entries checked against their footers), for output.encoding=compact or
+    output.top_p below 1; None otherwise."""
+    output = (manifest.get("config") or {}).get("output") or {}
+    if output.get("encoding", "plain") == "plain" and output.get("top_p", 1.0) == 1.0:
+        return None  # plain k-wide rows: k entries a position
+    if output.get("rows") == "examples":
+        return None
+    totals = manifest["totals"]
+    shards = [s for s in manifest["shards"] if not s["file"].startswith(f"{layout.DOCUMENTS}/")]
+    size = sum(s.get("bytes", 0) for s in shards)  # recorded at commit; checked above
+    positions = totals["output_rows"]
+    entries = totals.get("topk_entries", positions * output.get("k", 0))
+    if output.get("encoding") == "compact":
+        try:
+            in_footers = sum(_footer_entries(out_dir / s["file"]) for s in shards)
+        except Exception:  # an unreadable shard is a finding of the shard checks already
+            in_footers = None
+        if in_footers is not None and in_footers != entries:
+            problems.append(
+                f"manifest totals.topk_entries is {entries:,}, the shards' footers hold {in_footers:,}"
+            )
+    return {
+        "bytes": size,
+        "positions": positions,
+        "entries": entries,
+        "bytes_per_position": size / max(positions, 1),
+        "bytes_per_entry": size / max(entries, 1),
+        "entries_per_position": entries / max(positions, 1),
+    }
+
+
 def _read_skipped(out_dir: AnyPath, problems: list[str]) -> pa.Array | None:
     path = out_dir / layout.SKIPPED
     if not path.exists():
@@ -406,6 +451,7 @@ def verify(
     scored, rows, all_read = _check_shards(out_dir, manifest, problems)
     report = Report(problems, len(manifest["shards"]), rows)
     _check_totals(manifest, scored, all_read, problems)
+    report.storage = storage_figures(out_dir, manifest, problems)
     skipped = _read_skipped(out_dir, problems)
     if skipped is not None:
         # With the input at hand, _check_input says the same about both lists, per input id.

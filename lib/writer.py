@@ -16,26 +16,39 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lib import faults, layout, storage
+from lib import compact, faults, layout, storage
 from lib.errors import output_error
 from lib.storage import AnyPath
 
 
 def output_schema(
-    id_type: pa.DataType, k: int, vocab_size: int, logits_dtype: str, *, full: bool
+    id_type: pa.DataType,
+    k: int,
+    vocab_size: int,
+    logits_dtype: str,
+    *,
+    full: bool,
+    encoding: str = "plain",
 ) -> pa.Schema:
-    """One row per scored position; top-k columns, or a `logits` column in full mode."""
+    """One row per scored position; top-k columns, or a `logits` column in full mode.
+
+    `encoding="compact"` stores the top-k as `lib.compact` codes, and the token log-probability
+    and the entropy as float16."""
     value_type = pa.float16() if logits_dtype == "float16" else pa.float32()
+    scalar_type = pa.float16() if encoding == "compact" else pa.float32()
     fields = [
         pa.field("id", id_type, nullable=False),
         pa.field("position", pa.int32(), nullable=False),
         pa.field("token_id", pa.int32()),
-        pa.field("token_logprob", pa.float32()),
+        pa.field("token_logprob", scalar_type),
         pa.field("token_rank", pa.int32()),
         pa.field("logsumexp", pa.float32(), nullable=False),
-        pa.field("entropy", pa.float32(), nullable=False),
+        pa.field("entropy", scalar_type, nullable=False),
     ]
-    if full:
+    if encoding == "compact":
+        fields.append(pa.field("topk_id_codes", compact.CODE_TYPE, nullable=False))
+        fields.append(pa.field("topk_logprob_deltas", compact.CODE_TYPE, nullable=False))
+    elif full:
         fields.append(pa.field("logits", pa.list_(value_type, vocab_size), nullable=False))
     else:
         fields.append(pa.field("topk_ids", pa.list_(pa.int32(), k), nullable=False))
@@ -49,6 +62,13 @@ def _fixed_list(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, width)
 
 
+def _beyond_count(stats: dict[str, np.ndarray]) -> np.ndarray | None:
+    """(n, k) True where an entry lies past its row's `topk_count` (top_p), else None."""
+    if "topk_count" not in stats:
+        return None
+    return np.arange(stats["topk_ids"].shape[1]) >= stats["topk_count"][:, None]
+
+
 def to_table(
     schema: pa.Schema,
     ids: pa.Array,
@@ -57,20 +77,38 @@ def to_table(
     token_id: np.ndarray,
     stats: dict[str, np.ndarray],
 ) -> pa.Table:
-    """Build output rows from numpy arrays with no per-row Python objects."""
+    """Build output rows from numpy arrays with no per-row Python objects.
+
+    With `topk_count` (top_p), plain rows keep k entries, -1 and -inf past the count; compact
+    rows keep only the counted ones, and carry their shard's id order as schema metadata."""
     no_token = ~stats["has_token"]
+    scalar_type = schema.field("entropy").type.to_pandas_dtype()
     columns = {
         "id": ids.take(pa.array(row)),
         "position": pa.array(position, type=pa.int32()),
         "token_id": pa.array(token_id.astype(np.int32), mask=no_token),
-        "token_logprob": pa.array(stats["token_logprob"].astype(np.float32), mask=no_token),
+        "token_logprob": pa.array(stats["token_logprob"].astype(scalar_type), mask=no_token),
         "token_rank": pa.array(stats["token_rank"].astype(np.int32), mask=no_token),
         "logsumexp": pa.array(stats["logsumexp"].astype(np.float32)),
-        "entropy": pa.array(stats["entropy"].astype(np.float32)),
+        "entropy": pa.array(stats["entropy"].astype(scalar_type)),
     }
-    for name in ("logits", "topk_ids", "topk_logits"):
+    metadata = None
+    if "topk_id_codes" in schema.names:
+        logprobs = (
+            stats["topk_logits"].astype(np.float32) - columns["logsumexp"].to_numpy()[:, None]
+        )
+        codes, deltas, order = compact.encode(stats["topk_ids"], logprobs, stats.get("topk_count"))
+        columns["topk_id_codes"], columns["topk_logprob_deltas"] = codes, deltas
+        metadata = {compact.ID_ORDER_KEY: compact.pack_id_order(order)}
+    beyond = _beyond_count(stats) if "topk_ids" in schema.names else None
+    for name, fill in (("logits", None), ("topk_ids", -1), ("topk_logits", -np.inf)):
         if name in schema.names:
-            columns[name] = _fixed_list(stats[name], schema.field(name).type.value_type)
+            values = stats[name]
+            if beyond is not None:
+                values = np.where(beyond, np.asarray(fill, values.dtype), values)
+            columns[name] = _fixed_list(values, schema.field(name).type.value_type)
+    if metadata is not None:
+        schema = schema.with_metadata(metadata)
     return pa.Table.from_pydict(columns, schema=schema)
 
 
@@ -120,6 +158,19 @@ def to_examples(
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """ParquetWriter options for a shard of `schema`: zstd, a dictionary for the ids (a run of
+    rows shares one), statistics on the keys; compact rows add their columns' encodings."""
+    options = {
+        "compression": "zstd",
+        "use_dictionary": ["id"],
+        "write_statistics": ["id", "position"],
+    }
+    if "topk_id_codes" in schema.names:
+        options["column_encoding"] = compact.COLUMN_ENCODINGS
+    return options
+
+
 class ShardWriter:
     """Streams tables into one shard's temporary file; `commit` makes it visible or discards it."""
 
@@ -133,18 +184,13 @@ class ShardWriter:
         # what an error names: the temporary on a local disk, else the object being uploaded
         self._where = self.final if storage.is_remote(out_dir) else self.tmp
         self.rows = 0
+        self.footer = None  # the key-value metadata of a compact shard's footer
         self._writer = None
         self._sink = None
         try:
             self._sink = storage.Sink(self.final, self.tmp)
             if fmt == "parquet":
-                self._writer = pq.ParquetWriter(
-                    self._sink.file,
-                    schema,
-                    compression="zstd",
-                    use_dictionary=["id"],
-                    write_statistics=["id", "position"],
-                )
+                self._writer = pq.ParquetWriter(self._sink.file, schema, **parquet_options(schema))
             else:
                 self._writer = pa.ipc.new_file(self._sink.file, schema)
         except OSError as exc:
@@ -159,7 +205,12 @@ class ShardWriter:
             return
         try:
             faults.point("write", self.tmp)
+            if self.footer or (table.schema.metadata and self.rows):
+                raise RuntimeError(f"{self.tmp}: a compact shard is written in one table")
             self._writer.write_table(table)
+            if table.schema.metadata:  # compact rows: the id order of the whole file
+                self.footer = table.schema.metadata
+                self._writer.add_key_value_metadata(self.footer)
         except OSError as exc:
             self.abort()
             raise output_error(self._where, exc) from None

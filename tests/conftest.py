@@ -49,6 +49,16 @@ def model_dirs(tmp_path_factory, texts) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session")
+def peaked_dir(tmp_path_factory, texts) -> str:
+    """A 32k-vocabulary GPT-2 with peaked, frequency-skewed distributions (a trained model's
+    shape; see lib.sample.build_peaked_causal), for the top-k storage tests."""
+    root = tmp_path_factory.mktemp("peaked")
+    return str(
+        sample.build_peaked_causal(root, texts, d_model=16, num_layers=1, vocab_size=300, seed=4)
+    )
+
+
 def write_rows(path, texts: list, targets: list | None = None, ids: list | None = None) -> str:
     """Write a small Parquet corpus with `text` (and `target`, `doc_id`) columns."""
     columns = {"text": pa.array(texts, pa.string())}

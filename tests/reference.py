@@ -145,3 +145,72 @@ def assert_matches(
         gaps = np.abs(np.diff(np.sort(logits)[::-1][: k + 1]))
         if gaps.min() > 2 * atol:  # no ties within tolerance: ids must agree exactly
             assert list(rec.topk_ids) == order.tolist(), key
+
+
+def float64_topk(reference: dict, keys: list, k: int) -> dict[str, np.ndarray]:
+    """For each key, from the reference's whole row in float64: the top-k log-probabilities
+    (descending) and ids, log p of every entry (a list of rows, to look up stored ids), the
+    logsumexp, the entropy and the token's log-probability (NaN where there is no token)."""
+    rows = {"logp": [], "top_logp": [], "top_ids": [], "logsumexp": [], "entropy": [], "token": []}
+    for key in keys:
+        token, logits = reference[key]
+        x = logits.astype(np.float64)
+        lse = x.max() + np.log(np.exp(x - x.max()).sum())
+        logp = x - lse
+        top = np.argpartition(-logp, k)[:k]
+        top = top[np.argsort(-logp[top], kind="stable")]
+        p = np.exp(logp)
+        rows["logp"].append(logp)
+        rows["top_logp"].append(logp[top])
+        rows["top_ids"].append(top)
+        rows["logsumexp"].append(lse)
+        rows["entropy"].append(-(p * np.where(p > 0, logp, 0)).sum())
+        rows["token"].append(np.nan if token is None else logp[token])
+    return {name: values if name == "logp" else np.array(values) for name, values in rows.items()}
+
+
+def assert_topk_storage(
+    arrays: dict, reference: dict, k: int, *, top_p: float, min_k: int, bound: float
+) -> None:
+    """Stored top-k rows (as lib.results.load_arrays decodes them) against the unbatched
+    float64 reference: each row keeps the shortest prefix reaching `top_p` in mass (within
+    [min_k, k]; either count where a prefix mass lies within 1e-4 of top_p), its ids are the
+    reference's top ids (as sets where the cut falls in a near-tie), each stored log-probability
+    is within `bound` of the reference at -20 nats or above (1/255 of |lp| below), past the
+    count ids are -1 and log-probabilities -inf, and rows are in descending order."""
+    keys = list(zip(arrays["id"].tolist(), arrays["position"].tolist(), strict=True))
+    assert len(keys) == len(set(keys)) and set(keys) == set(reference)
+    want = float64_topk(reference, keys, k)
+    mass = np.cumsum(np.exp(want["top_logp"]), axis=1)
+    count = (
+        np.clip((mass < top_p).sum(axis=1) + 1, min_k, k) if top_p < 1 else np.full(len(keys), k)
+    )
+    near = np.abs(mass - top_p).min(axis=1) < 1e-4 if top_p < 1 else np.zeros(len(keys), bool)
+    got = arrays["topk_count"]
+    np.testing.assert_array_equal(got[~near], count[~near])
+    assert (np.abs(got - count) <= 1).all()
+    kept = np.arange(k) < got[:, None]
+    ids, stored = arrays["topk_ids"], arrays["topk_logprobs"]
+    assert (ids[~kept] == -1).all() and np.isneginf(stored[~kept]).all()
+    # Every stored (id, log-probability) pair against the reference's log p of that id.
+    rows = np.nonzero(kept)[0]
+    exact = np.concatenate(
+        [logp[row[:n]] for logp, row, n in zip(want["logp"], ids, got, strict=True)]
+    )
+    error = np.abs(stored[kept].astype(np.float64) - exact)
+    high = exact >= -20
+    assert error[high].max() <= bound, error[high].max()
+    assert (error[~high] / -exact[~high]).max(initial=0) <= 1 / 255
+    # The stored ids are the reference's top ids: the same sequence, up to near-ties.
+    cut = want["top_logp"][np.arange(len(keys)), got - 1]
+    assert (exact >= cut[rows] - 2e-3).all()  # nothing below the cut, up to a near-tie
+    assert all(len(set(row[:n])) == n for row, n in zip(ids, got, strict=True))  # distinct
+    with np.errstate(invalid="ignore"):  # -inf - -inf
+        assert not (np.diff(stored, axis=1) > 0)[kept[:, 1:]].any()
+    np.testing.assert_allclose(arrays["logsumexp"], want["logsumexp"], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(arrays["entropy"], want["entropy"], atol=2e-3, rtol=2**-11)
+    token = ~np.isnan(want["token"])
+    np.testing.assert_array_equal(arrays["has_token"], token)
+    np.testing.assert_allclose(
+        arrays["token_logprob"][token], want["token"][token], atol=1e-3, rtol=2**-11
+    )

@@ -95,8 +95,18 @@ def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
     _positive(startup, "startup_s", "job_10_rows_wall_s")
     _finite(startup, "startup_beyond_imports_s")
     assert startup["bare_imports_s"] >= 0  # imported already in this test's process
+    storage = {row["encoding"]: row for row in results["storage"]}
+    assert list(storage) == list(bench.STORAGE_ENCODINGS)
+    for row in storage.values():
+        _positive(row, "bytes_per_position", "bytes_per_entry", "write_positions_s")
+        _positive(row, "read_positions_s", "target_ratio", "entries_per_position")
+        assert row["columns"]["footer"] > 0 and row["columns"]["logsumexp"] > 0
+    assert storage["plain float32"]["max_error_nats"] == 0
+    assert storage["compact"]["max_error_nats"] <= 1 / 104 + 1e-6
+    assert storage["compact top_p=0.95 min_k=2"]["entries_per_position"] < 64
     for heading in ("pipeline_efficiency", "steady_speedup", "e2e_speedup", "host_ceiling:"):
         assert heading in stdout, heading
+    assert "bytes per position, by column:" in stdout
 
 
 def test_naive_loop_writes_the_jobs_rows(tmp_path, model_dirs, texts):

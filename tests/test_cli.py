@@ -184,6 +184,7 @@ def test_default_config_on_the_fixtures(tmp_path, model_dirs, corpus):
         "skipped_rows": 0,
         "truncated_rows": truncated,
         "output_rows": sum(map(len, targets)),
+        "topk_entries": sum(map(len, targets)) * k,
     }
     # One shard per input file: each holds fewer than output.shard_rows rows.
     assert len(manifest["shards"]) == 2
@@ -211,10 +212,12 @@ def test_default_config_on_the_fixtures(tmp_path, model_dirs, corpus):
     assert keys == sorted(keys)
 
 
-def test_make_sample_then_default_config(tmp_path):
-    """What `make extract` does: build the offline sample, then run the default config on it."""
+def test_make_sample_then_default_config(tmp_path, launcher):
+    """What `make extract` does: build the offline sample, then run the default config on it
+    (as fork-server children: test_default_config_on_the_fixtures runs a new interpreter)."""
     root = tmp_path / "sample"
-    result = run_cli("jobs.make_sample", str(root))
+    result = launcher.start([str(root)], module="jobs.make_sample").wait()
+    result.assert_ok()
     info = json.loads((root / "sample.json").read_text())
     assert result.stdout.strip() == f"sample corpus {info['corpus']}, model {info['model']}"
     # The sample has the layout that configs/default.yaml expects under data/sample/.
@@ -237,14 +240,16 @@ def test_make_sample_then_default_config(tmp_path):
     head = tmp_path / "head.parquet"
     pq.write_table(table.slice(0, 60), head)
     out = tmp_path / "out"
-    result = run_cli(
-        "jobs.extract",
-        "--config",
-        "configs/default.yaml",
-        f"model.path={info['model']}",
-        f"input.path={head}",
-        f"output.dir={out}",
-    )
+    result = launcher.start(
+        [
+            "--config",
+            "configs/default.yaml",
+            f"model.path={info['model']}",
+            f"input.path={head}",
+            f"output.dir={out}",
+        ]
+    ).wait()
+    result.assert_ok()
     frame, manifest = check_output_dir(out, result.stdout)
     check_dtypes(frame, config["output"]["k"])
     assert manifest["totals"]["input_rows"] == manifest["totals"]["scored_rows"] == 60

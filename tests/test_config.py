@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.config import JobConfig, _coerce, load_config, parse_override
+from lib.config import JobConfig, _coerce, describe_keys, load_config, parse_override
 from lib.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,8 @@ def test_yaml_file_and_overrides_combine(tmp_path):
         (
             "output.kk=3",
             "unknown config key 'output.kk' (did you mean output.k?); output has dir, "
-            "logits, k, dtype, format, shard_rows, rows, level, min_k_fraction, overwrite, report",
+            "logits, k, top_p, min_k, encoding, dtype, format, shard_rows, rows, level, "
+            "min_k_fraction, overwrite, report",
         ),
         (
             "modle.path=x",
@@ -245,3 +246,48 @@ def test_remote_code_and_pickle_are_off_by_default():
     config = load_config(None, BASE)
     assert config.model.trust_remote_code is False
     assert config.model.allow_pickle is False
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["output.top_p=0"], "config key output.top_p: must be above 0 and at most 1, got 0.0"),
+        (["output.top_p=1.5"], "config key output.top_p: must be above 0 and at most 1, got 1.5"),
+        (["output.min_k=0"], "config key output.min_k: must be at least 1, got 0"),
+        (["output.min_k=30"], "config key output.min_k: 30 is more than output.k (20)"),
+        (
+            ["output.encoding=zip"],
+            "config key output.encoding: expected one of plain, compact, got 'zip'",
+        ),
+        (
+            ["output.top_p=0.9", "output.logits=full"],
+            "config key output.top_p: 0.9 shapes top-k rows; output.logits=full has none",
+        ),
+        (
+            ["output.encoding=compact", "output.level=documents"],
+            "config key output.encoding: compact shapes token rows; output.level=documents has none",
+        ),
+        (
+            ["output.encoding=compact", "output.format=arrow"],
+            "config key output.encoding: compact needs output.format=parquet "
+            "(its columns rely on Parquet's encodings)",
+        ),
+        (
+            ["output.encoding=compact", "output.rows=examples"],
+            "config key output.encoding: compact writes one row per position; "
+            "use output.rows=positions or output.encoding=plain",
+        ),
+    ],
+)
+def test_top_p_and_encoding_are_checked(overrides, expected):
+    assert error(BASE + overrides) == expected
+
+
+def test_top_p_and_encoding_combinations_that_work():
+    for extra in (
+        ["output.top_p=0.95", "output.min_k=2", "output.rows=examples", "output.format=arrow"],
+        ["output.encoding=compact", "output.top_p=0.95", "output.level=both"],
+        ["output.min_k=3"],  # no effect without top_p, but not wrong
+    ):
+        load_config(None, BASE + extra)
+    assert "output.encoding" in describe_keys() and "plain | compact" in describe_keys()

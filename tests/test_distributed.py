@@ -1,4 +1,5 @@
-"""Two CPU processes under `accelerate launch --multi_gpu` produce exactly the single-process rows.
+"""Two CPU processes under `accelerate launch --multi_gpu` produce exactly the single-process rows
+(compact, top_p output: the same shards byte for byte, id orders included).
 
 `--multi_gpu` starts the ranks through torchrun; with no GPU, PartialState(cpu=True) joins them
 over gloo. (`--cpu` would start a single process unless MPI is installed.)
@@ -50,6 +51,10 @@ def test_two_processes_equal_one(model_dirs, tmp_path):
         "model.dtype=float32",
         "input.max_length=32",
         "output.level=both",
+        # compact rows with top_p: every shard's footer (its id order) is the rank's own work
+        "output.encoding=compact",
+        "output.top_p=0.9",
+        "output.min_k=2",
         "runtime.threads=1",  # as each of the two ranks gets
     ]
 
@@ -67,6 +72,8 @@ def test_two_processes_equal_one(model_dirs, tmp_path):
     assert stdout.count("output rows") == 1  # only the main process prints the summary
 
     assert _read(double).equals(_read(single))  # every column, exactly
+    for shard in (single / "tokens").iterdir():  # footers too: the same id order
+        assert (double / "tokens" / shard.name).read_bytes() == shard.read_bytes()
     documents = ds.dataset(double / "documents").to_table().sort_by("id")
     assert documents.num_rows == 43
     assert documents.equals(ds.dataset(single / "documents").to_table().sort_by("id"))

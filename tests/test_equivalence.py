@@ -7,7 +7,9 @@ import pyarrow.dataset as ds
 import pytest
 
 from jobs import extract
-from tests.reference import assert_matches, read_corpus, reference_rows
+from lib import results, sample
+from tests.conftest import write_rows
+from tests.reference import assert_matches, assert_topk_storage, read_corpus, reference_rows
 
 CASES = [
     # model, reference mode, overrides
@@ -99,3 +101,35 @@ def test_float16_storage_is_close(tmp_path, model_dirs, corpus):
         _, logits = reference[(rec.id, rec.position)]
         top = sorted(logits, reverse=True)[:5]
         assert max(abs(a - b) for a, b in zip(rec.topk_logits, top, strict=False)) < 1e-2
+
+
+@pytest.fixture(scope="module")
+def peaked_case(tmp_path_factory, peaked_dir) -> tuple[str, dict]:
+    """A small corpus and the peaked 32k model's unbatched forward on it."""
+    root = tmp_path_factory.mktemp("peaked-corpus")
+    texts = sample.generate_texts(24, seed=31, mean_words=7)
+    corpus = write_rows(root / "corpus.parquet", texts, ids=[f"p{i:02d}" for i in range(24)])
+    return corpus, reference_rows(peaked_dir, read_corpus(corpus), "causal", max_length=16)
+
+
+@pytest.mark.parametrize("encoding,top_p", [("compact", 1.0), ("compact", 0.95), ("plain", 0.95)])
+def test_topk_storage_equals_unbatched_forward(tmp_path, peaked_dir, peaked_case, encoding, top_p):
+    """k = 64 on a 32k vocabulary with peaked distributions, min_k = 2: each row keeps exactly
+    the required entries, ids are lossless, and every stored log-probability is within the
+    bound (compact: half its 1/52-nat step; plain float32: exact)."""
+    corpus, reference = peaked_case
+    settings = [
+        "batching.max_tokens=64",
+        "input.max_length=16",
+        "output.shard_rows=7",
+        "output.k=64",
+        f"output.encoding={encoding}",
+        f"output.top_p={top_p}",
+        "output.min_k=2",
+    ]
+    run(tmp_path, peaked_dir, corpus, settings)
+    arrays = results.load_arrays(tmp_path / "out")
+    bound = 1 / 104 + 1e-4 if encoding == "compact" else 1e-4
+    assert_topk_storage(arrays, reference, 64, top_p=top_p, min_k=2, bound=bound)
+    if top_p < 1:
+        assert 2 <= arrays["topk_count"].mean() < 40  # peaked: most rows keep few entries

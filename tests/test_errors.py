@@ -152,7 +152,8 @@ CLI_CASES = {
     "unknown_key": lambda m, b, d, o: (
         [*base(m["gpt2"], d["ok"], o), "output.kk=3"],
         "error: unknown config key 'output.kk' (did you mean output.k?); output has dir, logits, "
-        "k, dtype, format, shard_rows, rows, level, min_k_fraction, overwrite, report",
+        "k, top_p, min_k, encoding, dtype, format, shard_rows, rows, level, min_k_fraction, "
+        "overwrite, report",
     ),
     "wrong_type": lambda m, b, d, o: (
         [*base(m["gpt2"], d["ok"], o), "output.k=lots"],

@@ -329,3 +329,53 @@ def test_topk_by_blocks_rows_with_fewer_than_k_finite_logits(vocab):
     assert torch.equal(values, logits.topk(20, dim=-1).values)
     assert int(ids.max()) < vocab
     assert ids[0, 0] == vocab - 1 and ids[1, :5].tolist() == [4, 3, 2, 1, 0]
+
+
+def float64_kept(logits: np.ndarray, k: int, top_p: float, min_k: int) -> tuple:
+    """Per row, from the whole sorted row in float64: the kept count, the kept mass, and how
+    close the nearest prefix mass lies to top_p (where float32 may decide either way)."""
+    x = logits.astype(np.float64)
+    peak = x.max(axis=1, keepdims=True)
+    logp = x - peak - np.log(np.exp(x - peak).sum(axis=1, keepdims=True))
+    mass = np.cumsum(np.exp(-np.sort(-logp, axis=1)[:, :k]), axis=1)
+    count = np.clip((mass < top_p).sum(axis=1) + 1, min_k, k)
+    return count, mass[np.arange(len(x)), count - 1], np.abs(mass - top_p).min(axis=1)
+
+
+@pytest.mark.parametrize("top_p,min_k", [(0.9, 1), (0.5, 3), (0.999, 2)])
+def test_kept_counts_equal_float64_sorted_logits(top_p, min_k):
+    """The kept prefix: the shortest reaching top_p in mass, clamped to [min_k, k], counted as
+    float64 counts it from the whole row, except within float32's reach of the threshold."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 2000, generator=gen) * torch.rand(300, 1, generator=gen) * 8
+    logits[:5, 10:] = -torch.inf  # fewer finite logits than k (the rest has no mass)
+    logits[5, :40] = 3.0  # ties across the threshold
+    k = 32
+    out = reduce.reduce_logits(
+        logits,
+        torch.zeros(300, dtype=torch.long),
+        k,
+        torch.float32,
+        False,
+        top_p=top_p,
+        min_k=min_k,
+    )
+    count, mass, margin = float64_kept(logits.numpy(), k, top_p, min_k)
+    got = out["topk_count"].numpy()
+    assert out["topk_count"].dtype == torch.int32 and got.min() >= min_k and got.max() <= k
+    near = margin < 1e-5
+    np.testing.assert_array_equal(got[~near], count[~near])
+    assert (np.abs(got[near] - count[near]) <= 1).all()
+    # The kept entries hold the float64 mass of the kept prefix (ties swap equal values only).
+    lse = out["logsumexp"].numpy().astype(np.float64)[:, None]
+    stored = np.exp(out["topk_logits"].numpy().astype(np.float64) - lse)
+    kept_mass = np.where(np.arange(k) < got[:, None], stored, 0).sum(axis=1)
+    np.testing.assert_allclose(kept_mass[~near], mass[~near], atol=1e-5)
+    assert 1 < got.mean() < k  # the counts vary
+
+
+def test_top_p_one_keeps_no_count():
+    logits, labels = random_case()
+    assert "topk_count" not in reduce.reduce_logits(logits, labels, K, torch.float32, False)
+    full = reduce.reduce_logits(logits, labels, K, torch.float32, True, top_p=0.5)
+    assert "topk_count" not in full

@@ -262,3 +262,82 @@ def test_output_of_the_first_layout_is_still_read(outputs, tmp_path, capsys):
     ]
     assert extract.main([*argv, f"output.dir={old}"]) == 2
     assert "holds output of an earlier version" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def top_p_outputs(tmp_path_factory, peaked_dir, corpus) -> dict[str, Path]:
+    """One top_p job of the peaked 32k model in both encodings: plain (float32, padded k-wide
+    rows) and compact."""
+    root = tmp_path_factory.mktemp("top-p")
+    outputs = {}
+    for encoding in ("plain", "compact"):
+        out = root / encoding
+        argv = [
+            f"model.path={peaked_dir}",
+            f"input.path={corpus}",
+            f"output.dir={out}",
+            f"input.max_length={MAX_LENGTH}",
+            "input.id_column=doc_id",
+            "output.shard_rows=17",
+            "output.dtype=float32",
+            "output.k=8",
+            "output.top_p=0.8",
+            "output.min_k=2",
+            f"output.encoding={encoding}",
+        ]
+        assert extract.main(argv) == 0
+        outputs[encoding] = out
+    return outputs
+
+
+def test_compact_reads_as_plain_within_its_bound(top_p_outputs):
+    plain = results.load_arrays(top_p_outputs["plain"])
+    compact = results.load_arrays(top_p_outputs["compact"])
+    assert set(compact) == set(plain) - {"topk_logits"}
+    for name in ("id", "position", "has_token", "token_id", "token_rank", "logsumexp"):
+        np.testing.assert_array_equal(compact[name], plain[name], err_msg=name)
+    counts = plain["topk_count"]
+    assert counts.min() >= 2 and counts.max() <= 8 and len(set(counts)) > 2
+    np.testing.assert_array_equal(compact["topk_count"], counts)
+    np.testing.assert_array_equal(compact["topk_ids"], plain["topk_ids"])  # -1 past the count
+    kept = np.arange(8) < counts[:, None]
+    assert np.isneginf(plain["topk_logprobs"][~kept]).all()
+    assert np.isneginf(compact["topk_logprobs"][~kept]).all()
+    error = np.abs(compact["topk_logprobs"][kept] - plain["topk_logprobs"][kept])
+    assert error.max() <= 1 / 104 + 1e-6
+    for name in ("token_logprob", "entropy"):  # float16 in compact shards
+        assert compact[name].dtype == np.float32
+        np.testing.assert_allclose(compact[name], plain[name], rtol=2**-11, atol=0, err_msg=name)
+
+
+def test_compact_through_every_reader(top_p_outputs, tmp_path):
+    import duckdb
+    import polars as pl
+
+    out = top_p_outputs["compact"]
+    arrays = results.load_arrays(out)
+    tensors = results.to_torch(out)
+    assert tensors["topk_ids"].dtype == torch.int64 and tensors["topk_count"].dtype == torch.int64
+    assert (tensors["topk_ids"] == -1).any() and torch.isneginf(tensors["topk_logprobs"]).any()
+    np.testing.assert_array_equal(tensors["topk_logprobs"].numpy(), arrays["topk_logprobs"])
+    # One example at a time, decoded with its own shard's id order.
+    rows = [rows for _, rows in results.iter_examples(out)]
+    for name in ("topk_ids", "topk_logprobs", "topk_count"):
+        joined = np.concatenate([r[name] for r in rows])
+        np.testing.assert_array_equal(joined, arrays[name])  # top-k rows are in input order
+    subset = results.load_arrays(out, columns=["id", "position", "topk_ids"])
+    np.testing.assert_array_equal(subset["topk_ids"], arrays["topk_ids"])
+    assert "logsumexp" not in subset
+    # The stored columns load with one plain call, as every encoding does.
+    frame = pd.read_parquet(out / "tokens")
+    assert len(frame) == len(arrays["id"]) and "topk_id_codes" in frame.columns
+    assert pl.read_parquet(out / "tokens" / "*.parquet").height == len(frame)
+    query = f"SELECT count(*), sum(len(topk_id_codes)) FROM '{out}/tokens/*.parquet'"
+    assert duckdb.sql(query).fetchall() == [(len(frame), arrays["topk_count"].sum())]
+    # Without the manifest (a job that has not finished) rows are as wide as the longest.
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    (copy / "_manifest.json").unlink()
+    partial = results.load_arrays(copy)
+    width = partial["topk_ids"].shape[1]
+    assert width == arrays["topk_count"].max()
+    np.testing.assert_array_equal(partial["topk_ids"], arrays["topk_ids"][:, :width])

@@ -336,3 +336,41 @@ def test_level_both_killed_between_its_two_renames_then_resumed(
         (s["file"], s["sha256"]) for s in reference["shards"]
     ]
     assert verify(out, check_input=True).problems == []
+
+
+def test_compact_top_p_killed_then_resumed(launcher, inputs, model_dirs, tmp_path):
+    """Compact rows with top_p: a kill between a shard's close and its rename, then a resume,
+    give exactly the uninterrupted run's shards (the same id order in every footer)."""
+    settings = ["input.id_column=doc_id", "output.encoding=compact", "output.top_p=0.8"]
+    reference = tmp_path / "reference"
+    assert extract.main(job_args(model_dirs["gpt2"], inputs["path"], reference, *settings)) == 0
+    out = tmp_path / "out"
+    args = job_args(model_dirs["gpt2"], inputs["path"], out, *settings)
+    killed = run(launcher, args, crash="before_rename:2")
+    assert killed.code == -signal.SIGKILL, killed.stderr
+    assert temporaries(out) == ["_tmp/part-00001.parquet"]  # the second unit
+    finished = run(launcher, args)
+    assert finished.code == 0, finished.stderr
+    assert read_output(out, "parquet").equals(read_output(reference, "parquet"))
+    for shard in shards(reference):
+        assert (out / "tokens" / shard.name).read_bytes() == shard.read_bytes()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["totals"] == json.loads((reference / "_manifest.json").read_text())["totals"]
+    assert verify(out, check_input=True).problems == []
+
+
+def test_top_p_and_encoding_enter_the_fingerprint_only_when_set():
+    from lib.config import load_config
+    from lib.resume import fingerprint
+
+    base = ["model.path=m", "input.path=i", "output.dir=o"]
+    model = {"identity": {}, "files": []}
+
+    def print_of(*extra: str) -> str:
+        return fingerprint(load_config(None, [*base, *extra]), [], model)
+
+    default = print_of()
+    assert print_of("output.encoding=plain", "output.top_p=1.0", "output.min_k=3") == default
+    changed = {print_of("output.encoding=compact"), print_of("output.top_p=0.9")}
+    changed |= {print_of("output.top_p=0.9", "output.min_k=2"), default}
+    assert len(changed) == 4

@@ -87,21 +87,26 @@ def test_unit_rates_count_from_the_previous_commit_of_the_rank():
     np.testing.assert_allclose(lines[(0, "b")], [[102, 50]])
 
 
-def test_example_rows_give_the_same_statistics(tmp_path, model_dirs, corpus):
+def _llama_job(out, model_dirs, corpus, *extra: str) -> None:
+    """A small top-k job of the tiny Llama (k = 4) into `out`."""
     from jobs import extract
-    from lib import results
 
-    out = tmp_path / "examples"
     argv = [
         f"model.path={model_dirs['llama']}",
         f"input.path={corpus}",
         f"output.dir={out}",
         "input.max_length=12",
         "output.k=4",
-        "output.rows=examples",
-        "output.format=arrow",
+        *extra,
     ]
     assert extract.main(argv) == 0
+
+
+def test_example_rows_give_the_same_statistics(tmp_path, model_dirs, corpus):
+    from lib import results
+
+    out = tmp_path / "examples"
+    _llama_job(out, model_dirs, corpus, "output.rows=examples", "output.format=arrow")
     stats = run_stats.scan_tokens(run_stats.read_run(out))
     arrays = results.load_arrays(out)  # example rows back as position rows
     has = arrays["has_token"]
@@ -109,3 +114,17 @@ def test_example_rows_give_the_same_statistics(tmp_path, model_dirs, corpus):
     assert stats.logprob.mean == pytest.approx(arrays["token_logprob"][has].mean(), rel=1e-5)
     logprobs = results.topk_logprobs(arrays["topk_logits"], arrays["logsumexp"])
     assert stats.mass.mean == pytest.approx(np.exp(logprobs).sum(1).mean(), rel=1e-4)
+
+
+def test_compact_rows_give_the_stored_mass(tmp_path, model_dirs, corpus):
+    """The report reads compact rows' log-probabilities (no ids needed) for the stored mass."""
+    from lib import results
+
+    out = tmp_path / "compact"
+    _llama_job(out, model_dirs, corpus, "output.encoding=compact")
+    stats = run_stats.scan_tokens(run_stats.read_run(out))
+    arrays = results.load_arrays(out)
+    has = arrays["has_token"]
+    assert stats.positions == len(has) and stats.scored == has.sum()
+    assert stats.mass.mean == pytest.approx(np.exp(arrays["topk_logprobs"]).sum(1).mean(), rel=1e-4)
+    assert stats.entropy.n == len(has)

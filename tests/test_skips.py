@@ -112,6 +112,7 @@ def check_accounting(
         "skipped_rows": len(reasons),
         "truncated_rows": truncated,
         "output_rows": len(scored),
+        "topk_entries": len(scored) * 3,  # output.k
     }
     assert totals["input_rows"] == totals["scored_rows"] + totals["skipped_rows"]
     assert not scored.duplicated(["id", "position"]).any()

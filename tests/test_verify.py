@@ -319,3 +319,35 @@ def test_command_line_prints_one_line_per_problem(damaged, tmp_path):
         1,
         f"{tmp_path / 'absent'}: {tmp_path / 'absent'} is not a directory\n",
     )
+
+
+def test_compact_output_reports_its_bytes_per_position_and_entry(job, model_dirs, tmp_path, capsys):
+    out = tmp_path / "compact"
+    argv = [
+        f"model.path={model_dirs['gpt2']}",
+        f"input.path={job['corpus']}",
+        f"output.dir={out}",
+        "output.k=4",
+        "output.shard_rows=8",
+        "input.max_length=16",
+        "output.encoding=compact",
+    ]
+    assert extract.main(argv) == 0
+    capsys.readouterr()
+    manifest = _manifest(out)
+    positions = manifest["totals"]["output_rows"]
+    assert manifest["totals"]["topk_entries"] == 4 * positions
+    size = sum(s["bytes"] for s in manifest["shards"])
+    status, problems, printed = check(out, capsys=capsys)
+    assert (status, problems) == (0, [])
+    assert printed == (
+        f"OK {out}: 5 shards, {positions:,} rows; {size / positions:.1f} bytes/position, "
+        f"{size / (4 * positions):.2f} bytes/entry (4.0 top-k entries/position)\n"
+    )
+    # The entries the manifest counts are the ones the shards' footers hold.
+    _edit_manifest(out, lambda m: m["totals"].update(topk_entries=7))
+    status, problems, _ = check(out, capsys=capsys)
+    assert status == 1
+    assert problems == [
+        f"{out}: manifest totals.topk_entries is 7, the shards' footers hold {4 * positions:,}"
+    ]

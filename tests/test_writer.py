@@ -187,3 +187,67 @@ def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path):
     layout.write_atomic(target, b"two", tmp_path)
     assert target.read_bytes() == b"two"
     assert _owned(tmp_path) == ["_manifest.json"]
+
+
+def _topk_stats(rows: int, counts: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Float32 top-k statistics, descending, as the reduction gives them for compact rows."""
+    rng = np.random.default_rng(1)
+    logits = np.sort(rng.normal(size=(rows, K)), axis=1)[:, ::-1].astype(np.float32)
+    stats = {
+        "has_token": np.ones(rows, bool),
+        "token_logprob": -rng.uniform(0, 30, size=rows).astype(np.float32),
+        "token_rank": np.arange(rows, dtype=np.int32),
+        "logsumexp": (logits[:, 0] + 1).astype(np.float32),
+        "entropy": rng.uniform(0, 2, size=rows).astype(np.float32),
+        "topk_ids": rng.integers(0, 11, size=(rows, K)).astype(np.int32),
+        "topk_logits": logits,
+    }
+    if counts is not None:
+        stats["topk_count"] = counts.astype(np.int32)
+    return stats
+
+
+def test_plain_rows_with_top_p_keep_k_entries_padded():
+    counts = np.array([1, 3, 2])
+    stats = _topk_stats(3, counts)
+    stats["topk_logits"] = stats["topk_logits"].astype(np.float16)
+    schema = _schema()  # the plain schema is the same with and without top_p
+    table = writer.to_table(
+        schema, pa.array(["a"]), np.zeros(3, np.int64), np.arange(3), np.arange(3), stats
+    )
+    assert table.column("topk_ids").to_pylist()[0][1:] == [-1, -1]
+    assert table.column("topk_ids").to_pylist()[2][:2] == stats["topk_ids"][2, :2].tolist()
+    assert table.column("topk_logits").to_pylist()[2][2] == -np.inf
+
+
+def test_compact_shard_has_its_encodings_and_id_order(out_dir):
+    from lib import compact, results
+
+    schema = writer.output_schema(pa.string(), K, 11, "float16", full=False, encoding="compact")
+    assert schema.field("entropy").type == pa.float16() and "topk_logits" not in schema.names
+    counts = np.array([3, 1, 2, 3])
+    stats = _topk_stats(4, counts)
+    table = writer.to_table(
+        schema, pa.array(["a", "b"]), np.array([0, 0, 1, 1]), np.arange(4), np.arange(4), stats
+    )
+    shard = writer.ShardWriter(out_dir, "part-00004", schema, "parquet")
+    shard.write(table)
+    with pytest.raises(RuntimeError, match="written in one table"):
+        shard.write(table)  # one id order per file: a second table would decode wrongly
+    shard.commit({}, _ok)
+    path = out_dir / "tokens" / "part-00004.parquet"
+    metadata = pq.read_metadata(path)
+    encodings = {
+        metadata.row_group(0).column(i).path_in_schema: metadata.row_group(0).column(i).encodings
+        for i in range(metadata.num_columns)
+    }
+    for column, encoding in compact.COLUMN_ENCODINGS.items():
+        assert encoding in encodings[column], column
+    assert "RLE_DICTIONARY" in encodings["id"]
+    fragment = next(iter(results.open_dataset(out_dir).get_fragments()))
+    decoded = results.table_to_arrays(fragment.to_table(), results.shard_id_order(fragment), K)
+    kept = np.arange(K) < counts[:, None]
+    np.testing.assert_array_equal(decoded["topk_ids"][kept], stats["topk_ids"][kept])
+    logprobs = stats["topk_logits"] - stats["logsumexp"][:, None]
+    assert np.abs(decoded["topk_logprobs"][kept] - logprobs[kept]).max() <= 1 / 104 + 1e-6
+    assert decoded["token_logprob"].dtype == np.float32
