@@ -9,6 +9,7 @@ import signal
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
@@ -163,14 +164,22 @@ def test_object_stores_list_without_pyarrow_creating_anything(s3, job):
     assert fs.get_file_info(f"{job['bucket']}/corpus/_tmp").type == pafs.FileType.NotFound
 
 
-def test_other_stores_through_fsspec_give_the_same_rows(job, model_dirs, corpus):
-    """The generic path (a temporary moved into place, a checked lease) on fsspec's memory://."""
+def test_other_stores_through_fsspec_give_the_same_rows(model_dirs, corpus, tmp_path):
+    """The generic path (a temporary moved into place, a checked lease) on fsspec's memory://,
+    with compact top-p shards (their id order is written to the footer after the rows)."""
     out = f"memory://generic-{uuid.uuid4().hex[:8]}/out"
+    compact = ["output.encoding=compact", "output.top_p=0.9", "output.min_k=2"]
+    local = str(tmp_path / "local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert extract.main(_settings(model_dirs["gpt2"], corpus, out)) == 0
+        assert extract.main([*_settings(model_dirs["gpt2"], corpus, local), *compact]) == 0
+        assert extract.main([*_settings(model_dirs["gpt2"], corpus, out), *compact]) == 0
     finally:
         torch.set_num_threads(threads)
-    _same_as_local(out, job["local"])
+    _same_as_local(out, local)
     assert list((storage.location(out) / "_tmp").iterdir()) == []
+    remote, here = results.load_arrays(out), results.load_arrays(local)
+    assert remote.keys() == here.keys() and "topk_ids" in remote
+    for name in remote:
+        np.testing.assert_array_equal(remote[name], here[name], err_msg=name)
