@@ -135,8 +135,11 @@ def filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
     except (pa.ArrowInvalid, ValueError) as exc:
         if "Unrecognized filesystem type" not in str(exc):
             raise UserError(f"{scheme}://{bucket}: {explain(exc)}") from None
-    except OSError as exc:
-        raise UserError(f"{scheme}://{bucket}: {explain(exc)}") from None
+    except OSError as exc:  # S3 resolves the bucket's region here
+        cause = explain(exc)
+        if "not found" in str(exc).lower() and "bucket" in str(exc).lower():
+            cause = "the bucket does not exist"
+        raise UserError(f"{scheme}://{bucket}: {cause}") from None
     try:
         import fsspec
 
