@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class InputFile:
     path: str
     rows: int
     size: int
+    modified: float | None = None  # seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class WorkUnit:
 
 
 _GLOB_CHARS = frozenset("*?[")
+_PARALLEL_FOOTERS = 32  # requests in flight when opening many files on an object store
 
 
 def find_input_files(pattern: str) -> list[str]:
@@ -133,18 +136,35 @@ def _check_columns(path: str, schema: pa.Schema, cfg: InputConfig) -> None:
             )
 
 
+def _footer(path: str) -> tuple[pa.Schema, int, storage.Stat] | UserError:
+    """A file's schema, rows and size and time, or the UserError that names what is wrong."""
+    try:
+        stat = storage.location(path).stat()
+        meta = pq.ParquetFile(storage.open_input(path))
+        return meta.schema_arrow, meta.metadata.num_rows, stat
+    except storage.StorageError as exc:
+        return UserError(f"input file {path}: cannot read it: {exc}")
+    except (pa.ArrowException, OSError) as exc:
+        return UserError(f"input file {path} is not valid Parquet: {first_line(exc)}")
+
+
+def _footers(paths: list[str]) -> list:
+    """`_footer` of every file; an object store's many at once (each is a few requests)."""
+    if len(paths) > 1 and storage.is_uri(paths[0]):
+        with ThreadPoolExecutor(_PARALLEL_FOOTERS) as pool:
+            return list(pool.map(_footer, paths))
+    return [_footer(path) for path in paths]
+
+
 def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
     """Open every input file's footer, check the configured columns, and count rows."""
     inputs = []
     id_type = None
-    for path in find_input_files(cfg.path):
-        try:
-            meta = pq.ParquetFile(storage.open_input(path))
-            schema = meta.schema_arrow
-        except storage.StorageError as exc:
-            raise UserError(f"input file {path}: cannot read it: {exc}") from None
-        except (pa.ArrowException, OSError) as exc:
-            raise UserError(f"input file {path} is not valid Parquet: {first_line(exc)}") from None
+    paths = find_input_files(cfg.path)
+    for path, found in zip(paths, _footers(paths), strict=True):
+        if isinstance(found, UserError):
+            raise found
+        schema, rows, stat = found
         _check_columns(path, schema, cfg)
         if cfg.id_column is not None:
             tp = schema.field(cfg.id_column).type
@@ -154,8 +174,7 @@ def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
                     f"other files have {id_type}"
                 )
             id_type = id_type or tp
-        size = storage.location(path).stat().st_size
-        inputs.append(InputFile(path, meta.metadata.num_rows, size))
+        inputs.append(InputFile(path, rows, stat.st_size, stat.st_mtime))
     return inputs
 
 

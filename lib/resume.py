@@ -43,12 +43,8 @@ def input_checksums(inputs: list[InputFile]) -> list[dict]:
     out = []
     for item in inputs:
         path = storage.location(item.path)
-        if storage.is_remote(path):
-            try:
-                stat = path.stat()
-            except OSError as exc:
-                raise UserError(f"input file {item.path}: cannot read it: {exc}") from None
-            entry = {"size": stat.st_size, "modified": stat.st_mtime}
+        if storage.is_remote(path):  # inspect_inputs read both with the footer
+            entry = {"size": item.size, "modified": item.modified}
         else:
             try:
                 sha256, size = storage.sha256(path)
