@@ -8,8 +8,10 @@ touched less than LEASE_S seconds ago. A dead holder's lease is moved aside and 
 every commit first checks that the lease is still this job's, so a job that lost its lease (a
 stalled node whose lease expired) stops instead of writing over its successor.
 
-On an object store (lib/storage.py) the lease is created with a conditional write where the
-store has one (S3), renewed by writing it again, and a dead holder's is deleted, not moved.
+On S3 (lib/storage.py) every change to the lease is conditional on what it replaces: created
+with `If-None-Match: *`, taken over from a dead holder and renewed with `If-Match` on the ETag
+last seen, so no job ever overwrites a lease it did not read. On other object stores it is
+written after a check and renewed by writing it again, and a dead holder's is deleted.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class Holder:
     token: str
     started: float
     touched: float  # the lease file's modification time
+    etag: str | None = None  # S3: the version read, for a takeover conditional on it
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
@@ -131,16 +134,23 @@ class Holder:
 def read_holder(path: AnyPath) -> Holder | None:
     """The lease's holder; None when there is no lease file. An unreadable one (a damaged disk,
     or a holder that has not finished writing it) reads as an unknown holder on another host."""
-    touched = time.time()
+    touched, etag = time.time(), None
     try:
-        touched = path.stat().st_mtime
-        data = json.loads(path.read_text())
+        if storage.is_s3(path):
+            found = storage.read_tagged(path)
+            if found is None:
+                return None
+            text, touched, etag = found
+        else:
+            touched = path.stat().st_mtime
+            text = path.read_text()
+        data = json.loads(text)
         process = Process(data["host"], data["boot"], int(data["pid"]), data.get("start"))
-        return Holder(process, str(data["token"]), float(data["started"]), touched)
+        return Holder(process, str(data["token"]), float(data["started"]), touched, etag)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
-        return Holder(Process("an unknown host", "", 0, None), "", touched, touched)
+        return Holder(Process("an unknown host", "", 0, None), "", touched, touched, etag)
 
 
 class Lease:
@@ -151,6 +161,7 @@ class Lease:
         self.token = token
         self.lost: str | None = None
         self._content = b""
+        self._etag: str | None = None  # S3: the ETag of the lease this job last wrote
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -169,7 +180,7 @@ class Lease:
         ).encode()
         self._content = content
         for _ in range(10):
-            if storage.create_exclusive(self.path, content):
+            if self._create():
                 self._start_renewing()
                 return
             holder = read_holder(self.path)
@@ -181,19 +192,39 @@ class Lease:
                     f"for it to end or stop it (a job that died frees it at once on its own "
                     f"machine, {LEASE_S:.0f} s after its last renewal from another machine)"
                 )
-            if self._move_aside(holder):
+            if self._take_over(holder):
                 log.warning(
                     "output.dir %s: took over from a job that is gone (%s)",
                     out_dir,
                     holder.describe(),
                 )
+                if storage.is_s3(self.path):  # the swap itself made the lease ours
+                    self._start_renewing()
+                    return
         raise UserError(f"output.dir {out_dir}: could not take {self.path.name}; try again")
+
+    def _create(self) -> bool:
+        """Create the lease only if there is none."""
+        if storage.is_s3(self.path):
+            self._etag = storage.create_tagged(self.path, self._content)
+            return self._etag is not None
+        return storage.create_exclusive(self.path, self._content)
+
+    def _take_over(self, stale: Holder) -> bool:
+        """Replace a dead holder's lease: on S3 by swapping ours in for the version read (then
+        it is ours), elsewhere by removing it (then `_create` tries again)."""
+        if storage.is_s3(self.path):
+            if stale.etag is None:
+                return False
+            self._etag = storage.replace_tagged(self.path, self._content, stale.etag)
+            return self._etag is not None
+        return self._move_aside(stale)
 
     def _move_aside(self, stale: Holder) -> bool:
         """Remove a dead holder's lease, and only that one: if a live job replaced it between our
         look and our rename, put the live one back."""
         if storage.is_remote(self.path):
-            # No rename on an object store: delete it if it is still the dead holder's. A live
+            # No rename on this object store: delete it if it is still the dead holder's. A live
             # job's lease written between our read and the delete is lost, and that job stops
             # at its next commit's check instead of sharing the directory.
             again = read_holder(self.path)
@@ -228,7 +259,13 @@ class Lease:
                 self.lost = "another job took it over" if holder else "its lease file was removed"
                 return
             try:
-                storage.touch(self.path, self._content)
+                if storage.is_s3(self.path):
+                    self._etag = storage.replace_tagged(self.path, self._content, self._etag)
+                    if self._etag is None:  # replaced since our last write
+                        self.lost = "another job took it over"
+                        return
+                else:
+                    storage.touch(self.path, self._content)
             except OSError as exc:
                 log.warning("cannot renew %s: %s", self.path, exc)
 

@@ -469,7 +469,7 @@ def create_exclusive(path: AnyPath, data: bytes) -> bool:
     (each commit's lease check then stops one of them)."""
     if is_remote(path):
         if path.scheme in _S3:
-            return _s3_put(path, data, if_none_match=True)
+            return create_tagged(path, data) is not None
         if path.exists():
             return False
         _put(path, data)
@@ -544,14 +544,51 @@ def _s3_call(path: ObjectPath, method: str, **kwargs) -> dict:
         raise _storage_error(exc, path) from None
 
 
-def _s3_put(path: ObjectPath, data: bytes, if_none_match: bool = False) -> bool:
+_CONFLICTS = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def _s3_put(path: ObjectPath, data: bytes, **condition: str) -> str | None:
+    """PUT an object, with `IfNoneMatch="*"` or `IfMatch=etag` if given; its new ETag, or None
+    when the condition failed."""
     try:
-        _s3_call(path, "put_object", Body=data, **({"IfNoneMatch": "*"} if if_none_match else {}))
+        return _s3_call(path, "put_object", Body=data, **condition)["ETag"]
     except StorageError as exc:
-        if if_none_match and exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return False
+        if condition and exc.code in _CONFLICTS:
+            return None
         raise
-    return True
+
+
+def is_s3(path: object) -> bool:
+    """Whether `path` is on S3 (or a store that speaks its API), where writes can be made
+    conditional on the object's ETag."""
+    return is_remote(path) and path.scheme in _S3
+
+
+def read_tagged(path: ObjectPath) -> tuple[bytes, float, str] | None:
+    """An S3 object's bytes, modification time and ETag in one request; None if missing."""
+    try:
+        answer = _s3_call(path, "get_object")
+    except StorageError as exc:
+        if exc.code in ("NoSuchKey", "404"):
+            return None
+        raise
+    return answer["Body"].read(), answer["LastModified"].timestamp(), answer["ETag"]
+
+
+def create_tagged(path: ObjectPath, data: bytes) -> str | None:
+    """Create an S3 object only if there is none (`If-None-Match: *`); its ETag, or None."""
+    return _s3_put(path, data, IfNoneMatch="*")
+
+
+def replace_tagged(path: ObjectPath, data: bytes, etag: str) -> str | None:
+    """Replace an S3 object only if it still has `etag` (`If-Match`): a compare-and-swap; the
+    new ETag, or None if it changed (or is gone)."""
+    try:
+        return _s3_put(path, data, IfMatch=etag)
+    except StorageError as exc:
+        if exc.code in ("NoSuchKey", "404"):
+            return None
+        raise
 
 
 def abort_uploads(folder: AnyPath) -> int:

@@ -175,3 +175,34 @@ def test_the_lease_holds_on_s3_and_a_dead_holders_is_taken_over(s3, bucket):
     with pytest.raises(UserError, match="lost its lease"):
         stale.check()
     successor.release()
+
+
+def test_s3_lease_writes_are_compare_and_swap(s3, bucket, monkeypatch):
+    import time
+
+    from lib import lease
+
+    out = storage.location(f"s3://{bucket}/out")
+    path = out / "_lock.json"
+    first = storage.create_tagged(path, b"one")
+    assert first and storage.create_tagged(path, b"two") is None
+    second = storage.replace_tagged(path, b"three", first)
+    assert second and storage.replace_tagged(path, b"four", first) is None  # a stale version
+    assert path.read_bytes() == b"three"
+    assert storage.replace_tagged(out / "missing.json", b"x", second) is None
+    path.unlink()
+    # A holder whose lease another job replaced (a stall long enough to look dead) learns it at
+    # its next renewal instead of writing over the successor's lease.
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    holder = lease.Lease(path, "a")
+    holder.acquire(out)
+    s3.client().put_object(Bucket=bucket, Key="out/_lock.json", Body=b'{"token": "b"}')
+    deadline = time.monotonic() + 10
+    while holder.lost is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert holder.lost == "another job took it over"
+    assert path.read_bytes() == b'{"token": "b"}'
+    with pytest.raises(UserError, match="lost its lease"):
+        holder.check()
+    holder.release()  # stops renewing; the successor's lease stays
+    assert path.read_bytes() == b'{"token": "b"}'
