@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from lib import storage
+from lib import s3, storage
 from lib.errors import output_error
 from lib.lease import Process, tag_alive
 from lib.storage import AnyPath
@@ -138,7 +138,7 @@ def remove_dead_temporaries(out_dir: AnyPath) -> int:
     """Delete temporaries whose writer is gone (any but those of live processes on this
     machine; called under the lease, so writers on other machines have stopped), and on S3 the
     unfinished uploads of killed writers; return how many."""
-    removed = storage.abort_uploads(out_dir)
+    removed = s3.abort_uploads(out_dir) if storage.is_s3(out_dir) else 0
     for path in temporaries(out_dir):
         tag = path.name[: -len(".tmp")].split("@", 1)[-1] if "@" in path.name else ""
         if tag and tag != writer_tag() and tag_alive(tag):

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib import storage
+from lib import s3, storage
 from lib.errors import UserError
 from lib.storage import AnyPath
 
@@ -137,7 +137,7 @@ def read_holder(path: AnyPath) -> Holder | None:
     touched, etag = time.time(), None
     try:
         if storage.is_s3(path):
-            found = storage.read_tagged(path)
+            found = s3.read_tagged(path)
             if found is None:
                 return None
             text, touched, etag = found
@@ -206,7 +206,7 @@ class Lease:
     def _create(self) -> bool:
         """Create the lease only if there is none."""
         if storage.is_s3(self.path):
-            self._etag = storage.create_tagged(self.path, self._content)
+            self._etag = s3.create_tagged(self.path, self._content)
             return self._etag is not None
         return storage.create_exclusive(self.path, self._content)
 
@@ -216,7 +216,7 @@ class Lease:
         if storage.is_s3(self.path):
             if stale.etag is None:
                 return False
-            self._etag = storage.replace_tagged(self.path, self._content, stale.etag)
+            self._etag = s3.replace_tagged(self.path, self._content, stale.etag)
             return self._etag is not None
         return self._move_aside(stale)
 
@@ -260,7 +260,7 @@ class Lease:
                 return
             try:
                 if storage.is_s3(self.path):
-                    self._etag = storage.replace_tagged(self.path, self._content, self._etag)
+                    self._etag = s3.replace_tagged(self.path, self._content, self._etag)
                     if self._etag is None:  # replaced since our last write
                         self.lost = "another job took it over"
                         return

@@ -3,7 +3,8 @@
 A local path stays a `pathlib.Path`, with the POSIX guarantees the job builds on (fsync,
 exclusive create, atomic rename). A URI becomes an `ObjectPath`: the part of Path's interface the
 job uses, over a pyarrow filesystem (S3, GCS, HDFS, or an installed fsspec implementation). Three
-writes differ on an object store, and this module owns all three for both kinds of path:
+writes differ on an object store, and this module owns all three for both kinds of path (the
+S3 requests themselves are in lib/s3.py):
 
 - `Sink`: a streamed file that becomes visible whole, under its final name, only when published;
   locally a temporary renamed into place, on S3 a multipart upload completed (or aborted), on
@@ -11,10 +12,9 @@ writes differ on an object store, and this module owns all three for both kinds 
 - `put_atomic`: a small file written whole;
 - `create_exclusive`: create a file only if there is none (O_EXCL; S3's `If-None-Match: *`).
 
-S3 writes go through boto3 because pyarrow can neither abort a multipart upload (its streams
-complete on close, even after an error) nor write conditionally; reads and listings go through
-pyarrow. Both take credentials, region and `AWS_ENDPOINT_URL` from the standard AWS environment
-variables and config files.
+S3 writes go through boto3 (lib/s3.py); reads and listings go through pyarrow. Both take
+credentials, region and `AWS_ENDPOINT_URL` from the standard AWS environment variables and
+config files.
 """
 
 from __future__ import annotations
@@ -37,9 +37,6 @@ from lib.errors import UserError
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _HASH_BLOCK = 8 << 20
 _S3 = ("s3", "s3a")
-# An S3 part: at least 5 MiB (the last excepted); 10,000 parts of 16 MiB allow 160 GB shards,
-# and each shard being written holds at most one part in memory.
-PART_BYTES = 16 << 20
 
 # What S3 and pyarrow report, and what it means for the user.
 _CAUSES = (
@@ -91,7 +88,8 @@ def explain(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _storage_error(exc: BaseException, path: object) -> OSError:
+def storage_error(exc: BaseException, path: object) -> OSError:
+    """`exc` (pyarrow's, botocore's) as a StorageError with a one-line cause naming `path`."""
     if isinstance(exc, FileNotFoundError):
         return exc
     code = getattr(exc, "response", {}).get("Error", {}).get("Code")  # botocore's ClientError
@@ -124,6 +122,19 @@ def location(text: str | os.PathLike) -> Path | ObjectPath:
 
 def is_remote(path: object) -> bool:
     return isinstance(path, ObjectPath)
+
+
+def is_s3(path: object) -> bool:
+    """Whether `path` is on S3 (or a store that speaks its API), where writes can be made
+    conditional on the object's ETag and uploads aborted (lib/s3.py)."""
+    return is_remote(path) and path.scheme in _S3
+
+
+def s3():
+    """lib.s3, imported on first use (it imports this module; boto3 is needed only there)."""
+    from lib import s3 as module
+
+    return module
 
 
 @functools.cache
@@ -228,7 +239,7 @@ class ObjectPath:
         try:
             return self.fs.get_file_info(self.key)
         except OSError as exc:
-            raise _storage_error(exc, self) from None
+            raise storage_error(exc, self) from None
 
     def _type(self) -> pafs.FileType:
         return (self._listed or self._info()).type
@@ -262,7 +273,7 @@ class ObjectPath:
         except StorageError:
             raise
         except OSError as exc:
-            raise _storage_error(exc, self) from None
+            raise storage_error(exc, self) from None
 
     def iterdir(self) -> list[ObjectPath]:
         return [ObjectPath(self.fs, self.scheme, info.path, info) for info in self._list(False)]
@@ -284,7 +295,7 @@ class ObjectPath:
             with self.fs.open_input_stream(self.key) as handle:
                 return handle.read()
         except OSError as exc:
-            raise _storage_error(exc, self) from None
+            raise storage_error(exc, self) from None
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
@@ -292,7 +303,7 @@ class ObjectPath:
     def unlink(self, missing_ok: bool = False) -> None:
         if self.scheme in _S3 and missing_ok:
             # boto3: pyarrow would leave a marker object for the folder it empties
-            _s3_call(self, "delete_object")
+            s3().call(self, "delete_object")
             return
         try:
             self.fs.delete_file(self.key)
@@ -300,7 +311,7 @@ class ObjectPath:
             if not missing_ok:
                 raise
         except OSError as exc:
-            raise _storage_error(exc, self) from None
+            raise storage_error(exc, self) from None
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to do: a folder of an object store exists once a key lies under it."""
@@ -311,7 +322,7 @@ class ObjectPath:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise _storage_error(exc, self) from None
+            raise storage_error(exc, self) from None
 
 
 AnyPath = Path | ObjectPath
@@ -353,7 +364,7 @@ def open_input(path: AnyPath | str) -> str | pa.NativeFile:
     try:
         return path.fs.open_input_file(path.key)
     except OSError as exc:
-        raise _storage_error(exc, path) from None
+        raise storage_error(exc, path) from None
 
 
 def open_mapped(path: AnyPath | str) -> pa.NativeFile:
@@ -383,7 +394,7 @@ def sha256(path: AnyPath) -> tuple[str, int]:
                     digest.update(block)
                     size += len(block)
         except OSError as exc:
-            raise _storage_error(exc, path) from None
+            raise storage_error(exc, path) from None
         return digest.hexdigest(), size
     with open(path, "rb") as handle:
         while block := handle.read(_HASH_BLOCK):
@@ -469,7 +480,7 @@ def create_exclusive(path: AnyPath, data: bytes) -> bool:
     (each commit's lease check then stops one of them)."""
     if is_remote(path):
         if path.scheme in _S3:
-            return create_tagged(path, data) is not None
+            return s3().create_tagged(path, data) is not None
         if path.exists():
             return False
         _put(path, data)
@@ -500,118 +511,13 @@ def touch(path: AnyPath, data: bytes) -> None:
 
 def _put(path: ObjectPath, data: bytes) -> None:
     if path.scheme in _S3:
-        _s3_put(path, data)
+        s3().put(path, data)
         return
     try:
         with path.fs.open_output_stream(path.key) as handle:
             handle.write(data)
     except OSError as exc:
-        raise _storage_error(exc, path) from None
-
-
-# -- S3 through boto3 --------------------------------------------------------------------------
-def _bucket_key(path: ObjectPath) -> tuple[str, str]:
-    bucket, _, key = path.key.partition("/")
-    return bucket, key
-
-
-_clients: dict[int, object] = {}
-
-
-def _s3_client():
-    """A boto3 S3 client for this process (fork-safe: a child makes its own)."""
-    client = _clients.get(os.getpid())
-    if client is None:
-        try:
-            import boto3
-        except ImportError:
-            raise UserError(
-                "writing to s3:// needs boto3: pip install 'logit-extract[s3]'"
-            ) from None
-        client = boto3.session.Session().client("s3")
-        _clients[os.getpid()] = client
-    return client
-
-
-def _s3_call(path: ObjectPath, method: str, **kwargs) -> dict:
-    """One S3 request; its failure as a StorageError with a one-line cause."""
-    bucket, key = _bucket_key(path)
-    try:
-        return getattr(_s3_client(), method)(Bucket=bucket, Key=key, **kwargs)
-    except UserError:
-        raise
-    except Exception as exc:  # botocore's ClientError and connection errors
-        raise _storage_error(exc, path) from None
-
-
-_CONFLICTS = ("PreconditionFailed", "ConditionalRequestConflict")
-
-
-def _s3_put(path: ObjectPath, data: bytes, **condition: str) -> str | None:
-    """PUT an object, with `IfNoneMatch="*"` or `IfMatch=etag` if given; its new ETag, or None
-    when the condition failed."""
-    try:
-        return _s3_call(path, "put_object", Body=data, **condition)["ETag"]
-    except StorageError as exc:
-        if condition and exc.code in _CONFLICTS:
-            return None
-        raise
-
-
-def is_s3(path: object) -> bool:
-    """Whether `path` is on S3 (or a store that speaks its API), where writes can be made
-    conditional on the object's ETag."""
-    return is_remote(path) and path.scheme in _S3
-
-
-def read_tagged(path: ObjectPath) -> tuple[bytes, float, str] | None:
-    """An S3 object's bytes, modification time and ETag in one request; None if missing."""
-    try:
-        answer = _s3_call(path, "get_object")
-    except StorageError as exc:
-        if exc.code in ("NoSuchKey", "404"):
-            return None
-        raise
-    return answer["Body"].read(), answer["LastModified"].timestamp(), answer["ETag"]
-
-
-def create_tagged(path: ObjectPath, data: bytes) -> str | None:
-    """Create an S3 object only if there is none (`If-None-Match: *`); its ETag, or None."""
-    return _s3_put(path, data, IfNoneMatch="*")
-
-
-def replace_tagged(path: ObjectPath, data: bytes, etag: str) -> str | None:
-    """Replace an S3 object only if it still has `etag` (`If-Match`): a compare-and-swap; the
-    new ETag, or None if it changed (or is gone)."""
-    try:
-        return _s3_put(path, data, IfMatch=etag)
-    except StorageError as exc:
-        if exc.code in ("NoSuchKey", "404"):
-            return None
-        raise
-
-
-def abort_uploads(folder: AnyPath) -> int:
-    """Abort the unfinished S3 multipart uploads under `folder` (left by killed writers; call it
-    only while no live writer uploads there); how many. Elsewhere nothing to do."""
-    if not is_remote(folder) or folder.scheme not in _S3:
-        return 0
-    bucket, prefix = _bucket_key(folder)
-    client = _s3_client()
-    aborted = 0
-    try:
-        pages = client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=bucket, Prefix=prefix + "/"
-        )
-        for page in pages:
-            for upload in page.get("Uploads", []):
-                client.abort_multipart_upload(
-                    Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                )
-                aborted += 1
-    except Exception as exc:
-        raise _storage_error(exc, folder) from None
-    return aborted
+        raise storage_error(exc, path) from None
 
 
 class Sink:
@@ -625,12 +531,12 @@ class Sink:
         self.final = final
         self.temp = temp
         self.file: pa.NativeFile | None = None
-        self._upload: _S3Upload | None = None
+        self._upload = None  # an object store's upload
         if not is_remote(final):
             temp.parent.mkdir(exist_ok=True)
             self.file = pa.OSFile(str(temp), "wb")
         elif final.scheme in _S3:
-            self._upload = _S3Upload(final)
+            self._upload = s3().Upload(final)
             self.file = pa.PythonFile(self._upload, mode="w")
         else:
             self._upload = _StreamUpload(final, temp)
@@ -667,76 +573,6 @@ class Sink:
                 self.temp.unlink(missing_ok=True)
 
 
-class _S3Upload:
-    """A multipart upload fed by writes: parts go up as they fill, the object appears only at
-    `complete()`, and `abort()` leaves nothing (a killed process leaves an incomplete upload,
-    invisible, which a bucket lifecycle rule removes). Small objects take a single PUT."""
-
-    def __init__(self, path: ObjectPath):
-        self.path = path
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self._buffer = bytearray()
-        self._upload_id: str | None = None
-        self._parts: list[dict] = []
-
-    # the file interface pa.PythonFile calls
-    closed = False
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")  # no copy of Arrow's buffer but into the part
-        self.digest.update(view)
-        self.size += len(view)
-        self._buffer += view
-        if len(self._buffer) >= PART_BYTES:
-            self._send_part()
-        return len(view)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        """pa.PythonFile closes its handle; the upload stays open until complete or abort."""
-
-    def _send_part(self) -> None:
-        if self._upload_id is None:
-            self._upload_id = _s3_call(self.path, "create_multipart_upload")["UploadId"]
-        number = len(self._parts) + 1
-        answer = _s3_call(
-            self.path,
-            "upload_part",
-            UploadId=self._upload_id,
-            PartNumber=number,
-            Body=self._buffer,
-        )
-        self._parts.append({"PartNumber": number, "ETag": answer["ETag"]})
-        self._buffer = bytearray()
-
-    def complete(self) -> None:
-        if self._upload_id is None:
-            _s3_put(self.path, self._buffer)
-        else:
-            if self._buffer or not self._parts:
-                self._send_part()
-            _s3_call(
-                self.path,
-                "complete_multipart_upload",
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": self._parts},
-            )
-        self._buffer = bytearray()
-        self._upload_id = None
-
-    def abort(self) -> None:
-        self._buffer = bytearray()
-        if self._upload_id is not None:
-            upload_id, self._upload_id = self._upload_id, None
-            try:
-                _s3_call(self.path, "abort_multipart_upload", UploadId=upload_id)
-            except OSError:
-                pass  # an incomplete upload stays invisible; a lifecycle rule removes it
-
-
 class _StreamUpload:
     """Another store's object: written to a temporary object, moved into place on `complete()`."""
 
@@ -749,7 +585,7 @@ class _StreamUpload:
         try:
             self._stream = final.fs.open_output_stream(temp.key)
         except OSError as exc:
-            raise _storage_error(exc, temp) from None
+            raise storage_error(exc, temp) from None
 
     def write(self, data) -> int:
         data = bytes(data)
@@ -770,7 +606,7 @@ class _StreamUpload:
         try:
             self.final.fs.move(self.temp.key, self.final.key)
         except OSError as exc:
-            raise _storage_error(exc, self.final) from None
+            raise storage_error(exc, self.final) from None
 
     def abort(self) -> None:
         try:

@@ -107,13 +107,14 @@ def s3_server(tmp_path_factory):
 def s3(s3_server, monkeypatch):
     """The server's credentials and endpoint in this process's environment, as a user sets them;
     clients made before are dropped so that each test's environment is the one in force."""
+    from lib import s3 as lib_s3
     from lib import storage
 
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     storage.filesystem.cache_clear()
-    storage._clients.clear()
+    lib_s3._clients.clear()
     yield s3_server
     storage.filesystem.cache_clear()
-    storage._clients.clear()
+    lib_s3._clients.clear()

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lib import s3 as lib_s3
 from lib import storage
 from lib.errors import UserError
 
@@ -60,7 +61,7 @@ def test_object_paths_list_read_and_delete(s3, bucket):
 
 
 def test_sink_appears_whole_only_when_published(s3, bucket, monkeypatch):
-    monkeypatch.setattr(storage, "PART_BYTES", 4096)  # a multipart upload of several parts
+    monkeypatch.setattr(lib_s3, "PART_BYTES", 4096)  # a multipart upload of several parts
     final = storage.location(f"s3://{bucket}/out/tokens/part-00000.parquet")
     table = pa.table({"x": pa.array(range(20_000), pa.int64())})
     sink = storage.Sink(final, final.parent.parent / "_tmp" / "unused")
@@ -89,7 +90,7 @@ def test_sink_appears_whole_only_when_published(s3, bucket, monkeypatch):
 def test_a_killed_writers_upload_is_aborted_by_the_next_run(s3, bucket, monkeypatch):
     from lib import layout
 
-    monkeypatch.setattr(storage, "PART_BYTES", 1024)
+    monkeypatch.setattr(lib_s3, "PART_BYTES", 1024)
     out = storage.location(f"s3://{bucket}/out")
     left = storage.Sink(out / "tokens" / "part-00000.parquet", out / "_tmp" / "x")
     left.file.write(b"x" * 5000)  # parts sent, then the writer is gone (as after SIGKILL)
@@ -129,7 +130,7 @@ def test_store_errors_say_what_is_wrong_in_one_line(s3, bucket, monkeypatch):
         storage.location("s3://no-such-bucket-here/out").iterdir()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
     storage.filesystem.cache_clear()
-    storage._clients.clear()
+    lib_s3._clients.clear()
     with pytest.raises(storage.StorageError, match="access key is not valid"):
         storage.location(f"s3://{bucket}/out").iterdir()
     with pytest.raises(storage.StorageError, match="access key is not valid"):
@@ -184,12 +185,12 @@ def test_s3_lease_writes_are_compare_and_swap(s3, bucket, monkeypatch):
 
     out = storage.location(f"s3://{bucket}/out")
     path = out / "_lock.json"
-    first = storage.create_tagged(path, b"one")
-    assert first and storage.create_tagged(path, b"two") is None
-    second = storage.replace_tagged(path, b"three", first)
-    assert second and storage.replace_tagged(path, b"four", first) is None  # a stale version
+    first = lib_s3.create_tagged(path, b"one")
+    assert first and lib_s3.create_tagged(path, b"two") is None
+    second = lib_s3.replace_tagged(path, b"three", first)
+    assert second and lib_s3.replace_tagged(path, b"four", first) is None  # a stale version
     assert path.read_bytes() == b"three"
-    assert storage.replace_tagged(out / "missing.json", b"x", second) is None
+    assert lib_s3.replace_tagged(out / "missing.json", b"x", second) is None
     path.unlink()
     # A holder whose lease another job replaced (a stall long enough to look dead) learns it at
     # its next renewal instead of writing over the successor's lease.
