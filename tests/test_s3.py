@@ -106,17 +106,27 @@ def test_s3_input_and_output_equal_local_disk(s3, job, model_dirs):
     assert run_stats.scan_tokens(info) is not None
 
 
-def test_s3_job_killed_resumes_exactly(s3, job, model_dirs, launcher):
-    out = f"s3://{job['bucket']}/killed"
+def test_s3_failed_then_killed_job_resumes_exactly(s3, job, model_dirs, launcher):
+    """An I/O error mid-unit, then a SIGKILL mid-commit, then the same command: only whole
+    shards are ever visible, no upload is left behind, and the result is the local run's."""
+    out = f"s3://{job['bucket']}/faults"
     args = _settings(model_dirs["gpt2"], job["corpus"], out)
-    # Publishes ("rename"): _job.json, then per unit its record, token and document shards.
-    # The 6th is the second unit's token shard: its record is up, its shards are not.
+    folder = storage.location(out)
+    # The second unit's token shard fails as it closes: one line, exit 1, its upload discarded.
+    failed = launcher.start(args, {**s3.env, "LOGIT_EXTRACT_FAIL_AT": "shard_close:3"}).wait()
+    failed.assert_one_error(1, "cannot write s3://", "No space left on device")
+    assert [p.name for p in (folder / "tokens").glob("part-*")] == ["part-00000.parquet"]
+    assert [p.name for p in (folder / "_units").glob("part-*")] == ["part-00000.json"]
+    assert s3.client().list_multipart_uploads(Bucket=job["bucket"]).get("Uploads", []) == []
+    # Publishes ("rename") of the next run: _job.json, then per unit its record, token and
+    # document shards; the 6th is unit 2's token shard: its record is up, its shards are not.
     killed = launcher.start(args, {**s3.env, "LOGIT_EXTRACT_CRASH_AT": "rename:6"}).wait()
     assert killed.code == -signal.SIGKILL, killed.tail()
-    visible = storage.location(out) / "tokens"
-    assert [p.name for p in visible.glob("part-*")] == ["part-00000.parquet"]
-    pq.read_table(storage.open_input(visible / "part-00000.parquet"))  # whole and readable
-    assert (storage.location(out) / "_units" / "part-00001.json").exists()
+    visible = [p.name for p in (folder / "tokens").glob("part-*")]
+    assert visible == ["part-00000.parquet", "part-00001.parquet"]
+    for name in visible:
+        pq.read_table(storage.open_input(folder / "tokens" / name))  # whole and readable
+    assert (folder / "_units" / "part-00002.json").exists()
     launcher.start(args, s3.env).wait().assert_ok()
     _same_as_local(out, job["local"])
 
