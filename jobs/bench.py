@@ -476,8 +476,8 @@ def _documents_cost(spec: ModelSpec, model: str, root: Path, corpus: str, args) 
 
 def bench_model(spec: ModelSpec, model: str, root: Path, corpora: dict, args, full: bool) -> dict:
     """The efficiency part for one model on the log-normal corpus (RSS too when `full`)."""
-    if not full:  # tiny models run fast: time 3N and 10N rows, or start-up noise swamps it
-        corpora = {**corpora, "N": corpora["3N"], "3N": corpora["10N"]}
+    if not full and not args.quick:  # tiny models run fast: time 3N and 10N rows, or
+        corpora = {**corpora, "N": corpora["3N"], "3N": corpora["10N"]}  # start-up noise swamps it
     result = {
         "model": spec.name,
         "mode": spec.mode,
@@ -919,8 +919,8 @@ def main(
         naive_child(args.naive_child)
         return 0
     specs = PRESETS[args.preset]
-    if args.max_tokens is None:
-        args.max_tokens = 65536 if args.preset == "gpu" else 16384
+    if args.max_tokens is None:  # --quick: small batches too (the dense rate's 32k-wide logits)
+        args.max_tokens = 4096 if args.quick else 65536 if args.preset == "gpu" else 16384
     if args.quick:
         args.rows, args.case_rows, args.e2e_rows, args.max_length = 20, 10, 30, 64
         args.storage_rows = 20
