@@ -24,6 +24,7 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -424,8 +425,6 @@ def remove(path: AnyPath) -> None:
         else:
             path.unlink(missing_ok=True)
     elif path.is_dir() and not path.is_symlink():
-        import shutil
-
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
