@@ -7,6 +7,7 @@ written (disk full, permissions), 130 and 143 stopped by SIGINT and SIGTERM (rer
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -123,4 +124,9 @@ def _write_report(out_dir: str, rewrite: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The interpreter's last garbage collection walks every object that torch, transformers and
+    # the model left (1.0-1.1 s of a 10-row job's 4.9 s here, against 0.16 s frozen). The job
+    # is over and its files closed, so nothing of ours waits on that collection.
+    gc.freeze()
+    sys.exit(status)
