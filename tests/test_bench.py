@@ -91,9 +91,10 @@ def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
     ceiling = results["host_ceiling"]
     assert ceiling["tokens"] >= 5000  # --quick's ceiling_tokens
     _positive(ceiling, "tokenizer_tok_s", "job_k64_tok_s", "job_k1_tok_s", "job_k64_over_tokenizer")
+    _positive(ceiling, "host_only_k64_tok_s", "host_only_k1_tok_s")
     startup = results["startup"]
     _positive(startup, "startup_s", "job_10_rows_wall_s")
-    _finite(startup, "startup_beyond_imports_s")
+    _finite(startup, "startup_beyond_imports_s", "job_10_rows_beyond_imports_s")
     assert startup["bare_imports_s"] >= 0  # imported already in this test's process
     storage = {row["encoding"]: row for row in results["storage"]}
     assert list(storage) == list(bench.STORAGE_ENCODINGS)
