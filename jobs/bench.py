@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lib import sample
+from lib import batching, sample
 from lib.config import JobConfig
 
 
@@ -949,7 +949,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-tokens",
         type=int,
         default=None,
-        help="batching.max_tokens (default 16384, 65536 with --preset gpu)",
+        help="batching.max_tokens (default: the job's for the device, 65536 with --preset gpu)",
     )
     parser.add_argument("--shard-rows", type=int, default=2000)
     parser.add_argument("--dtype", default="auto")
@@ -980,8 +980,9 @@ def main(
         naive_child(args.naive_child)
         return 0
     specs = PRESETS[args.preset]
-    if args.max_tokens is None:  # --quick: small batches too (the dense rate's 32k-wide logits)
-        args.max_tokens = 4096 if args.quick else 65536 if args.preset == "gpu" else 16384
+    if args.max_tokens is None:  # the job's own default on this device; 65536 for the GPU shapes
+        default = batching.max_tokens_for(None, torch.device(args.device))
+        args.max_tokens = 65536 if args.preset == "gpu" else default
     if args.quick:
         args.rows, args.case_rows, args.e2e_rows, args.max_length = 20, 10, 30, 64
         args.storage_rows = 20

@@ -17,6 +17,11 @@ import pyarrow as pa
 import torch
 
 PAD_MULTIPLE = 8
+# batching.max_tokens when the config leaves it null. On a CPU, batches of 4,096 padded tokens
+# ran 5-8% faster than 16,384 (T5 start and GPT-2, d_model 256, log-normal rows, 2 cores: the
+# layers' activations stay in cache); an accelerator wants large batches.
+CPU_MAX_TOKENS = 4096
+ACCELERATOR_MAX_TOKENS = 16384
 NO_TOKEN = -1
 
 # What the job computes for each input row; chosen from the model family and the config.
@@ -90,6 +95,13 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         """The tensors on `device` (asynchronous from pinned memory); numpy indices stay on the host."""
         return self._map_tensors(lambda t: t.to(device, non_blocking=True))
+
+
+def max_tokens_for(configured: int | None, device: torch.device) -> int:
+    """The batch budget: batching.max_tokens, or the device's default when it is null."""
+    if configured is not None:
+        return configured
+    return CPU_MAX_TOKENS if device.type == "cpu" else ACCELERATOR_MAX_TOKENS
 
 
 def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:

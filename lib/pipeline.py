@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -720,6 +720,9 @@ def _threads(requested: int | None) -> int:
 
 def _run(config: JobConfig, progress: bool, state, started: float, out_dir: AnyPath) -> dict:
     """run_job's work, with torch's threads set."""
+    # the batch budget this device gets, as the manifest and the report will show it
+    budget = batching.max_tokens_for(config.batching.max_tokens, state.device)
+    config = replace(config, batching=replace(config.batching, max_tokens=budget))
     setup = _set_up(config, state.device)
     claim, lease, error = None, None, None
     if state.is_main_process:

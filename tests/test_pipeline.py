@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lib import corpus, faults, layout, models, pipeline, writer
+from lib import batching, corpus, faults, layout, models, pipeline, writer
 from lib.config import load_config
 from lib.errors import OutputError
 from tests.conftest import write_rows
@@ -116,3 +116,24 @@ def test_a_writer_failure_stops_every_stage(job, tmp_path, monkeypatch):
     assert [p.name for p in layout.shard_files(tmp_path)] == ["part-00000.parquet"]
     assert layout.temporaries(tmp_path) == []
     assert not [t for t in threading.enumerate() if t.name in ("loader", "writer")]
+
+
+def test_a_null_batch_budget_is_the_devices_default(job, tmp_path):
+    config, _, _ = job
+    config = load_config(
+        None,
+        [
+            f"model.path={config.model.path}",
+            f"input.path={config.input.path}",
+            "input.id_column=doc_id",
+            f"output.dir={tmp_path / 'out'}",
+            "output.k=3",
+            "batching.max_tokens=null",
+        ],
+    )
+    manifest = pipeline.run_job(config, progress=False)
+    # the budget the run used is recorded; the caller's config keeps its null
+    assert manifest["config"]["batching"]["max_tokens"] == batching.CPU_MAX_TOKENS == 4096
+    assert config.batching.max_tokens is None
+    assert batching.max_tokens_for(None, torch.device("cuda")) == 16384
+    assert batching.max_tokens_for(96, torch.device("cpu")) == 96
