@@ -16,7 +16,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+# Padded widths are multiples of 8 on an accelerator (tensor cores); a CPU gains nothing from
+# them, and rows of 5 tokens padded to 8 cost a third more compute (the tiny-rows bench case).
 PAD_MULTIPLE = 8
+CPU_PAD_MULTIPLE = 1
 # batching.max_tokens when the config leaves it null. On a CPU, batches of 4,096 padded tokens
 # ran 5-8% faster than 16,384 (T5 start and GPT-2, d_model 256, log-normal rows, 2 cores: the
 # layers' activations stay in cache); an accelerator wants large batches.
@@ -104,8 +107,13 @@ def max_tokens_for(configured: int | None, device: torch.device) -> int:
     return CPU_MAX_TOKENS if device.type == "cpu" else ACCELERATOR_MAX_TOKENS
 
 
+def pad_multiple_for(device: torch.device) -> int:
+    """What padded widths are a multiple of on `device`."""
+    return CPU_PAD_MULTIPLE if device.type == "cpu" else PAD_MULTIPLE
+
+
 def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
-    """Padded width: a multiple of 8 for tensor cores; a width of 1 (a single decoder step) stays 1."""
+    """Padded width: a multiple of `multiple`; a width of 1 (a single decoder step) stays 1."""
     return n if n <= 1 else -(-n // multiple) * multiple
 
 
@@ -286,9 +294,9 @@ def length_histogram(lengths: list[int], max_length: int, bins: int = 64) -> dic
     return {"bin_width": width, "counts": counts.tolist()}
 
 
-def _padded_width(lengths: np.ndarray) -> np.ndarray:
+def _padded_width(lengths: np.ndarray, multiple: int) -> np.ndarray:
     """`round_up` over an array."""
-    return np.where(lengths <= 1, lengths, -(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE)
+    return np.where(lengths <= 1, lengths, -(-lengths // multiple) * multiple)
 
 
 def make_batches(
@@ -296,6 +304,7 @@ def make_batches(
     max_tokens: int,
     decoder_length: int = 0,
     batch_cost: float | None = None,
+    multiple: int = PAD_MULTIPLE,
 ) -> list[list[Request]]:
     """Split requests into batches of at most `max_tokens` padded tokens with little padding.
 
@@ -320,7 +329,7 @@ def make_batches(
     overhead = max_tokens / 32 if batch_cost is None else batch_cost
     enc = np.array([len(r.ids) for r in ordered], dtype=np.int64)
     dec = np.array([decoder_length or len(r.decoder_ids or ()) for r in ordered], dtype=np.int64)
-    own = _padded_width(enc) + _padded_width(dec)
+    own = _padded_width(enc, multiple) + _padded_width(dec, multiple)
     # Sorted this way, most tasks' rows are non-increasing in both lengths, and then the widest
     # row of ordered[j:i] is ordered[j]; only seq2seq targets need running maxima.
     monotone = bool((np.diff(enc) <= 0).all() and (np.diff(dec) <= 0).all())
@@ -333,8 +342,8 @@ def make_batches(
         if monotone:
             widest = own[first:i]
         else:
-            widest = _padded_width(np.maximum.accumulate(enc[first:i][::-1])[::-1])
-            widest += _padded_width(np.maximum.accumulate(dec[first:i][::-1])[::-1])
+            widest = _padded_width(np.maximum.accumulate(enc[first:i][::-1])[::-1], multiple)
+            widest += _padded_width(np.maximum.accumulate(dec[first:i][::-1])[::-1], multiple)
         padded = rows_from[n - (i - first) :] * widest
         total = best[first:i] + padded + overhead
         total[padded > max_tokens] = np.inf
@@ -349,9 +358,11 @@ def make_batches(
     return [ordered[a:b] for a, b in reversed(bounds)]
 
 
-def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(
+    sequences: list[list[int]], pad_id: int, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
-    width = round_up(int(lengths.max()))
+    width = round_up(int(lengths.max()), multiple)
     mask = np.arange(width) < lengths[:, None]
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     # Row-major boolean assignment fills each row's first `length` slots in order.
@@ -361,12 +372,15 @@ def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
-def collate(requests: list[Request], pad_id: int) -> Batch:
-    """Right-pad a batch to a multiple of 8 and index the positions that become output rows."""
-    input_ids, attention_mask = _pad([r.ids for r in requests], pad_id)
+def collate(requests: list[Request], pad_id: int, multiple: int = PAD_MULTIPLE) -> Batch:
+    """Right-pad a batch to a multiple of `multiple` and index the positions that become output
+    rows."""
+    input_ids, attention_mask = _pad([r.ids for r in requests], pad_id, multiple)
     decoder_input_ids = decoder_attention_mask = None
     if requests[0].decoder_ids is not None:
-        decoder_input_ids, decoder_attention_mask = _pad([r.decoder_ids for r in requests], pad_id)
+        decoder_input_ids, decoder_attention_mask = _pad(
+            [r.decoder_ids for r in requests], pad_id, multiple
+        )
     width = (decoder_input_ids if decoder_input_ids is not None else input_ids).shape[1]
 
     counts = np.array([len(r.labels) for r in requests], dtype=np.int64)

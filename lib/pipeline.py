@@ -207,6 +207,7 @@ class Extraction:
         compact = config.output.encoding == "compact"
         self.output_dtype = torch.float32 if compact else getattr(torch, config.output.dtype)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
+        self.pad_multiple = batching.pad_multiple_for(lm.device)
         self.first_batch_at: float | None = None  # unix time the first batch reached the model
 
     # -- stage 1: read, tokenize, bucket, pad (loader thread) --------------------------------
@@ -217,8 +218,10 @@ class Extraction:
         decoder_length = cfg.decoder.max_new_tokens if self.plan.task == batching.GENERATE else 0
         for work in self.units:
             unit, requests = self._read(work)
-            for group in batching.make_batches(requests, cfg.batching.max_tokens, decoder_length):
-                batch = batching.collate(group, self.lm.pad_id)
+            for group in batching.make_batches(
+                requests, cfg.batching.max_tokens, decoder_length, multiple=self.pad_multiple
+            ):
+                batch = batching.collate(group, self.lm.pad_id, self.pad_multiple)
                 yield Loaded(unit, batch.pin_memory() if pin else batch)
             yield Loaded(unit, None)
 
@@ -317,7 +320,7 @@ class Extraction:
                 result
                 for i in range(0, len(requests), cap)
                 for result in self._forward(
-                    unit, batching.collate(requests[i : i + cap], self.lm.pad_id)
+                    unit, batching.collate(requests[i : i + cap], self.lm.pad_id, self.pad_multiple)
                 )
             ]
         try:
@@ -339,8 +342,10 @@ class Extraction:
             "out of memory on %d rows of %d tokens; retrying in halves", len(requests), width
         )
         return self._forward(
-            unit, batching.collate(requests[:half], self.lm.pad_id)
-        ) + self._forward(unit, batching.collate(requests[half:], self.lm.pad_id))
+            unit, batching.collate(requests[:half], self.lm.pad_id, self.pad_multiple)
+        ) + self._forward(
+            unit, batching.collate(requests[half:], self.lm.pad_id, self.pad_multiple)
+        )
 
     # -- stage 3: Arrow conversion and shard commits (writer thread) -------------------------
     def write(self, computed: Iterable[Computed]) -> None:

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from lib import batching
@@ -256,37 +257,44 @@ def random_requests(kind: str, count: int = 300, seed: int = 0) -> list[Request]
     return requests
 
 
-def padded_cost(batch: list[Request], decoder_length: int) -> int:
+def padded_cost(batch: list[Request], decoder_length: int, multiple: int = 8) -> int:
     """Tokens of the tensors `collate` really builds, plus the decode steps in generate mode."""
-    padded = batching.collate(batch, pad_id=0)
+    padded = batching.collate(batch, pad_id=0, multiple=multiple)
     return padded.padded_tokens + len(batch) * decoder_length
 
 
 @pytest.mark.parametrize(
-    "kind,max_tokens,decoder_length",
-    [("causal", 512, 0), ("causal", 40, 0), ("targets", 700, 0), ("generate", 600, 16)],
+    "kind,max_tokens,decoder_length,multiple",
+    [
+        ("causal", 512, 0, 8),
+        ("causal", 40, 0, 8),
+        ("targets", 700, 0, 8),
+        ("generate", 600, 16, 8),
+        ("causal", 512, 0, 1),
+        ("targets", 700, 0, 1),
+    ],
 )
-def test_make_batches(kind, max_tokens, decoder_length):
+def test_make_batches(kind, max_tokens, decoder_length, multiple):
     requests = random_requests(kind)
-    batches = batching.make_batches(requests, max_tokens, decoder_length)
+    batches = batching.make_batches(requests, max_tokens, decoder_length, multiple=multiple)
     flat = [r for batch in batches for r in batch]
     assert sorted(r.row for r in flat) == list(range(len(requests)))  # every request exactly once
     # The requests themselves, not copies.
     assert all(any(r is q for q in requests) for r in flat[:5])
     for i, batch in enumerate(batches):
-        cost = padded_cost(batch, decoder_length)
+        cost = padded_cost(batch, decoder_length, multiple)
         assert cost <= max_tokens or len(batch) == 1, (i, cost)
     # Never worse than filling each batch greedily, on the objective the cut minimises.
     overhead = max_tokens / 32
     greedy, current = [], []
     for request in flat:
-        if current and padded_cost(current + [request], decoder_length) > max_tokens:
+        if current and padded_cost(current + [request], decoder_length, multiple) > max_tokens:
             greedy.append(current)
             current = []
         current.append(request)
     greedy.append(current)
-    ours = sum(padded_cost(b, decoder_length) + overhead for b in batches)
-    assert ours <= sum(padded_cost(b, decoder_length) + overhead for b in greedy)
+    ours = sum(padded_cost(b, decoder_length, multiple) + overhead for b in batches)
+    assert ours <= sum(padded_cost(b, decoder_length, multiple) + overhead for b in greedy)
     # Longest first: the length that sets the padding never grows along the batches.
     key = [max(len(r.ids), len(r.decoder_ids or ())) for r in flat]
     assert key == sorted(key, reverse=True)
@@ -294,7 +302,7 @@ def test_make_batches(kind, max_tokens, decoder_length):
     # Deterministic: the same batches whatever order the requests came in.
     shuffled = requests[:]
     random.Random(1).shuffle(shuffled)
-    again = batching.make_batches(shuffled, max_tokens, decoder_length)
+    again = batching.make_batches(shuffled, max_tokens, decoder_length, multiple=multiple)
     assert [[r.row for r in b] for b in again] == [[r.row for r in b] for b in batches]
 
 
@@ -499,6 +507,12 @@ def test_collate_generate_has_no_scored_positions_yet():
         batch.select.numel() == batch.labels.numel() == len(batch.row) == len(batch.position) == 0
     )
     assert (batch.real_tokens, batch.padded_tokens) == (4, 16)
+    # as on a CPU: padded to the longest row only
+    batch = batching.collate([Request(4, [1, 2, 3]), Request(9, [5])], pad_id=0, multiple=1)
+    assert batch.input_ids.tolist() == [[1, 2, 3], [5, 0, 0]]
+    assert (batch.real_tokens, batch.padded_tokens) == (4, 6)
+    assert batching.pad_multiple_for(torch.device("cpu")) == 1
+    assert batching.pad_multiple_for(torch.device("cuda")) == 8
 
 
 @pytest.mark.parametrize("task", [batching.CAUSAL, batching.TARGETS, batching.START])
