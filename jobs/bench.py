@@ -381,8 +381,8 @@ def model_only_seconds(model_dir: str, corpus: str, args) -> float:
     Job time over this is the pipeline's own overhead: tokenization, bucketing, the reduction,
     Arrow conversion and writing, to the extent they are not hidden behind the model.
     """
-    from lib import batching, models
     from lib import corpus as corpus_lib
+    from lib import models
 
     config = job_config(model_dir, corpus, "unused", args)
     lm = models.load_model(config.model, torch.device(args.device))
@@ -393,8 +393,10 @@ def model_only_seconds(model_dir: str, corpus: str, args) -> float:
     requests = batching.tokenize_unit(
         table, lm.tokenizer, task, "", args.max_length, lm.decoder_start_token_id
     ).requests
+    multiple = batching.pad_multiple_for(lm.device)  # the job's own batches
     batches = [
-        batching.collate(b, lm.pad_id) for b in batching.make_batches(requests, args.max_tokens)
+        batching.collate(b, lm.pad_id, multiple)
+        for b in batching.make_batches(requests, args.max_tokens, multiple=multiple)
     ]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     device = lm.device
@@ -859,7 +861,10 @@ def run_parts(specs: list[ModelSpec], root: Path, args) -> dict:
     if "efficiency" in args.parts:
         results["efficiency"] = efficiency_part(specs, root, training_texts, args)
     if "cases" in args.parts:
-        results["cases"] = cases_part(specs, root, training_texts, args)
+        # --quick: one model (a smoke run; test_bench checks both naive loops' rows apart)
+        results["cases"] = cases_part(
+            specs[:1] if args.quick else specs, root, training_texts, args
+        )
     if "ceiling" in args.parts:
         with took("host ceiling"):
             results["host_ceiling"] = host_ceiling(root, training_texts, args)
