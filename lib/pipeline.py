@@ -208,6 +208,7 @@ class Extraction:
         self.output_dtype = torch.float32 if compact else getattr(torch, config.output.dtype)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
         self.pad_multiple = batching.pad_multiple_for(lm.device)
+        self.max_tokens = batching.max_tokens_for(config.batching.max_tokens, lm.device)
         self.first_batch_at: float | None = None  # unix time the first batch reached the model
 
     # -- stage 1: read, tokenize, bucket, pad (loader thread) --------------------------------
@@ -219,7 +220,7 @@ class Extraction:
         for work in self.units:
             unit, requests = self._read(work)
             for group in batching.make_batches(
-                requests, cfg.batching.max_tokens, decoder_length, multiple=self.pad_multiple
+                requests, self.max_tokens, decoder_length, multiple=self.pad_multiple
             ):
                 batch = batching.collate(group, self.lm.pad_id, self.pad_multiple)
                 yield Loaded(unit, batch.pin_memory() if pin else batch)
