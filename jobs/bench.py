@@ -22,7 +22,7 @@ Four parts, on the same machine and models:
   of a GPU run, where both run on the device, can feed it, per process.
 - start-up: process start to the first batch reaching the model (the manifest's
   throughput.startup_s) of a 10-row job, against the bare imports of torch, transformers and
-  accelerate.
+  accelerate; and the whole 10-row command, start to exit, beyond those imports.
 - storage: the top-k rows of a 32k-vocabulary model with peaked distributions (k = 64,
   --storage-rows log-normal rows, extracted once) written in every encoding: plain float16,
   plain float32, compact, compact with top_p = 0.95 and min_k = 2. Bytes per position and per
