@@ -208,7 +208,6 @@ class Extraction:
         self.output_dtype = torch.float32 if compact else getattr(torch, config.output.dtype)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
         self.pad_multiple = batching.pad_multiple_for(lm.device)
-        self.max_tokens = batching.max_tokens_for(config.batching.max_tokens, lm.device)
         self.first_batch_at: float | None = None  # unix time the first batch reached the model
 
     # -- stage 1: read, tokenize, bucket, pad (loader thread) --------------------------------
@@ -220,11 +219,15 @@ class Extraction:
         for work in self.units:
             unit, requests = self._read(work)
             for group in batching.make_batches(
-                requests, self.max_tokens, decoder_length, multiple=self.pad_multiple
+                requests, cfg.batching.max_tokens, decoder_length, multiple=self.pad_multiple
             ):
-                batch = batching.collate(group, self.lm.pad_id, self.pad_multiple)
+                batch = self._collate(group)
                 yield Loaded(unit, batch.pin_memory() if pin else batch)
             yield Loaded(unit, None)
+
+    def _collate(self, requests: list[batching.Request]) -> batching.Batch:
+        """Pad requests into a batch as this device wants it."""
+        return batching.collate(requests, self.lm.pad_id, self.pad_multiple)
 
     def _read(self, work: corpus.WorkUnit) -> tuple[Unit, list[batching.Request]]:
         """Read and tokenize a unit: what its shards and record need, and its requests."""
@@ -320,9 +323,7 @@ class Extraction:
             return [
                 result
                 for i in range(0, len(requests), cap)
-                for result in self._forward(
-                    unit, batching.collate(requests[i : i + cap], self.lm.pad_id, self.pad_multiple)
-                )
+                for result in self._forward(unit, self._collate(requests[i : i + cap]))
             ]
         try:
             with torch.inference_mode():
@@ -342,10 +343,8 @@ class Extraction:
         log.warning(
             "out of memory on %d rows of %d tokens; retrying in halves", len(requests), width
         )
-        return self._forward(
-            unit, batching.collate(requests[:half], self.lm.pad_id, self.pad_multiple)
-        ) + self._forward(
-            unit, batching.collate(requests[half:], self.lm.pad_id, self.pad_multiple)
+        return self._forward(unit, self._collate(requests[:half])) + self._forward(
+            unit, self._collate(requests[half:])
         )
 
     # -- stage 3: Arrow conversion and shard commits (writer thread) -------------------------
