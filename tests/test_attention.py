@@ -112,3 +112,63 @@ def test_per_key_length_path_takes_only_right_padding():
     mask = right[:, None, None, :].expand(2, 1, 6, 6)
     output = attention.attention_per_key_length(query, key, value, mask, bias, 1.0)
     torch.testing.assert_close(output[1], expected[0].transpose(0, 1))
+
+
+def _cross_projections(model) -> list[int]:
+    """A counter of the calls to the decoder's cross-attention key projections."""
+    calls = [0]
+    for module in attention._cross_attentions(model):
+        module.k.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("implementation", ["switched", "sdpa", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_folded_cross_attention_equals_projected(model_dirs, dtype, implementation):
+    """Bool masks (SDPA), additive masks (eager), both dtypes; few decoder positions fold, many
+    do not."""
+    theirs = _t5(model_dirs["t5"], dtype, switched=implementation == "switched")
+    ours = _t5(model_dirs["t5"], dtype, switched=implementation == "switched")
+    if implementation == "eager":
+        theirs.set_attn_implementation("eager")
+        ours.set_attn_implementation("eager")
+    assert attention.use_folded_cross_attention(ours)
+    assert len(attention._cross_attentions(ours)) == ours.config.num_decoder_layers
+    projections = _cross_projections(ours)
+    ids, mask, decoder_ids = _padded_batch([40, 9, 26, 3], [1, 1, 1, 1], seed=2)
+    for decoder_length in (1, 3, 40):  # head_dim 8: 40 decoder positions over 40 keys do not fold
+        kwargs = dict(
+            input_ids=ids,
+            attention_mask=mask,
+            decoder_input_ids=decoder_ids[:, :1].repeat(1, decoder_length),
+        )
+        expected = theirs(**kwargs, use_cache=False).logits.float()
+        projections[0] = 0
+        got = ours(**kwargs, use_cache=False).logits.float()
+        assert projections[0] == (ours.config.num_decoder_layers if decoder_length == 40 else 0)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
+@torch.inference_mode()
+def test_generation_keeps_its_cached_cross_attention(model_dirs):
+    theirs, ours = _t5(model_dirs["t5"]), _t5(model_dirs["t5"])
+    assert attention.use_folded_cross_attention(ours)
+    projections = _cross_projections(ours)
+    ids, mask, _ = _padded_batch([30, 7, 15], [1], seed=3)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ours.generate(**kwargs), theirs.generate(**kwargs))
+    assert projections[0] == ours.config.num_decoder_layers  # projected once, then cached
+
+
+def test_a_wrong_fold_is_undone(model_dirs, monkeypatch):
+    def ignore_padding(module, original, hidden_states, mask=None, **kwargs):
+        return attention.folded_cross_attention(module, original, hidden_states, None, **kwargs)
+
+    monkeypatch.setattr(attention, "folded_cross_attention", ignore_padding)
+    model = _t5(model_dirs["t5"])
+    assert not attention.use_folded_cross_attention(model)
+    assert all("forward" not in vars(m) for m in attention._cross_attentions(model))
+    causal = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"], attn_implementation="sdpa")
+    assert not attention.use_folded_cross_attention(causal)
