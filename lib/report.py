@@ -49,6 +49,7 @@ _STYLE = {
     "axes.spines.right": False,
     "axes.grid": True,
     "grid.alpha": 0.25,
+    "axes.titley": 1.0,
 }
 
 
