@@ -47,6 +47,7 @@ def _committed(out_dir: str, level: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the job a config describes; returns the exit status."""
     parser = _Parser(
         prog="python -m jobs.extract",
         description=__doc__,

@@ -8,6 +8,7 @@ from lib.sample import build_default_sample
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Build the offline sample corpus and tiny T5; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     info = build_default_sample(argv[0] if argv else "data/sample")
     print(f"sample corpus {info['corpus']}, model {info['model']}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lib.errors import UserError, first_line, one_line
 from lib.verify import verify
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check an output directory; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m jobs.verify",
         description=__doc__,
@@ -34,12 +36,19 @@ def main(argv: list[str] | None = None) -> int:
         help="input id column (default: the manifest's input.id_column)",
     )
     args = parser.parse_args(argv)
-    report = verify(
-        args.out_dir,
-        input_path=args.input or None,
-        id_column=args.id_column,
-        check_input=args.input is not None or args.id_column is not None,
-    )
+    try:
+        report = verify(
+            args.out_dir,
+            input_path=args.input or None,
+            id_column=args.id_column,
+            check_input=args.input is not None or args.id_column is not None,
+        )
+    except UserError as exc:  # e.g. a scheme nothing installed reads
+        print("error: " + one_line(str(exc)), file=sys.stderr)
+        return 2
+    except OSError as exc:  # a store that cannot be listed or read
+        print(f"error: {args.out_dir}: {one_line(first_line(exc))}", file=sys.stderr)
+        return 1
     for problem in report.problems:
         print(f"{args.out_dir}: {problem}", file=sys.stderr)
     if report.problems:

@@ -15,8 +15,8 @@ per-key-length path rounds like each row run alone, so it differs from transform
 batch in the last bits (up to 0.03 on bfloat16 logits of about 5).
 
 A T5 decoder's cross-attention projects every encoder state to keys and values in every layer,
-2 x d_model x inner MACs per encoder token, although in start mode only one decoder position
-asks. `use_folded_cross_attention` moves the projections to the query side instead:
+2 x d_model x inner MACs per encoder token, although few decoder positions may ask (one in
+start mode). `use_folded_cross_attention` moves the projections to the query side instead:
 q_h . (W_k,h x) = (W_k,h^T q_h) . x, and the values' weighted sum goes through W_v,h once per
 query. That is about a seventh of a T5 start-mode forward, whatever the model's size.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -207,6 +208,13 @@ def _padded_probe(model: torch.nn.Module) -> torch.Tensor:
         return model(**kwargs).logits.float()
 
 
+def _agrees(reference: torch.Tensor, probe: torch.Tensor, model: torch.nn.Module) -> bool:
+    """Whether a probe's logits equal the reference's within the model dtype's rounding."""
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    scale = max(1.0, reference.abs().max().item())
+    return (probe - reference).abs().max().item() <= tolerance * scale
+
+
 def use_key_mask_attention(model: torch.nn.Module) -> bool:
     """Switch an SDPA model with a position bias to key_mask_sdpa_forward; return whether it was switched.
 
@@ -220,11 +228,8 @@ def use_key_mask_attention(model: torch.nn.Module) -> bool:
         AttentionInterface.register(NAME, key_mask_sdpa_forward)
         AttentionMaskInterface.register(NAME, key_padding_mask)
         model.set_attn_implementation(NAME)
-        probe = _padded_probe(model)
-        tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
-        scale = max(1.0, reference.abs().max().item())
-        if model.config._attn_implementation == NAME and (
-            (probe - reference).abs().max().item() <= tolerance * scale
+        if model.config._attn_implementation == NAME and _agrees(
+            reference, _padded_probe(model), model
         ):
             return True
     except Exception as exc:  # a transformers version whose internals differ
@@ -241,14 +246,14 @@ def _folds(queries: int, keys: int, head_dim: int) -> bool:
 
 def folded_cross_attention(
     module: torch.nn.Module,
-    original,
+    original: Callable[..., tuple],
     hidden_states: torch.Tensor,
     mask: torch.Tensor | None = None,
     key_value_states: torch.Tensor | None = None,
     position_bias: torch.Tensor | None = None,
-    cache=None,
+    cache: object | None = None,
     **kwargs,
-):
+) -> tuple[torch.Tensor, torch.Tensor | None, None]:
     """T5Attention.forward for cross-attention from a few decoder positions, without projecting
     the encoder states; anything else (self-attention, a cache, training) goes to `original`."""
     batch, queries, _ = hidden_states.shape
@@ -319,10 +324,7 @@ def use_folded_cross_attention(model: torch.nn.Module) -> bool:
         reference = _padded_probe(model)
         for module in modules:
             module.forward = functools.partial(folded_cross_attention, module, module.forward)
-        probe = _padded_probe(model)
-        tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
-        scale = max(1.0, reference.abs().max().item())
-        if (probe - reference).abs().max().item() <= tolerance * scale:
+        if _agrees(reference, _padded_probe(model), model):
             return True
     except Exception as exc:  # a transformers version whose T5 attention differs
         log.info("attention: keeping transformers' cross-attention (%s)", exc)

@@ -139,6 +139,8 @@ def describe_keys() -> str:
             elif not isinstance(default, str) or not default:
                 default = _show(default)
             choices = f" ({' | '.join(CHOICES[key])})" if key in CHOICES else ""
+            if key == "batching.max_tokens":
+                choices = " (the device's: 4096 on a CPU, 16384 on an accelerator)"
             lines.append(f"  {key:<26} {default}{choices}")
     return "\n".join(lines)
 

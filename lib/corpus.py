@@ -28,7 +28,8 @@ class InputFile:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """A row range of one input file; it becomes exactly one output shard."""
+    """A row range of one input file; it becomes one shard in each output folder (tokens/,
+    documents/) its `output.level` writes."""
 
     index: int
     file: str

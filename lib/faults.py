@@ -5,8 +5,8 @@
 - `LOGIT_EXTRACT_FAIL_AT=point[:N][=ERRNO]`: raise OSError (default ENOSPC) the N-th time.
 - `LOGIT_EXTRACT_PAUSE_AT=point=SECONDS`: sleep every time `point` is reached, to widen a race.
 
-Points: `shard_write`, `shard_close`, `fsync`, `rename`, `before_rename`,
-`between_record_and_shard`, `before_success`, `commit`.
+Points: `shard_write`, `shard_close`, `write`, `fsync`, `rename`, `before_rename`,
+`between_record_and_shard`, `before_success`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
 _seen: Counter = Counter()
+_counting = threading.Lock()  # commit threads reach the same points at once
 
 
 def _nth(spec: str, name: str) -> tuple[bool, int]:
@@ -37,15 +39,17 @@ def point(name: str, path: os.PathLike | str | None = None) -> None:
     pause = os.environ.get("LOGIT_EXTRACT_PAUSE_AT")
     if not (crash or fail or pause):
         return
-    _seen[name] += 1
+    with _counting:
+        _seen[name] += 1
+        seen = _seen[name]
     if crash:
         match, nth = _nth(crash, name)
-        if match and _seen[name] >= nth:
+        if match and seen >= nth:
             os.kill(os.getpid(), signal.SIGKILL)
     if fail:
         spec, _, code = fail.partition("=")
         match, nth = _nth(spec, name)
-        if match and _seen[name] == nth:
+        if match and seen == nth:
             number = getattr(errno, code or "ENOSPC")
             raise OSError(number, os.strerror(number), None if path is None else str(path))
     if pause:

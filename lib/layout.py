@@ -67,11 +67,18 @@ def shard_name(name: str, fmt: str, folder: str = TOKENS) -> str:
     return f"{folder}/{name}.{EXTENSIONS[fmt]}"
 
 
+def shard_names(name: str, fmt: str, level: str) -> list[str]:
+    """A unit's shard paths relative to OUT, in the order its record lists them."""
+    return [shard_name(name, fmt, folder) for folder in folders(level)]
+
+
 def shard_path(out_dir: AnyPath, name: str, fmt: str, folder: str = TOKENS) -> AnyPath:
+    """A unit's shard in `folder` of OUT."""
     return out_dir / shard_name(name, fmt, folder)
 
 
 def record_path(out_dir: AnyPath, name: str) -> AnyPath:
+    """A unit's record, OUT/_units/NAME.json: written once its shards are committed."""
     return out_dir / UNITS / f"{name}.json"
 
 
@@ -112,6 +119,7 @@ def visible_shards(out_dir: AnyPath, level: str) -> dict[str, AnyPath]:
 
 
 def relative(out_dir: AnyPath, path: AnyPath) -> str:
+    """`path` relative to OUT, with forward slashes (as the manifest names shards)."""
     return path.relative_to(out_dir).as_posix()
 
 
@@ -176,11 +184,8 @@ def read_json(path: AnyPath) -> dict | None:
 
 
 def read_manifest(out_dir: AnyPath) -> dict | None:
+    """OUT/_manifest.json, None when it is missing or unreadable."""
     return read_json(out_dir / MANIFEST)
-
-
-def read_record(out_dir: AnyPath, name: str) -> dict | None:
-    return read_json(record_path(out_dir, name))
 
 
 def read_records(out_dir: AnyPath, names: list[str]) -> dict[str, dict | None]:
@@ -194,6 +199,7 @@ def read_records(out_dir: AnyPath, names: list[str]) -> dict[str, dict | None]:
 
 
 def write_json(path: AnyPath, data: dict, out_dir: AnyPath) -> None:
+    """`data` as indented JSON, written atomically (see write_atomic)."""
     write_atomic(path, json.dumps(data, indent=2).encode(), out_dir)
 
 

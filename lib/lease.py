@@ -56,6 +56,16 @@ def _start_ticks(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
+def started_at(pid: int) -> float | None:
+    """Unix time the process started (Linux), None where unknown."""
+    ticks = _start_ticks(pid)
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if ticks is None else time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True)
 class Process:
     """Who a process is, in a way that survives pid reuse and tells machines apart."""

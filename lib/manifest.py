@@ -16,7 +16,7 @@ _COUNTS = ("input_rows", "scored_rows", "skipped_rows", "truncated_rows")
 def _record(
     out_dir: AnyPath, unit: corpus.WorkUnit, fmt: str, level: str, visible: dict, record: dict
 ) -> dict:
-    names = [layout.shard_name(unit.name, fmt, folder) for folder in layout.folders(level)]
+    names = layout.shard_names(unit.name, fmt, level)
     if record is None or not all(name in visible for name in names):
         raise UserError(
             f"output.dir {out_dir}: shard {unit.name} or its record is missing after all ranks "

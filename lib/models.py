@@ -408,7 +408,8 @@ def _load(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     # T5's padded batches otherwise build a (batch, heads, length, length) bias in every layer.
     if attention.use_key_mask_attention(model):
         log.info("attention: %s, without a per-row bias tensor", attention.NAME)
-    # In start mode the decoder would otherwise project every encoder state in every layer.
+    # With few decoder positions (start mode: one) the decoder would otherwise project every
+    # encoder state in every layer.
     if attention.use_folded_cross_attention(model):
         log.info("attention: cross-attention folded into the decoder's queries")
     head = model.get_output_embeddings()

@@ -47,10 +47,13 @@ class Background:
         except BaseException as exc:  # raised in the consumer
             self._error = exc
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()  # a generator stopped early runs its own cleanup here, in its thread
-        self._put(_END)
+            try:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()  # a generator stopped early runs its own cleanup here, in its thread
+            except BaseException as exc:  # the consumer must still get its end marker
+                self._error = self._error or exc
+            self._put(_END)
 
     def __iter__(self) -> Iterator:
         while True:

@@ -5,7 +5,8 @@
 `load` (a thread) reads each work unit, tokenizes it and cuts it into padded batches; `compute`
 (the main thread) runs each batch's forward pass and the reduction on the device and starts
 asynchronous copies of the (small) results to pinned host memory; `write` (a thread) turns them
-into Arrow and commits one shard per unit. `lib.overlap` joins the stages with bounded queues,
+into Arrow and hands each finished unit to commit threads, which write its shard (two with
+`output.level=both`) and then its record. `lib.overlap` joins the stages with bounded queues,
 so memory stays flat however large the corpus is. Ranks under `accelerate launch` take every
 world_size-th unit and meet only at the end.
 """
@@ -19,7 +20,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,7 @@ from lib import (
 )
 from lib.config import JobConfig
 from lib.errors import Interrupted, UserError, output_error
-from lib.lease import Lease
+from lib.lease import Lease, started_at
 from lib.overlap import Background, Sink, Workers
 from lib.storage import AnyPath
 
@@ -207,7 +207,10 @@ class Extraction:
         compact = config.output.encoding == "compact"
         self.output_dtype = torch.float32 if compact else getattr(torch, config.output.dtype)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
+        # What this device wants; run_job has resolved the budget already (for the manifest),
+        # but an Extraction built directly from a config can still hold its null.
         self.pad_multiple = batching.pad_multiple_for(lm.device)
+        self.max_tokens = batching.max_tokens_for(config.batching.max_tokens, lm.device)
         self.first_batch_at: float | None = None  # unix time the first batch reached the model
 
     # -- stage 1: read, tokenize, bucket, pad (loader thread) --------------------------------
@@ -219,7 +222,7 @@ class Extraction:
         for work in self.units:
             unit, requests = self._read(work)
             for group in batching.make_batches(
-                requests, cfg.batching.max_tokens, decoder_length, multiple=self.pad_multiple
+                requests, self.max_tokens, decoder_length, multiple=self.pad_multiple
             ):
                 batch = self._collate(group)
                 yield Loaded(unit, batch.pin_memory() if pin else batch)
@@ -472,6 +475,7 @@ class Extraction:
 
     # -- the three stages together ------------------------------------------------------------
     def run(self) -> None:
+        """Extract and commit every unit of this rank: the three stages, joined."""
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -801,10 +805,5 @@ def _finish(config: JobConfig, setup: _Setup, claim: dict, wall: float, state) -
 
 def _process_start() -> float:
     """Unix time this process started (Linux); elsewhere, when this module was imported."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        ticks = os.sysconf("SC_CLK_TCK")
-        return time.time() - uptime + int(fields[19]) / ticks
-    except (OSError, ValueError, IndexError):
-        return _IMPORTED_AT
+    started = started_at(os.getpid())
+    return _IMPORTED_AT if started is None else started

@@ -113,8 +113,11 @@ def document_arrays(
             out[name] = _ids_to_numpy(column)
         elif pa.types.is_floating(column.type):
             out[name] = column.to_numpy()  # nulls become NaN
+        elif column.null_count:  # n_bytes in generate mode: -1; a bool column: False
+            fill = False if pa.types.is_boolean(column.type) else -1
+            out[name] = column.fill_null(fill).to_numpy()
         else:
-            out[name] = column.fill_null(-1 if name == "n_bytes" else False).to_numpy()
+            out[name] = column.to_numpy()
     return out
 
 

@@ -152,14 +152,11 @@ def _shard_ok(
 def _records(out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str, visible: dict):
     """The records of the units with a visible shard (the others need none)."""
     names = [
-        unit.name for unit in units if any(n in visible for n in shard_names(unit, fmt, level))
+        unit.name
+        for unit in units
+        if any(n in visible for n in layout.shard_names(unit.name, fmt, level))
     ]
     return layout.read_records(out_dir, names)
-
-
-def shard_names(unit: WorkUnit, fmt: str, level: str) -> list[str]:
-    """The unit's shard paths relative to OUT, in the order its record lists them."""
-    return [layout.shard_name(unit.name, fmt, folder) for folder in layout.folders(level)]
 
 
 def finished(out_dir: AnyPath, fp: str, units: list[WorkUnit], fmt: str, level: str) -> dict | None:
@@ -176,7 +173,7 @@ def finished(out_dir: AnyPath, fp: str, units: list[WorkUnit], fmt: str, level: 
     visible = layout.visible_shards(out_dir, level)
     records = _records(out_dir, units, fmt, level, visible)
     if not all(
-        _shard_ok(shard_names(unit, fmt, level), fp, visible, records.get(unit.name))
+        _shard_ok(layout.shard_names(unit.name, fmt, level), fp, visible, records.get(unit.name))
         for unit in units
     ):
         return None
@@ -299,7 +296,7 @@ def _check_shards(
     visible = layout.visible_shards(out_dir, level)
     records = _records(out_dir, units, fmt, level, visible)
     for unit in units:
-        names = shard_names(unit, fmt, level)
+        names = layout.shard_names(unit.name, fmt, level)
         ok = _shard_ok(names, fp, visible, records.get(unit.name))
         if ok:
             keep.update(names)
@@ -363,5 +360,5 @@ def committed(out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str) -> 
     return {
         unit.index
         for unit in units
-        if all(name in visible for name in shard_names(unit, fmt, level))
+        if all(name in visible for name in layout.shard_names(unit.name, fmt, level))
     }

@@ -20,12 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lib import compact, layout, storage
+from lib import compact, layout, scores, storage
 from lib.errors import UserError, first_line
 from lib.overlap import Background
 from lib.storage import AnyPath
 
-CALIBRATION_BINS = 15
 HISTOGRAM_BINS = 64
 MASS_BINS = 50
 RANK_BINS = 33  # bin 0: rank 0; bin j: ranks 2**(j-1) .. 2**j - 1 (int32 ranks fit)
@@ -117,20 +116,20 @@ class Histogram:
 class Calibration:
     """Top-1 confidence against accuracy in equal-width bins, as sums (mergeable)."""
 
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(CALIBRATION_BINS))
-    confidence: np.ndarray = field(default_factory=lambda: np.zeros(CALIBRATION_BINS))
-    correct: np.ndarray = field(default_factory=lambda: np.zeros(CALIBRATION_BINS))
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(scores.ECE_BINS))
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(scores.ECE_BINS))
+    correct: np.ndarray = field(default_factory=lambda: np.zeros(scores.ECE_BINS))
     stored_ece: float | None = None  # the manifest's, when it has one
     source: str = "shards"
 
     def add(self, confidence: np.ndarray, correct: np.ndarray) -> None:
         """Count positions with their top-1 probability and whether top-1 was the actual token."""
-        bins = len(self.counts)
-        confidence = np.clip(confidence, 0.0, 1.0)
-        index = np.minimum((confidence * bins).astype(np.int64), bins - 1)
-        self.counts += np.bincount(index, minlength=bins)
-        self.confidence += np.bincount(index, weights=confidence, minlength=bins)
-        self.correct += np.bincount(index, weights=correct, minlength=bins)
+        counts, confidence_sums, correct_sums = scores.calibration_bins(
+            np.clip(confidence, 0.0, 1.0), correct
+        )
+        self.counts += counts
+        self.confidence += confidence_sums
+        self.correct += correct_sums
 
     @property
     def ece(self) -> float:

@@ -118,12 +118,25 @@ def documents_table(
     return pa.Table.from_pydict(data, schema=schema)
 
 
+def calibration_bins(
+    confidence: np.ndarray, correct: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin of the top-1 probability: positions, their summed probability and
+    how many were right (sums, so that units and shards add up)."""
+    bins = np.minimum((confidence * ECE_BINS).astype(np.int64), ECE_BINS - 1)
+    return (
+        np.bincount(bins, minlength=ECE_BINS),
+        np.bincount(bins, confidence, ECE_BINS),
+        np.bincount(bins, correct, ECE_BINS),
+    )
+
+
 def partial(arrays: dict[str, np.ndarray], columns: dict[str, np.ndarray]) -> dict:
     """A unit's sums for the corpus scores (kept in its record; `merge` adds them up)."""
     has = arrays["has_token"]
     confidence = np.exp(arrays["top1_logprob"][has].astype(np.float64))
     correct = arrays["token_rank"][has] == 0
-    bins = np.minimum((confidence * ECE_BINS).astype(np.int64), ECE_BINS - 1)
+    counts, confidence_sums, correct_sums = calibration_bins(confidence, correct)
     whole = ~columns["truncated"]
     n_bytes = columns.get("n_bytes")
     return {
@@ -134,9 +147,9 @@ def partial(arrays: dict[str, np.ndarray], columns: dict[str, np.ndarray]) -> di
         # bits per byte over the documents that were not cut (None where texts have no bytes)
         "whole_sum_logprob": float(columns["sum_logprob"][whole].sum()),
         "whole_bytes": None if n_bytes is None else int(n_bytes[whole].sum()),
-        "calibration_counts": np.bincount(bins, minlength=ECE_BINS).tolist(),
-        "calibration_confidence": np.bincount(bins, confidence, ECE_BINS).tolist(),
-        "calibration_correct": np.bincount(bins, correct, ECE_BINS).astype(int).tolist(),
+        "calibration_counts": counts.tolist(),
+        "calibration_confidence": confidence_sums.tolist(),
+        "calibration_correct": correct_sums.astype(int).tolist(),
     }
 
 

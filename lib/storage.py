@@ -122,6 +122,7 @@ def location(text: str | os.PathLike) -> Path | ObjectPath:
 
 
 def is_remote(path: object) -> bool:
+    """Whether `path` is on an object store (an ObjectPath), not the local filesystem."""
     return isinstance(path, ObjectPath)
 
 
@@ -432,6 +433,7 @@ def remove(path: AnyPath) -> None:
 
 # -- durable writes ----------------------------------------------------------------------------
 def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -440,6 +442,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
+    """Make a file's bytes durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         faults.point("fsync", path)

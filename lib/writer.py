@@ -201,6 +201,7 @@ class ShardWriter:
             raise
 
     def write(self, table: pa.Table) -> None:
+        """Append rows to the shard's temporary file (nothing is visible until commit)."""
         if not table.num_rows:
             return
         try:

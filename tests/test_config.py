@@ -291,3 +291,11 @@ def test_top_p_and_encoding_combinations_that_work():
     ):
         load_config(None, BASE + extra)
     assert "output.encoding" in describe_keys() and "plain | compact" in describe_keys()
+
+
+def test_help_names_the_devices_batch_budgets():
+    from lib import batching
+
+    [line] = [line for line in describe_keys().splitlines() if "batching.max_tokens" in line]
+    assert f"{batching.CPU_MAX_TOKENS} on a CPU" in line
+    assert f"{batching.ACCELERATOR_MAX_TOKENS} on an accelerator" in line

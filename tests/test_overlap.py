@@ -72,6 +72,38 @@ def test_background_close_stops_the_producer_and_runs_its_cleanup():
     assert cleaned.is_set() and _threads("bg-close") == []
 
 
+def test_background_failing_cleanup_reaches_the_consumer():
+    class Items:
+        def __init__(self):
+            self.left = [1, 2]
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if not self.left:
+                raise StopIteration
+            return self.left.pop(0)
+
+        def close(self):
+            raise RuntimeError("cleanup failed")
+
+    stage = Background(Items(), maxsize=1, name="bg-cleanup")
+    outcome = []
+
+    def consume():
+        try:
+            outcome.append(list(stage))
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    consumer.join(timeout=10)  # before the fix the consumer waited forever for the end marker
+    assert outcome == ["cleanup failed"]
+    stage.close()
+
+
 def test_sink_consumes_everything_and_close_waits_for_it():
     seen = []
 

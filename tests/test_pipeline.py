@@ -137,3 +137,7 @@ def test_a_null_batch_budget_is_the_devices_default(job, tmp_path):
     assert config.batching.max_tokens is None
     assert batching.max_tokens_for(None, torch.device("cuda")) == 16384
     assert batching.max_tokens_for(96, torch.device("cpu")) == 96
+    # an Extraction built from the config directly (library use) takes the same default
+    _, lm, units = job
+    items = list(_extraction(config, lm, units, tmp_path / "direct").load())
+    assert sum(item.batch is None for item in items) == len(units)

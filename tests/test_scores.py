@@ -259,6 +259,15 @@ def test_level_documents_alone_equals_level_both(tmp_path, model_dirs, corpus):
     )
     assert first["tokens"] == second["tokens"]
     assert first["ece"] == pytest.approx(second["ece"], abs=1e-5)
+    # the numpy reader gives the same columns, with nulls as NaN (floats) or -1 (n_bytes)
+    frame, arrays = results.load_documents(both), results.document_arrays(both)
+    assert set(arrays) == set(frame.columns)
+    assert list(arrays["id"]) == list(frame["id"])
+    for column in frame.columns.drop("id"):
+        expected = frame[column].to_numpy()
+        if column == "n_bytes":
+            expected = frame[column].fillna(-1).to_numpy()
+        np.testing.assert_array_equal(arrays[column], expected, err_msg=column)
 
 
 def test_start_mode_has_no_documents(tmp_path, model_dirs, corpus, capsys):
@@ -272,3 +281,16 @@ def test_start_mode_has_no_documents(tmp_path, model_dirs, corpus, capsys):
     line = capsys.readouterr().err.strip()
     assert line.startswith("error: config key output.level: documents needs scored tokens")
     assert "\n" not in line
+
+
+def test_generate_mode_documents_have_no_bytes(tmp_path, model_dirs, corpus):
+    out = _run(
+        tmp_path,
+        model_dirs["t5"],
+        corpus,
+        ["decoder.mode=generate", "decoder.max_new_tokens=3", "output.level=documents"],
+    )
+    frame, arrays = results.load_documents(out), results.document_arrays(out)
+    assert len(frame) > 0 and frame["n_bytes"].isna().all()
+    assert (arrays["n_bytes"] == -1).all() and arrays["n_bytes"].dtype == np.int64
+    np.testing.assert_array_equal(arrays["n_tokens"], frame["n_tokens"].to_numpy())

@@ -321,6 +321,15 @@ def test_command_line_prints_one_line_per_problem(damaged, tmp_path):
     )
 
 
+def test_an_unreadable_location_is_one_line(capsys):
+    assert verify.main(["weird://bucket/out"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "error: weird://bucket: neither pyarrow nor an installed fsspec package reads weird://\n"
+    )
+
+
 def test_compact_output_reports_its_bytes_per_position_and_entry(job, model_dirs, tmp_path, capsys):
     out = tmp_path / "compact"
     argv = [
