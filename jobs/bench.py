@@ -464,7 +464,7 @@ def _documents_cost(spec: ModelSpec, model: str, root: Path, corpus: str, args) 
     """output.level=documents (document scores, Min-K%++ moments, no top-k, no token rows)
     against today's top-k token rows on the 3N corpus: paired runs, best of two each."""
     seconds: dict[str, list[float]] = {"tokens": [], "documents": []}
-    for _ in range(2):
+    for _ in range(1 if args.quick else 2):
         for level in seconds:
             config = job_config(model, corpus, str(root / f"out-{spec.name}-{level}"), args)
             config.output.level = level
@@ -491,8 +491,9 @@ def bench_model(spec: ModelSpec, model: str, root: Path, corpora: dict, args, fu
     tokens = {size: corpus_tokens(model, corpora[size], args.max_length) for size in ("N", "3N")}
     times = {}
     # A first run pays one-time costs (lazy imports, allocator and thread-pool warm-up) that
-    # would otherwise land in the N run and inflate the marginal rate.
-    run_job_timed(job_config(model, corpora["N"], str(root / f"out-{spec.name}-warmup"), args))
+    # would otherwise land in the N run and inflate the marginal rate (--quick measures nothing).
+    if not args.quick:
+        run_job_timed(job_config(model, corpora["N"], str(root / f"out-{spec.name}-warmup"), args))
     for size in ("N", "3N"):
         times[size], manifest = run_job_timed(
             job_config(model, corpora[size], str(root / f"out-{spec.name}-{size}"), args)
@@ -846,7 +847,8 @@ def cases_part(specs: list[ModelSpec], root: Path, training_texts: list[str], ar
     rows = []
     for spec in specs:
         model = build_model(spec, root / "models", training_texts)
-        warm_up(model, root, args)
+        if not args.quick:
+            warm_up(model, root, args)
         for case in args.cases:
             with took(f"case {case} {spec.name}"):
                 rows.append(bench_case(spec, model, case, root, args))
