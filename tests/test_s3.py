@@ -20,7 +20,7 @@ import torch
 from jobs import extract
 from lib import results, run_stats, storage
 from lib.verify import verify
-from tests.launcher import accelerate_launch
+from tests.launcher import rank_environments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,12 +150,16 @@ def test_s3_missing_bucket_and_bad_credentials_end_in_one_line(s3, job, model_di
 
 
 @pytest.mark.slow
-def test_s3_two_processes_share_no_disk(s3, job, model_dirs, tmp_path):
+def test_s3_two_processes_share_no_disk(s3, job, model_dirs, tmp_path, launcher):
+    """Two ranks as `accelerate launch` starts them (its variables; tests/test_distributed.py
+    runs the real command), in an empty folder: nothing local is shared but the model."""
     out = f"s3://{job['bucket']}/two-processes"
     args = _settings(model_dirs["gpt2"], job["corpus"], out)
-    # Run from an empty folder: nothing local is shared but the read-only model.
-    code, _, stderr = accelerate_launch(args, s3.env, cwd=tmp_path)
-    assert code == 0, stderr[-3000:]
+    ranks = [
+        launcher.start(args, {**s3.env, **rank}, cwd=tmp_path) for rank in rank_environments(2)
+    ]
+    for run in ranks:
+        run.wait().assert_ok()
     _same_as_local(out, job["local"])
     manifest = json.loads((storage.location(out) / "_manifest.json").read_text())
     assert manifest["world_size"] == 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
