@@ -194,7 +194,7 @@ def uses_position_bias(model: torch.nn.Module) -> bool:
     return any(hasattr(module, "relative_attention_bias") for module in model.modules())
 
 
-def _padded_probe(model: torch.nn.Module) -> torch.Tensor:
+def _padded_probe(model: torch.nn.Module, decoder_length: int = 3) -> torch.Tensor:
     """Float32 logits of a short padded dummy batch (the second row is half padding)."""
     generator = torch.Generator().manual_seed(0)
     device = next(model.parameters()).device
@@ -203,7 +203,7 @@ def _padded_probe(model: torch.nn.Module) -> torch.Tensor:
     mask[1, 9:] = 0
     kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     if model.config.is_encoder_decoder:
-        kwargs["decoder_input_ids"] = ids[:, :3]
+        kwargs["decoder_input_ids"] = ids[:, :decoder_length]
     with torch.inference_mode():
         return model(**kwargs).logits.float()
 
@@ -321,10 +321,11 @@ def use_folded_cross_attention(model: torch.nn.Module) -> bool:
     if not modules:
         return False
     try:
-        reference = _padded_probe(model)
+        # one decoder position, as start mode has: it folds for any head size
+        reference = _padded_probe(model, decoder_length=1)
         for module in modules:
             module.forward = functools.partial(folded_cross_attention, module, module.forward)
-        if _agrees(reference, _padded_probe(model), model):
+        if _agrees(reference, _padded_probe(model, decoder_length=1), model):
             return True
     except Exception as exc:  # a transformers version whose T5 attention differs
         log.info("attention: keeping transformers' cross-attention (%s)", exc)
