@@ -309,12 +309,15 @@ class Extraction:
             min_k=cfg.output.min_k,
         )
         host = {name: _to_host(value) for name, value in stats.items()}
+        row, position = _to_host(scored.row), _to_host(scored.position)
+        token_id = _to_host(scored.token_id)  # on the device in every task
         ready = None
         if lm.device.type == "cuda":
+            # After the last copy: the writer reads the pinned buffers once this has passed, and
+            # a copy queued after it could still be running then.
             ready = torch.cuda.Event()
             ready.record()
-        row, position = _to_host(scored.row), _to_host(scored.position)
-        reduced = Reduced(row, position, _to_host(scored.token_id), host, ready)
+        reduced = Reduced(row, position, token_id, host, ready)
         return reduced, [len(batch.requests), scored.real_tokens, scored.padded_tokens]
 
     def _forward(self, unit: Unit, batch: batching.Batch) -> list[tuple[Reduced, list[int]]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -141,3 +143,25 @@ def test_a_null_batch_budget_is_the_devices_default(job, tmp_path):
     _, lm, units = job
     items = list(_extraction(config, lm, units, tmp_path / "direct").load())
     assert sum(item.batch is None for item in items) == len(units)
+
+
+def test_the_ready_event_follows_every_device_copy(job, tmp_path, monkeypatch):
+    """On a GPU the writer reads the pinned buffers once `ready` has passed, so the event must
+    come after the last device-to-host copy (the token ids are on the device in every task)."""
+    config, lm, units = job
+    order = []
+
+    class Event:  # stands in for torch.cuda.Event
+        def record(self):
+            order.append("ready")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(pipeline, "_to_host", lambda value: order.append("copy") or value)
+    monkeypatch.setattr(batching.Batch, "to", lambda batch, device: batch)
+    # the CPU model, said to be on a GPU: what is tested is the order of copies and event
+    gpu_lm = dataclasses.replace(lm, device=types.SimpleNamespace(type="cuda"))
+    extraction = _extraction(config, gpu_lm, units, tmp_path)
+    batch = next(item.batch for item in _extraction(config, lm, units, tmp_path).load())
+    with torch.inference_mode():
+        reduced, _ = extraction._reduce(batch)
+    assert order[-1] == "ready" and order.count("copy") == len(reduced.stats) + 3
