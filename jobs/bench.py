@@ -365,7 +365,7 @@ def dense_rate(
         kwargs["decoder_input_ids"] = torch.zeros((rows, 1), dtype=torch.long, device=device)
     model(**kwargs)  # warm-up
     batches = max(3, total_tokens // (rows * mean_length))
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     sync()
     started = time.perf_counter()
     for _ in range(batches):
@@ -398,7 +398,7 @@ def model_only_seconds(model_dir: str, corpus: str, args) -> float:
         batching.collate(b, lm.pad_id, multiple)
         for b in batching.make_batches(requests, args.max_tokens, multiple=multiple)
     ]
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     device = lm.device
     sync()
     started = time.perf_counter()
@@ -908,7 +908,11 @@ def print_tables(results: dict) -> None:
 
 def print_settings(root: Path, args) -> None:
     """What this run measures on, and the sizes of its parts."""
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    where = (
+        torch.cuda.get_device_name()
+        if torch.device(args.device).type == "cuda"
+        else f"{os.cpu_count()} CPU cores"
+    )
     print(
         f"device {args.device} ({where}), torch {torch.__version__}, max_tokens={args.max_tokens}, "
         f"k={args.k}, max_length={args.max_length}, work dir {root}"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -246,7 +246,6 @@ def _folds(queries: int, keys: int, head_dim: int) -> bool:
 
 def folded_cross_attention(
     module: torch.nn.Module,
-    original: Callable[..., tuple],
     hidden_states: torch.Tensor,
     mask: torch.Tensor | None = None,
     key_value_states: torch.Tensor | None = None,
@@ -255,7 +254,8 @@ def folded_cross_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
     """T5Attention.forward for cross-attention from a few decoder positions, without projecting
-    the encoder states; anything else (self-attention, a cache, training) goes to `original`."""
+    the encoder states; anything else (self-attention, a cache, training) goes to the class's
+    own forward."""
     batch, queries, _ = hidden_states.shape
     heads, head_dim = module.n_heads, module.key_value_proj_dim
     if (
@@ -265,7 +265,8 @@ def folded_cross_attention(
         or kwargs.get("output_attentions")
         or not _folds(queries, key_value_states.shape[1], head_dim)
     ):
-        return original(
+        return type(module).forward(
+            module,
             hidden_states,
             mask=mask,
             key_value_states=key_value_states,
@@ -278,8 +279,10 @@ def folded_cross_attention(
     key_weight = module.k.weight.view(heads, head_dim, model_dim)
     # (batch, heads x queries, model_dim): each head's query seen from the encoder states' side
     folded = torch.einsum("bqhe,hed->bhqd", query, key_weight).reshape(batch, -1, model_dim)
-    scores = torch.bmm(folded, key_value_states.transpose(1, 2)).view(batch, heads, queries, keys)
-    scores = scores.float() * module.scaling
+    # float32 scores, as SDPA keeps them: T5 does not scale them, and 16-bit would round them
+    states = key_value_states.float()
+    scores = torch.bmm(folded.float(), states.transpose(1, 2)).view(batch, heads, queries, keys)
+    scores = scores * module.scaling
     if position_bias is not None:
         scores = scores + position_bias
     if mask is not None and mask.dtype == torch.bool:
@@ -293,6 +296,10 @@ def folded_cross_attention(
         "bhqd,hed->bqhe", mixed.view(batch, heads, queries, model_dim), value_weight
     )
     return module.o(output.reshape(batch, queries, heads * head_dim)), position_bias, None
+
+
+def _folded(module: weakref.ref, *args, **kwargs) -> tuple:
+    return folded_cross_attention(module(), *args, **kwargs)
 
 
 def _cross_attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -324,7 +331,9 @@ def use_folded_cross_attention(model: torch.nn.Module) -> bool:
         # one decoder position, as start mode has: it folds for any head size
         reference = _padded_probe(model, decoder_length=1)
         for module in modules:
-            module.forward = functools.partial(folded_cross_attention, module, module.forward)
+            # through a weak reference: module -> its forward -> module would be a cycle that
+            # keeps a model (and its device memory) alive until a full garbage collection
+            module.forward = functools.partial(_folded, weakref.ref(module))
         if _agrees(reference, _padded_probe(model, decoder_length=1), model):
             return True
     except Exception as exc:  # a transformers version whose T5 attention differs

@@ -13,6 +13,7 @@ world_size-th unit and meet only at the end.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -156,6 +157,12 @@ def _to_host(tensor: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
 
 def _numpy(value):
     return value.numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _kept(arrays: dict[str, np.ndarray], pinned: bool) -> dict[str, np.ndarray]:
+    """Arrays a unit holds until it commits, out of pinned buffers: pinned pages are scarce,
+    and the allocator caches them rather than giving them back."""
+    return {name: value.copy() for name, value in arrays.items()} if pinned else arrays
 
 
 # What the document rows and corpus scores need of each position (kept in full mode too).
@@ -315,7 +322,7 @@ class Extraction:
         if lm.device.type == "cuda":
             # After the last copy: the writer reads the pinned buffers once this has passed, and
             # a copy queued after it could still be running then.
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(blocking=True)  # the writer sleeps on it instead of spinning
             ready.record()
         reduced = Reduced(row, position, token_id, host, ready)
         return reduced, [len(batch.requests), scored.real_tokens, scored.padded_tokens]
@@ -376,18 +383,20 @@ class Extraction:
             commits.close()  # the units that ended are committed (or fail) before we return
 
     def _add(self, state: UnitShard, item: Reduced) -> None:
-        if item.ready is not None:
+        pinned = item.ready is not None
+        if pinned:
             item.ready.synchronize()
         arrays = {name: _numpy(value) for name, value in item.stats.items()}
         arrays.update(row=_numpy(item.row), position=_numpy(item.position))
         arrays["token_id"] = _numpy(item.token_id)
         if self.full:  # full logits are large: stream them, never hold a unit of them
-            state.parts.append({name: arrays[name] for name in SCORE_FIELDS if name in arrays})
+            scores = {name: arrays[name] for name in SCORE_FIELDS if name in arrays}
+            state.parts.append(_kept(scores, pinned))
             if self.examples:  # a row's positions are all in one batch
                 arrays = _sorted(arrays)
             self._tokens_shard(state).write(self._table(arrays, state.unit))
         else:  # top-k rows are small: keep the unit and write it in input order
-            state.parts.append(arrays)
+            state.parts.append(_kept(arrays, pinned))
 
     def _table(self, arrays: dict[str, np.ndarray], unit: Unit) -> pa.Table:
         """Shard rows from sorted arrays: position rows, or example rows built from them."""
@@ -699,6 +708,9 @@ def _set_up(config: JobConfig, device: torch.device) -> _Setup:
     return _Setup(inputs, units, id_type, lm, task, schema, shard_schema, documents_schema)
 
 
+RANK_WAIT = datetime.timedelta(days=7)  # the longest one rank waits for another
+
+
 def run_job(config: JobConfig, progress: bool = True) -> dict:
     """Run the whole job on this process's share and, on the main process, return the manifest.
 
@@ -707,7 +719,11 @@ def run_job(config: JobConfig, progress: bool = True) -> dict:
 
     started = time.perf_counter()
     out_dir = storage.location(config.output.dir)
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # Ranks wait for rank 0's checks (hashing the inputs and the model) at the start, and for
+    # the slowest rank at the end (a resume can leave all the work to one); NCCL's default of
+    # 10 minutes (gloo's 30) would kill a healthy job there. A dead rank still ends the job:
+    # the launcher stops the others.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=RANK_WAIT)
     threads = torch.get_num_threads()
     torch.set_num_threads(_threads(config.runtime.threads))
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
@@ -163,8 +166,8 @@ def test_generation_keeps_its_cached_cross_attention(model_dirs):
 
 
 def test_a_wrong_fold_is_undone(model_dirs, monkeypatch):
-    def ignore_padding(module, original, hidden_states, mask=None, **kwargs):
-        return attention.folded_cross_attention(module, original, hidden_states, None, **kwargs)
+    def ignore_padding(module, hidden_states, mask=None, **kwargs):
+        return attention.folded_cross_attention(module, hidden_states, None, **kwargs)
 
     monkeypatch.setattr(attention, "folded_cross_attention", ignore_padding)
     model = _t5(model_dirs["t5"])
@@ -172,3 +175,16 @@ def test_a_wrong_fold_is_undone(model_dirs, monkeypatch):
     assert all("forward" not in vars(m) for m in attention._cross_attentions(model))
     causal = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"], attn_implementation="sdpa")
     assert not attention.use_folded_cross_attention(causal)
+
+
+def test_a_folded_model_is_freed_without_a_garbage_collection(model_dirs):
+    """Its device memory goes when the last reference does (repeated jobs in one process)."""
+    model = _t5(model_dirs["t5"])
+    assert attention.use_folded_cross_attention(model)
+    gone = [weakref.ref(module) for module in [model, *attention._cross_attentions(model)]]
+    gc.disable()
+    try:
+        del model
+        assert [ref() for ref in gone] == [None] * len(gone)
+    finally:
+        gc.enable()

@@ -3,7 +3,9 @@ are the model's own at each scored position."""
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -128,3 +130,27 @@ def test_a_hub_id_with_no_hub_in_reach_fails_fast_in_one_line(monkeypatch):
     message = str(error.value)
     assert "hub cannot be reached" in message and "HF_HUB_OFFLINE=1" in message
     assert "\n" not in message
+
+
+def test_a_model_whose_body_needs_its_head_runs_whole(model_dirs, tmp_path):
+    """Mamba's forward reads lm_head.weight: the split check falls back to the full forward
+    (it used to fail the load), and the rows still equal the model's own logits."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, state_size=4)
+    MambaForCausalLM(config).save_pretrained(tmp_path)
+    for source in Path(model_dirs["gpt2"]).glob("*token*"):  # the GPT-2 fixture's tokenizer
+        shutil.copy(source, tmp_path)
+    lm = models.load_model(ModelConfig(path=str(tmp_path), dtype="float32"), torch.device("cpu"))
+    assert lm.head is None and lm.identity["split_head"] is False
+    batch = _batch(lm, batching.CAUSAL)
+    with torch.inference_mode():
+        scored = models.score(lm, batch, batching.CAUSAL, max_new_tokens=4)
+        logits = _logits(lm, scored)
+        for request in batch.requests:
+            alone = lm.model(input_ids=torch.tensor([request.ids])).logits[0]
+            mine = scored.row == request.row
+            torch.testing.assert_close(
+                logits[mine], alone[scored.position[mine]], atol=1e-4, rtol=1e-4
+            )

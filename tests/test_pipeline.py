@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import threading
 import types
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -152,8 +154,14 @@ def test_the_ready_event_follows_every_device_copy(job, tmp_path, monkeypatch):
     order = []
 
     class Event:  # stands in for torch.cuda.Event
+        def __init__(self, blocking=False):
+            pass
+
         def record(self):
             order.append("ready")
+
+        def synchronize(self):
+            order.append("waited")
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(pipeline, "_to_host", lambda value: order.append("copy") or value)
@@ -161,7 +169,36 @@ def test_the_ready_event_follows_every_device_copy(job, tmp_path, monkeypatch):
     # the CPU model, said to be on a GPU: what is tested is the order of copies and event
     gpu_lm = dataclasses.replace(lm, device=types.SimpleNamespace(type="cuda"))
     extraction = _extraction(config, gpu_lm, units, tmp_path)
-    batch = next(item.batch for item in _extraction(config, lm, units, tmp_path).load())
+    loaded = next(iter(_extraction(config, lm, units, tmp_path).load()))
     with torch.inference_mode():
-        reduced, _ = extraction._reduce(batch)
+        reduced, _ = extraction._reduce(loaded.batch)
     assert order[-1] == "ready" and order.count("copy") == len(reduced.stats) + 3
+    # what the unit keeps until it commits is copied out of the (pinned) buffers, after the wait
+    state = pipeline.UnitShard(loaded.unit)
+    extraction._add(state, reduced)
+    assert order[-1] == "waited"
+    kept = state.parts[0]
+    for name, value in reduced.stats.items():
+        assert not np.shares_memory(kept[name], value.numpy()), name
+        np.testing.assert_array_equal(kept[name], value.numpy())
+
+
+def test_ranks_wait_for_each_other_longer_than_the_backends_default(job, tmp_path, monkeypatch):
+    """NCCL would end a rank's wait after 10 minutes (gloo after 30): too short for rank 0's
+    input hashing or a resume that leaves every unit to one rank."""
+    import accelerate
+
+    asked = {}
+
+    def partial_state(**kwargs):
+        asked.update(kwargs)
+        return real(**kwargs)
+
+    real = accelerate.PartialState
+    monkeypatch.setattr(accelerate, "PartialState", partial_state)
+    config, _, _ = job
+    config = dataclasses.replace(
+        config, output=dataclasses.replace(config.output, dir=str(tmp_path / "out"))
+    )
+    pipeline.run_job(config, progress=False)
+    assert asked["timeout"] >= datetime.timedelta(days=1)
