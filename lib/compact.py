@@ -54,11 +54,15 @@ def logprob_codes(logprobs: np.ndarray) -> np.ndarray:
 def logprobs_from_codes(codes: np.ndarray) -> np.ndarray:
     """float32 log-probabilities of codes: -inf for INF_CODE."""
     codes = np.asarray(codes, dtype=np.int64)
-    fine = codes * STEP
-    with np.errstate(over="ignore"):
-        tail = FINE_LIMIT * np.exp((codes - FINE_CODES) * np.log(TAIL_RATIO))
-    u = np.where(codes <= FINE_CODES, fine, np.minimum(tail, np.finfo(np.float32).max))
-    u[codes == INF_CODE] = np.inf
+    u = codes * STEP
+    tail = codes > FINE_CODES  # few entries: the exponential runs on those only
+    if tail.any():
+        beyond = codes[tail]
+        with np.errstate(over="ignore"):
+            values = FINE_LIMIT * np.exp((beyond - FINE_CODES) * np.log(TAIL_RATIO))
+        values = np.minimum(values, np.finfo(np.float32).max)
+        values[beyond == INF_CODE] = np.inf
+        u[tail] = values
     return (-u).astype(np.float32)
 
 
@@ -136,10 +140,17 @@ def decode(
     """`topk_logprobs` (n, k; -inf past each row's count), `topk_count` (n,) and, given the
     codes and the shard's id order, `topk_ids` (n, k; -1 past the count) from a shard's compact
     columns. `k` defaults to the longest row."""
-    codes, offsets = _entry_codes(deltas)
+    values, offsets = _row_offsets(deltas)
     counts = np.diff(offsets)
     rows = len(counts)
     k = int(counts.max(initial=0)) if k is None else k
+    if rows and counts.min() == k:  # every row holds k entries (no top_p): no scatter needed
+        codes = np.cumsum(values.reshape(rows, k), axis=1)
+        out = {"topk_logprobs": logprobs_from_codes(codes), "topk_count": counts.astype(np.int32)}
+        if id_codes is not None:
+            out["topk_ids"] = id_order[_row_offsets(id_codes)[0]].reshape(rows, k)
+        return out
+    codes, offsets = _entry_codes(deltas)
     row = np.repeat(np.arange(rows), counts)
     column = np.arange(len(codes)) - offsets[:-1][row]
     logprobs = np.full((rows, k), -np.inf, np.float32)

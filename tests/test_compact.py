@@ -88,3 +88,10 @@ def test_decode_without_ids_and_from_chunks():
     np.testing.assert_array_equal(decoded["topk_logprobs"], whole["topk_logprobs"])
     sliced = compact.decode(codes.slice(10, 5), deltas.slice(10, 5), order)
     np.testing.assert_array_equal(sliced["topk_ids"], whole["topk_ids"][10:15])
+    # rows of k entries read as (n, k) directly; asked wider, through the scatter: the same
+    wider = compact.decode(codes, deltas, order, 8)
+    np.testing.assert_array_equal(wider["topk_ids"][:, :6], whole["topk_ids"])
+    np.testing.assert_array_equal(wider["topk_logprobs"][:, :6], whole["topk_logprobs"])
+    assert (wider["topk_ids"][:, 6:] == -1).all() and np.isneginf(
+        wider["topk_logprobs"][:, 6:]
+    ).all()
