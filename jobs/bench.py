@@ -403,10 +403,9 @@ def model_only_seconds(model_dir: str, corpus: str, args) -> float:
     sync()
     started = time.perf_counter()
     for batch in batches:
-        kwargs = {
-            "input_ids": batch.input_ids.to(device),
-            "attention_mask": batch.attention_mask.to(device),
-        }
+        kwargs = {"input_ids": batch.input_ids.to(device)}
+        if lm.is_seq2seq:  # as the job: a causal model runs unmasked (SDPA's causal kernel)
+            kwargs["attention_mask"] = batch.attention_mask.to(device)
         if batch.decoder_input_ids is not None:
             kwargs["decoder_input_ids"] = batch.decoder_input_ids.to(device)
         lm.model(**kwargs, use_cache=False).logits.float()
