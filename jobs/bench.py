@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lib import batching, sample
+from lib import batching, models, sample
 from lib.config import JobConfig
 
 
@@ -375,17 +375,15 @@ def dense_rate(
 
 
 @torch.inference_mode()
-def model_only_seconds(model_dir: str, corpus: str, args) -> float:
-    """Seconds of the model's own forward passes on exactly the job's batches of `corpus`.
+def model_only_seconds(lm: models.LoadedModel, corpus: str, args) -> float:
+    """Seconds of the loaded model's own forward passes on exactly the job's batches of `corpus`.
 
     Job time over this is the pipeline's own overhead: tokenization, bucketing, the reduction,
     Arrow conversion and writing, to the extent they are not hidden behind the model.
     """
     from lib import corpus as corpus_lib
-    from lib import models
 
-    config = job_config(model_dir, corpus, "unused", args)
-    lm = models.load_model(config.model, torch.device(args.device))
+    config = job_config(lm.identity["path"], corpus, "unused", args)
     task = models.task_for(lm, config.decoder, has_targets=False)
     table = corpus_lib.read_unit(
         corpus_lib.plan_units(corpus_lib.inspect_inputs(config.input), 10**9)[0], config.input
@@ -512,7 +510,10 @@ def bench_model(spec: ModelSpec, model: str, root: Path, corpora: dict, args, fu
     dense = dense_rate(
         model, mean_length, tokens["3N"] - tokens["N"], args.max_tokens, args.device, args.dtype
     )
-    model_only = {size: model_only_seconds(model, corpora[size], args) for size in ("N", "3N")}
+    lm = models.load_model(
+        job_config(model, corpora["N"], "unused", args).model, torch.device(args.device)
+    )
+    model_only = {size: model_only_seconds(lm, corpora[size], args) for size in ("N", "3N")}
     result.update(
         {
             "job_tok_s": round(tokens["3N"] / times["3N"]),
@@ -628,7 +629,7 @@ def device_free(recorded: dict[str, np.ndarray]) -> Iterator[None]:
     logsumexp, entropy, rank) run on the device: read, tokenize, bucket, pad, collate, sort,
     build Arrow, encode and compress Parquet, hash and commit. The recorded rows are real
     output, so the columns compress as the job's own do."""
-    from lib import models, reduce
+    from lib import reduce
 
     positions = 1 << 16  # more than a batch holds
     take = np.resize(np.arange(len(recorded["logsumexp"])), positions)
