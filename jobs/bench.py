@@ -50,7 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,9 @@ TINY = {
     "gpt2": ModelSpec("gpt2-tiny", "gpt2", 64, 2, 32000, "causal"),
     "llama": ModelSpec("llama-tiny", "llama", 64, 2, 32000, "causal"),
 }
+# --quick's models: the tiny shapes with output vocabularies of 2,048 (a smoke run measures
+# nothing, and 32k-entry heads were most of its time).
+QUICK = {name: replace(spec, vocab=2048) for name, spec in TINY.items()}
 # The nearly free model of the host ceiling: the job's own work decides its speed.
 CEILING = ModelSpec("gpt2-d8", "gpt2", 8, 1, 600, "causal", tokenizer_vocab=600)
 
@@ -671,7 +674,8 @@ def device_free(recorded: dict[str, np.ndarray]) -> Iterator[None]:
 
 def startup(root: Path, training_texts: list[str], args) -> dict:
     """Start-up of a 10-row `python -m jobs.extract` against the bare imports, best of --repeats."""
-    model = build_model(TINY["t5"], root / "models", training_texts)
+    spec = QUICK["t5"] if args.quick else TINY["t5"]
+    model = build_model(spec, root / "models", training_texts)
     corpus = write_texts(root / "corpus-startup.parquet", case_texts("lognormal", 10))
     config = job_config(model, corpus, str(root / "out-startup"), args)
     runs = [job_process_seconds(config, args) for _ in range(args.repeats)]
@@ -681,7 +685,7 @@ def startup(root: Path, training_texts: list[str], args) -> dict:
     )
     startup_s = min(manifest["throughput"]["startup_s"] for _, manifest in runs)
     return {
-        "model": TINY["t5"].name,
+        "model": spec.name,
         "startup_s": startup_s,
         "bare_imports_s": round(imports, 3),
         "startup_beyond_imports_s": round(startup_s - imports, 3),
@@ -999,7 +1003,7 @@ def main(
         args.storage_rows = 20
         args.rss, args.ceiling_tokens, args.repeats = False, 5000, 1
         args.cases = args.cases or ["lognormal"]
-        specs = [TINY["t5"], TINY["gpt2"]]
+        specs = [QUICK["t5"], QUICK["gpt2"]]
     args.cases = args.cases or list(CASES)
     root = Path(args.work or tempfile.mkdtemp(prefix="logit-bench-"))
     root.mkdir(parents=True, exist_ok=True)
