@@ -124,11 +124,10 @@ def _row_offsets(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.nda
     return values, offsets - offsets[0]
 
 
-def _entry_codes(deltas: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Each entry's log-probability code from `topk_logprob_deltas`, with the row offsets."""
-    values, offsets = _row_offsets(deltas)
+def _entry_codes(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each entry's log-probability code from the flat `topk_logprob_deltas` and row offsets."""
     running = np.concatenate([[0], np.cumsum(values)])
-    return running[1:] - np.repeat(running[offsets[:-1]], np.diff(offsets)), offsets
+    return running[1:] - np.repeat(running[offsets[:-1]], np.diff(offsets))
 
 
 def decode(
@@ -144,12 +143,27 @@ def decode(
     counts = np.diff(offsets)
     rows = len(counts)
     k = int(counts.max(initial=0)) if k is None else k
-    if rows and counts.min() == k:  # every row holds k entries (no top_p): no scatter needed
+    entry_ids = None
+    if id_codes is not None and len(values):
+        entry_ids = id_order[_row_offsets(id_codes)[0]]
+    if rows and k and counts.min() == k:  # every row holds k entries (no top_p): no scatter
         codes = np.cumsum(values.reshape(rows, k), axis=1)
         out = {"topk_logprobs": logprobs_from_codes(codes), "topk_count": counts.astype(np.int32)}
         if id_codes is not None:
-            out["topk_ids"] = id_order[_row_offsets(id_codes)[0]].reshape(rows, k)
+            out["topk_ids"] = entry_ids.reshape(rows, k)
         return out
+    codes = _entry_codes(values, offsets)
+    row = np.repeat(np.arange(rows), counts)
+    column = np.arange(len(codes)) - offsets[:-1][row]
+    logprobs = np.full((rows, k), -np.inf, np.float32)
+    logprobs[row, column] = logprobs_from_codes(codes)
+    out = {"topk_logprobs": logprobs, "topk_count": counts.astype(np.int32)}
+    if id_codes is not None:
+        ids = np.full((rows, k), -1, np.int32)
+        if entry_ids is not None:
+            ids[row, column] = entry_ids
+        out["topk_ids"] = ids
+    return out
     codes, offsets = _entry_codes(deltas)
     row = np.repeat(np.arange(rows), counts)
     column = np.arange(len(codes)) - offsets[:-1][row]

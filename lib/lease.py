@@ -59,11 +59,13 @@ def _start_ticks(pid: int) -> int | None:
 def started_at(pid: int) -> float | None:
     """Unix time the process started (Linux), None where unknown."""
     ticks = _start_ticks(pid)
+    if ticks is None:
+        return None
     try:
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return None if ticks is None else time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
