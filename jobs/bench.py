@@ -709,18 +709,18 @@ def _column_bytes(path: Path, positions: int) -> dict[str, float]:
     return {name: round(size / positions, 2) for name, size in sizes.items()}
 
 
-def _stored_errors(decoded: dict, exact: np.ndarray) -> dict[str, float]:
-    """The largest error of the stored top-k log-probabilities against the float32 ones the
-    reduction computed: in nats for entries at -20 or above, relative to |lp| below."""
+def _stored_errors(decoded: dict, exact: np.ndarray, token_logprob: np.ndarray) -> dict:
+    """The largest error, in nats, of every stored finite top-k log-probability and of every
+    token log-probability, against the float32 ones the reduction computed."""
     width = decoded["topk_logprobs"].shape[1]
     kept = np.arange(width) < decoded["topk_count"][:, None]
     stored, exact = decoded["topk_logprobs"][kept].astype(np.float64), exact[:, :width][kept]
-    error = np.abs(stored - exact)
-    high = exact >= -20
-    low = ~high & np.isfinite(exact)
+    finite = np.isfinite(exact)
+    token_error = np.abs(decoded["token_logprob"].astype(np.float64) - token_logprob)
     return {
-        "max_error_nats": float(error[high].max(initial=0.0)),
-        "max_relative_error_below_20": float((error[low] / -exact[low]).max(initial=0.0)),
+        "max_error_nats": float(np.abs(stored - exact)[finite].max(initial=0.0)),
+        "below_20_share": float((exact[finite] < -20).mean()),
+        "token_logprob_max_error_nats": float(np.nanmax(token_error, initial=0.0)),
     }
 
 
@@ -786,7 +786,10 @@ def storage_row(name: str, settings: dict, arrays: dict, vocab: int, root: Path)
         "target_ratio": round(
             size / (TARGET_BYTES_PER_ENTRY * entries + TARGET_BYTES_PER_POSITION * positions), 3
         ),
-        **{key: round(value, 5) for key, value in _stored_errors(decoded, exact).items()},
+        **{
+            key: round(value, 5)
+            for key, value in _stored_errors(decoded, exact, arrays["token_logprob"]).items()
+        },
         "write_positions_s": round(positions / write_s),
         "read_positions_s": round(positions / min(read_s, again_s)),
         "columns": _column_bytes(path, positions),

@@ -10,9 +10,20 @@ Each position keeps its entries in descending log-probability order in two list 
   first entry: its code). Codes never decrease along a row, so the deltas are small and
   non-negative.
 
-A log-probability lp is coded by u = -lp: `round(u * 52)` for u <= 20 (an error of at most
-1/104 = 0.0096 nats), then one code per factor (1 + 1/128) of u (an error of at most u/255),
-and `INF_CODE` for -inf (a masked vocabulary entry).
+A log-probability lp is coded by u = -lp in ranges that never overlap, so a shard written
+before a range existed still decodes:
+
+- `round(u * 52)` for u <= 20 (at most 1,040);
+- `WIDE_BASE + round(u * 52)` for 20 < u <= WIDE_LIMIT (4,096 nats: far beyond -104, where a
+  float32 probability is 0, and near enough for float32 to hold the step);
+- `FAR_BASE` plus one code per factor (1 + 1/128) of u / WIDE_LIMIT beyond;
+- `INF_CODE` for -inf (a masked vocabulary entry).
+
+So every log-probability down to -WIDE_LIMIT is within 1/104 = 0.0096 nats (plus at most 1.2e-4
+of float32 rounding), and beyond within u / 255. Codes between 1,040 and WIDE_BASE are the tail of shards written before code version 2:
+one code per factor (1 + 1/128) of u / 20 (an error of at most u / 255 below -20).
+The token log-probability is a float32 on a grid of 1/64 nats (`round_token_logprobs`): within
+1/128 nats, and readable as it is by every client.
 """
 
 from __future__ import annotations
@@ -22,18 +33,24 @@ import base64
 import numpy as np
 import pyarrow as pa
 
-STEP = 1 / 52  # nats per code above -FINE_LIMIT: half of it, 0.0096, is under 0.01
+VERSION = 2  # 1: u > 20 on a logarithmic scale; 2: every u <= WIDE_LIMIT on the 1/52 grid
+STEP = 1 / 52  # nats per code: half of it, 0.0096, is under 0.01
 FINE_LIMIT = 20.0
 FINE_CODES = 1040  # FINE_LIMIT / STEP
-TAIL_RATIO = 1 + 1 / 128  # below -FINE_LIMIT each code is a factor of |lp|
+WIDE_BASE = 2**20  # beyond any code of version 1 (at most 12,056)
+WIDE_LIMIT = 4096.0
+FAR_BASE = 2**21  # beyond WIDE_BASE + WIDE_LIMIT / STEP
+TAIL_RATIO = 1 + 1 / 128  # beyond a limit each code is a factor of |lp|
 INF_CODE = 2**31 - 1
+TOKEN_LOGPROB_GRID = 64  # token_logprob is a multiple of 1/64 nats: exact in float32
 ID_ORDER_KEY = "logit_extract.topk_id_order"
 CODE_TYPE = pa.list_(pa.field("element", pa.int32(), nullable=False))
 # Parquet encodings of the compact columns (a list's values are its `.list.element` leaf); the
-# float16 ones stay PLAIN: as small here, and DuckDB reads no BYTE_STREAM_SPLIT float16.
+# float16 entropy stays PLAIN: as small, and DuckDB reads no BYTE_STREAM_SPLIT float16.
 COLUMN_ENCODINGS = {
     "position": "BYTE_STREAM_SPLIT",
     "token_id": "BYTE_STREAM_SPLIT",
+    "token_logprob": "BYTE_STREAM_SPLIT",
     "token_rank": "BYTE_STREAM_SPLIT",
     "logsumexp": "BYTE_STREAM_SPLIT",
     "topk_id_codes.list.element": "BYTE_STREAM_SPLIT",
@@ -44,26 +61,40 @@ COLUMN_ENCODINGS = {
 def logprob_codes(logprobs: np.ndarray) -> np.ndarray:
     """int32 codes of log-probabilities (<= 0; a rounding excess above 0 codes as 0)."""
     u = np.maximum(-np.asarray(logprobs, dtype=np.float64), 0.0)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        tail = FINE_CODES + np.rint(np.log(u / FINE_LIMIT) / np.log(TAIL_RATIO))
-        codes = np.where(u <= FINE_LIMIT, np.rint(u / STEP), tail)
-    codes[np.isinf(u)] = INF_CODE
+    codes = np.rint(u / STEP)
+    beyond = u > FINE_LIMIT  # few entries: the other ranges are worked out on those only
+    if beyond.any():
+        far = u[beyond]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            tail = FAR_BASE + np.rint(np.log(far / WIDE_LIMIT) / np.log(TAIL_RATIO))
+        far_codes = np.where(far <= WIDE_LIMIT, WIDE_BASE + codes[beyond], tail)
+        far_codes[np.isinf(far)] = INF_CODE
+        codes[beyond] = far_codes
     return codes.astype(np.int32)
 
 
 def logprobs_from_codes(codes: np.ndarray) -> np.ndarray:
-    """float32 log-probabilities of codes: -inf for INF_CODE."""
+    """float32 log-probabilities of codes (of either version): -inf for INF_CODE."""
     codes = np.asarray(codes, dtype=np.int64)
     u = codes * STEP
-    tail = codes > FINE_CODES  # few entries: the exponential runs on those only
-    if tail.any():
-        beyond = codes[tail]
+    beyond = codes > FINE_CODES  # few entries: the other ranges are worked out on those only
+    if beyond.any():
+        far = codes[beyond]
         with np.errstate(over="ignore"):
-            values = FINE_LIMIT * np.exp((beyond - FINE_CODES) * np.log(TAIL_RATIO))
+            version_1 = FINE_LIMIT * np.exp((far - FINE_CODES) * np.log(TAIL_RATIO))
+            tail = WIDE_LIMIT * np.exp((far - FAR_BASE) * np.log(TAIL_RATIO))
+        wide = (far - WIDE_BASE) * STEP
+        values = np.where(far < WIDE_BASE, version_1, np.where(far < FAR_BASE, wide, tail))
         values = np.minimum(values, np.finfo(np.float32).max)
-        values[beyond == INF_CODE] = np.inf
-        u[tail] = values
+        values[far == INF_CODE] = np.inf
+        u[beyond] = values
     return (-u).astype(np.float32)
+
+
+def round_token_logprobs(logprobs: np.ndarray) -> np.ndarray:
+    """float32 log-probabilities on the 1/64-nat grid (within 1/128 nats; NaN stays NaN)."""
+    grid = np.asarray(logprobs, dtype=np.float64) * TOKEN_LOGPROB_GRID
+    return (np.rint(grid) / TOKEN_LOGPROB_GRID).astype(np.float32)
 
 
 def id_order(ids: np.ndarray) -> np.ndarray:
@@ -162,17 +193,5 @@ def decode(
         ids = np.full((rows, k), -1, np.int32)
         if entry_ids is not None:
             ids[row, column] = entry_ids
-        out["topk_ids"] = ids
-    return out
-    codes, offsets = _entry_codes(deltas)
-    row = np.repeat(np.arange(rows), counts)
-    column = np.arange(len(codes)) - offsets[:-1][row]
-    logprobs = np.full((rows, k), -np.inf, np.float32)
-    logprobs[row, column] = logprobs_from_codes(codes)
-    out = {"topk_logprobs": logprobs, "topk_count": counts.astype(np.int32)}
-    if id_codes is not None:
-        ids = np.full((rows, k), -1, np.int32)
-        if len(codes):
-            ids[row, column] = id_order[_row_offsets(id_codes)[0]]
         out["topk_ids"] = ids
     return out

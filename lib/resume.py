@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import layout, storage
+from lib import compact, layout, storage
 from lib.config import JobConfig
 from lib.corpus import InputFile, WorkUnit
 from lib.errors import UserError, output_error
@@ -96,6 +96,8 @@ def _topk_storage(config: JobConfig) -> dict:
     that outputs written before they existed keep their fingerprints."""
     out = config.output
     keys = {} if out.encoding == "plain" else {"encoding": out.encoding}
+    if out.encoding == "compact":  # a resume never mixes code versions in one output
+        keys["compact_version"] = compact.VERSION
     if out.top_p < 1:
         keys |= {"top_p": out.top_p, "top_p_min_k": out.min_k}
     return keys

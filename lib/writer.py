@@ -32,18 +32,18 @@ def output_schema(
 ) -> pa.Schema:
     """One row per scored position; top-k columns, or a `logits` column in full mode.
 
-    `encoding="compact"` stores the top-k as `lib.compact` codes, and the token log-probability
-    and the entropy as float16."""
+    `encoding="compact"` stores the top-k as `lib.compact` codes, the token log-probability on
+    a 1/64-nat grid and the entropy as float16."""
     value_type = pa.float16() if logits_dtype == "float16" else pa.float32()
-    scalar_type = pa.float16() if encoding == "compact" else pa.float32()
+    entropy_type = pa.float16() if encoding == "compact" else pa.float32()
     fields = [
         pa.field("id", id_type, nullable=False),
         pa.field("position", pa.int32(), nullable=False),
         pa.field("token_id", pa.int32()),
-        pa.field("token_logprob", scalar_type),
+        pa.field("token_logprob", pa.float32()),
         pa.field("token_rank", pa.int32()),
         pa.field("logsumexp", pa.float32(), nullable=False),
-        pa.field("entropy", scalar_type, nullable=False),
+        pa.field("entropy", entropy_type, nullable=False),
     ]
     if encoding == "compact":
         fields.append(pa.field("topk_id_codes", compact.CODE_TYPE, nullable=False))
@@ -82,18 +82,23 @@ def to_table(
     With `topk_count` (top_p), plain rows keep k entries, -1 and -inf past the count; compact
     rows keep only the counted ones, and carry their shard's id order as schema metadata."""
     no_token = ~stats["has_token"]
-    scalar_type = schema.field("entropy").type.to_pandas_dtype()
+    compact_rows = "topk_id_codes" in schema.names
+    token_logprob = stats["token_logprob"].astype(np.float32)
+    if compact_rows:
+        token_logprob = compact.round_token_logprobs(token_logprob)
     columns = {
         "id": ids.take(pa.array(row)),
         "position": pa.array(position, type=pa.int32()),
         "token_id": pa.array(token_id.astype(np.int32), mask=no_token),
-        "token_logprob": pa.array(stats["token_logprob"].astype(scalar_type), mask=no_token),
+        "token_logprob": pa.array(token_logprob, mask=no_token),
         "token_rank": pa.array(stats["token_rank"].astype(np.int32), mask=no_token),
         "logsumexp": pa.array(stats["logsumexp"].astype(np.float32)),
-        "entropy": pa.array(stats["entropy"].astype(scalar_type)),
+        "entropy": pa.array(
+            stats["entropy"].astype(schema.field("entropy").type.to_pandas_dtype())
+        ),
     }
     metadata = None
-    if "topk_id_codes" in schema.names:
+    if compact_rows:
         logprobs = (
             stats["topk_logits"].astype(np.float32) - columns["logsumexp"].to_numpy()[:, None]
         )

@@ -9,15 +9,40 @@ import pytest
 from lib import compact
 
 
-def test_error_bound_above_and_below_minus_20():
-    logprobs = -np.concatenate([np.linspace(0, 20, 200_001), np.geomspace(20, 1e30, 50_001)])
+def test_error_bound_down_to_the_wide_limit_and_beyond():
+    logprobs = -np.concatenate(
+        [
+            np.linspace(0, 20, 200_001),
+            np.linspace(20, 4096, 400_001),
+            np.geomspace(4096, 1e30, 50_001),
+        ]
+    )
     decoded = compact.logprobs_from_codes(compact.logprob_codes(logprobs)).astype(np.float64)
     error = np.abs(decoded - logprobs)
-    high = logprobs >= -20
-    assert error[high].max() <= 1 / 104 + 1e-6  # half a step, in float32
-    assert (error[~high] / -logprobs[~high]).max() <= 1 / 255
+    wide = logprobs >= -compact.WIDE_LIMIT
+    assert error[logprobs >= -20].max() <= 1 / 104 + 1e-6  # half a step, in float32
+    assert error[wide].max() <= 1 / 104 + 1.2e-4  # float32 holds -4096 to 2.4e-4
+    assert error[wide].max() > 1 / 104 - 1e-4  # the bound is reached: the step is 1/52
+    assert (error[~wide] / -logprobs[~wide]).max() <= 1 / 255
     # Codes never decrease as the log-probability falls: deltas along a row are never negative.
     assert (np.diff(compact.logprob_codes(logprobs).astype(np.int64)) >= 0).all()
+
+
+def test_codes_of_version_1_still_decode():
+    """Shards written before version 2 coded lp < -20 as one code per factor 1 + 1/128."""
+    codes = np.array([0, 1040, 1041, 1040 + 128, 12_000], np.int32)
+    expected = -np.array([0, 20, 20 * (1 + 1 / 128), 20 * (1 + 1 / 128) ** 128, 0])
+    expected[-1] = -20 * (1 + 1 / 128) ** (12_000 - 1040)  # near the largest version 1 wrote
+    np.testing.assert_allclose(compact.logprobs_from_codes(codes), expected, rtol=1e-6)
+    assert compact.logprob_codes(np.array([-20.01, -1e4])).min() > 12_056  # no overlap
+
+
+def test_token_logprobs_on_the_grid():
+    values = np.array([-0.001, -3.14159, -45.678, -1e6 + 0.3, np.nan], np.float32)
+    rounded = compact.round_token_logprobs(values)
+    assert rounded.dtype == np.float32 and np.isnan(rounded[-1])
+    np.testing.assert_array_equal(rounded[:-1] * 64, np.rint(rounded[:-1] * 64))
+    assert (np.abs(rounded[:-1] - values[:-1].astype(np.float64)) <= 1 / 128).all()
 
 
 def test_special_values():
@@ -68,9 +93,8 @@ def test_encode_decode_keeps_ids_and_the_bound(with_counts):
     assert (np.isneginf(stored) == np.isneginf(exact)).all()
     finite = np.isfinite(exact)
     error = np.abs(stored[finite].astype(np.float64) - exact[finite])
-    high = exact[finite] >= -20
-    assert error[high].max() <= 1 / 104 + 1e-6
-    assert (error[~high] / -exact[finite][~high]).max() <= 1 / 255
+    assert error.max() <= 1 / 104 + 1e-6  # every finite entry, the tail below -20 included
+    assert (exact[finite] < -20).any()
     # Decoded rows stay in descending order, ties included.
     with np.errstate(invalid="ignore"):  # -inf - -inf
         rising = np.diff(decoded["topk_logprobs"], axis=1) > 0
