@@ -24,12 +24,17 @@ data/sample/sample.json: $(VENV)/.installed lib/sample.py
 extract: data/sample/sample.json
 	$(PY) -m jobs.extract --config $(CONFIG) $(ARGS)
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+# The suite on TEST_WORKERS processes, a test file to each at a time (a module's fixtures are
+# built once), one torch thread each: on 2 cores 83 s, against 116 s on one process.
+TEST_WORKERS ?= 2
+PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# The unit tests only: no real kills, second processes or benchmark runs (about half the time).
+test: $(VENV)/.installed
+	$(PYTEST) tests
+
+# The unit tests only: no real kills, second processes or benchmark runs.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 bench: $(VENV)/.installed
 	$(PY) -m jobs.bench $(ARGS)

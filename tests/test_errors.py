@@ -1,7 +1,7 @@
 """Bad input and operator mistakes: one `error:` line naming the culprit, exit 2, no traceback.
 
-A representative case of each kind runs through the real command line (`python -m jobs.extract`)
-in subprocesses started together, since each pays the torch import; the rest call `main`.
+A representative case of each stage runs through the command line (`python -m jobs.extract`) in
+a process of its own, one of them a new interpreter (see IN_A_PROCESS); the rest call `main`.
 """
 
 from __future__ import annotations
@@ -9,10 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -24,8 +21,6 @@ from jobs import extract
 from lib.errors import UserError
 from lib.models import is_seq2seq_config, load_error
 from tests.conftest import write_rows
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- fixtures: broken checkpoints and inputs ---------------------------------------------------
@@ -210,21 +205,16 @@ CLI_CASES = {
 }
 
 
-# Real processes for one mistake of each stage (config, model, input, output); the rest run
-# main() in this process.
+# Processes of their own for one mistake of each stage (config, model, input, output): the
+# model's as a new interpreter (what transformers and torch print on import is seen), the others
+# as children of the fork server; the rest run main() in this process.
 IN_A_PROCESS = {"unknown_key", "hub_offline", "not_parquet", "output_unwritable"}
+NEW_INTERPRETER = {"hub_offline"}
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory, model_dirs, bad_models, data) -> dict:
+def cli_results(tmp_path_factory, launcher, model_dirs, bad_models, data) -> dict:
     root = tmp_path_factory.mktemp("cli")
-    # One thread each: the processes run side by side, and none of them gets as far as a forward.
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
     running, results = {}, {}
     for name, case in CLI_CASES.items():
         argv, expected = case(model_dirs, bad_models, data, root / name)
@@ -235,14 +225,11 @@ def cli_results(tmp_path_factory, model_dirs, bad_models, data) -> dict:
                 code = extract.main([str(a) for a in argv])
             results[name] = (code, stdout.getvalue(), stderr.getvalue(), expected, out)
             continue
-        command = [sys.executable, "-m", "jobs.extract", *map(str, argv)]
-        proc = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        running[name] = (proc, expected, out)
-    for name, (proc, expected, out) in running.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        results[name] = (proc.returncode, stdout, stderr, expected, out)
+        run = launcher.start([str(a) for a in argv], real=name in NEW_INTERPRETER)
+        running[name] = (run, expected, out)
+    for name, (run, expected, out) in running.items():
+        result = run.wait()
+        results[name] = (result.code, result.stdout, result.stderr, expected, out)
     return results
 
 
