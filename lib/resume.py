@@ -264,7 +264,8 @@ def _refuse_or_clear(
             )
         raise UserError(
             f"output.dir {out_dir} holds the output of a different job (model, input or "
-            "output settings changed); use a new directory or output.overwrite=true"
+            "output settings changed, or an older output format); use a new directory or "
+            "output.overwrite=true"
         )
     if previous is None and entries:
         foreign = [name for name in entries if not layout.is_ours(name)]

@@ -103,7 +103,7 @@ def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
         _positive(row, "read_positions_s", "target_ratio", "entries_per_position")
         assert row["columns"]["footer"] > 0 and row["columns"]["logsumexp"] > 0
     assert storage["plain float32"]["max_error_nats"] == 0
-    assert storage["compact"]["max_error_nats"] <= 1 / 104 + 1e-6
+    assert storage["compact"]["max_error_nats"] <= 1 / 104 + 8e-6  # float32 down to -64
     assert storage["plain float32"]["token_logprob_max_error_nats"] == 0
     assert 0 < storage["compact"]["token_logprob_max_error_nats"] <= 1 / 128 + 1e-6
     assert storage["compact top_p=0.95 min_k=2"]["entries_per_position"] < 64

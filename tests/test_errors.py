@@ -477,7 +477,8 @@ def test_output_dir_of_another_job_needs_overwrite(capsys, tmp_path, model_dirs,
     line = fails(capsys, base(model_dirs["t5"], data["ok"], out))
     assert line == (
         f"error: output.dir {out} holds the output of a different job (model, input or "
-        "output settings changed); use a new directory or output.overwrite=true"
+        "output settings changed, or an older output format); use a new directory or "
+        "output.overwrite=true"
     )
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["model"]["model_type"] == "gpt2"  # the refused run changed nothing

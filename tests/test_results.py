@@ -304,7 +304,7 @@ def test_compact_reads_as_plain_within_its_bound(top_p_outputs):
     assert np.isneginf(plain["topk_logprobs"][~kept]).all()
     assert np.isneginf(compact["topk_logprobs"][~kept]).all()
     error = np.abs(compact["topk_logprobs"][kept] - plain["topk_logprobs"][kept])
-    assert error.max() <= 1 / 104 + 1e-6
+    assert error.max() <= 1 / 104 + 8e-6  # half a step, plus float32's rounding down to -64
     # token_logprob on a 1/64-nat grid (missing where plain's is), the entropy in float16
     assert compact["token_logprob"].dtype == compact["entropy"].dtype == np.float32
     missing = np.isnan(plain["token_logprob"])

@@ -230,7 +230,8 @@ def test_changed_config_is_refused_unless_overwrite(inputs, baseline, model_dirs
     err = capsys.readouterr().err
     assert err == (
         f"error: output.dir {out} holds the output of a different job (model, input or output "
-        "settings changed); use a new directory or output.overwrite=true\n"
+        "settings changed, or an older output format); use a new directory or "
+        "output.overwrite=true\n"
     )
     assert stat_tree(out) == before
 
