@@ -191,7 +191,9 @@ def table_to_arrays(
         else:
             arrays[name] = column.to_numpy()
         if arrays[name].dtype == np.float16 and name not in _LIST_COLUMNS:
-            arrays[name] = arrays[name].astype(np.float32)  # compact's entropy (and token_logprob of code version 1)
+            arrays[name] = arrays[name].astype(
+                np.float32
+            )  # compact's entropy (and token_logprob of code version 1)
     if "topk_logprob_deltas" in table.column_names:
         codes = table.column("topk_id_codes") if "topk_id_codes" in table.column_names else None
         arrays |= compact.decode(codes, table.column("topk_logprob_deltas"), id_order, k)
