@@ -137,14 +137,15 @@ def partial(arrays: dict[str, np.ndarray], columns: dict[str, np.ndarray]) -> di
     confidence = np.exp(arrays["top1_logprob"][has].astype(np.float64))
     correct = arrays["token_rank"][has] == 0
     counts, confidence_sums, correct_sums = calibration_bins(confidence, correct)
-    whole = ~columns["truncated"]
+    # the documents whose bits_per_byte column is set: not cut, and at least one token scored
+    whole = ~columns["truncated"] & (columns["n_tokens"] > 0)
     n_bytes = columns.get("n_bytes")
     return {
         "tokens": int(has.sum()),
         "sum_logprob": float(columns["sum_logprob"].sum()),
         "sum_entropy": float(arrays["entropy"][has].astype(np.float64).sum()),
         "top1_correct": int(correct.sum()),
-        # bits per byte over the documents that were not cut (None where texts have no bytes)
+        # bits per byte over those documents (None where texts have no bytes)
         "whole_sum_logprob": float(columns["sum_logprob"][whole].sum()),
         "whole_bytes": None if n_bytes is None else int(n_bytes[whole].sum()),
         "calibration_counts": counts.tolist(),

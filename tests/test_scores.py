@@ -66,6 +66,12 @@ def test_document_columns_by_hand():
     assert table.column("id").to_pylist() == ["a", "c", "d"]
     assert table.column("mean_logprob").to_pylist()[1] is None  # NaN is stored as null
     assert table.column("truncated").to_pylist() == [False, False, True]
+    # The corpus figure takes the same documents as the column: not row 2's 7 bytes (no token
+    # scored), nor the truncated row 3.
+    partial = scores.partial(arrays, columns)
+    assert partial["whole_bytes"] == 10 and partial["whole_sum_logprob"] == -16
+    merged = scores.merge([partial])
+    assert merged["bits_per_byte"] == pytest.approx(16 / (math.log(2) * 10), rel=1e-12)
 
 
 def test_a_flat_distribution_has_z_zero_and_generate_has_no_bytes():
