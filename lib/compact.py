@@ -20,8 +20,8 @@ before a range existed still decodes:
 - `INF_CODE` for -inf (a masked vocabulary entry).
 
 So every log-probability down to -WIDE_LIMIT is within 1/104 = 0.0096 nats (plus at most 1.2e-4
-of float32 rounding), and beyond within u / 255. Codes between 1,040 and WIDE_BASE are the tail of shards written before code version 2:
-one code per factor (1 + 1/128) of u / 20 (an error of at most u / 255 below -20).
+of float32 rounding), and beyond within u / 255. Codes between 1,040 and WIDE_BASE are the tail
+of shards written before code version 2: one code per factor (1 + 1/128) of u / 20.
 The token log-probability is a float32 on a grid of 1/64 nats (`round_token_logprobs`): within
 1/128 nats, and readable as it is by every client.
 """
