@@ -1,0 +1,191 @@
+"""The README's Python examples run as written, on outputs of the job it describes.
+
+Each ```python block of README.md is found by a phrase it contains and run in a folder where its
+paths (`out/default`, `out/scored`, `out/teacher`, `my-student`) lead to real outputs of tiny
+models. A block edited so that it no longer runs, or no longer computes what it says, fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jobs import extract
+from lib import results, sample
+from tests.conftest import write_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def block(phrase: str) -> str:
+    """The one README block that contains `phrase`."""
+    found = [b for b in BLOCKS if phrase in b]
+    assert len(found) == 1, f"{len(found)} README python blocks contain {phrase!r}"
+    return found[0]
+
+
+def run(source: str, namespace: dict) -> list:
+    """Run a block like a notebook cell: returns the value of each bare expression, in order."""
+    values = []
+    for statement in ast.parse(source).body:
+        if isinstance(statement, ast.Expr):
+            code = compile(ast.Expression(statement.value), "README.md", "eval")
+            values.append(eval(code, namespace))
+        else:
+            exec(compile(ast.Module([statement], []), "README.md", "exec"), namespace)
+    return values
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, model_dirs, peaked_dir, corpus) -> dict[str, Path]:
+    """The outputs the README's examples read: the default config's run (T5, targets), a causal
+    run with document scores, a second model's, and three teacher layouts (top-p on a model
+    whose distributions are peaked enough for it to trim rows)."""
+    root = tmp_path_factory.mktemp("readme")
+    texts = sample.generate_texts(40, seed=51, mean_words=9)
+    causal = write_rows(root / "texts.parquet", texts)
+    runs = {
+        "default": [
+            "--config",
+            str(ROOT / "configs" / "default.yaml"),
+            f"model.path={model_dirs['t5']}",
+            f"input.path={corpus}",
+            "input.max_length=24",
+        ],
+        "scored": [f"model.path={model_dirs['gpt2']}", "output.level=both"],
+        "model-b": [f"model.path={model_dirs['llama']}", "output.level=documents"],
+        "teacher": [f"model.path={model_dirs['gpt2']}", "output.k=8"],
+        "teacher-top-p": [f"model.path={peaked_dir}", "output.top_p=0.95"],
+        "teacher-examples": [f"model.path={model_dirs['gpt2']}", "output.rows=examples"],
+    }
+    paths = {}
+    for name, args in runs.items():
+        paths[name] = root / name
+        if name != "default":
+            args = [*args, f"input.path={causal}", "input.max_length=64"]
+        assert extract.main([*args, f"output.dir={paths[name]}"]) == 0
+    return paths
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch, model_dirs):
+    """A working directory for one block; `folder(out="...")` links its `out/NAME` folders."""
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    (tmp_path / "my-student").symlink_to(model_dirs["llama"])  # not the teacher
+    (tmp_path / "out").mkdir()
+
+    def link(**targets: Path) -> Path:
+        for name, target in targets.items():
+            (tmp_path / "out" / name.replace("_", "-")).symlink_to(target)
+        return tmp_path
+
+    return link
+
+
+def test_quick_start_and_every_client(outputs, folder):
+    folder(default=outputs["default"])
+    expected = results.load_table(outputs["default"]).num_rows
+    namespace: dict = {}
+    (head,) = run(block("df.head()"), namespace)
+    assert len(namespace["df"]) == expected and len(head) == 5
+    assert {"id", "position", "topk_ids", "topk_logits", "logsumexp"} <= set(head.columns)
+
+    namespace = {}
+    duck, polars, hf = run(block("duckdb.sql("), namespace)
+    assert namespace["table"].num_rows == expected
+    means = namespace["df"].groupby("id").token_logprob.mean()
+    assert len(duck.fetchall()) == len(means)
+    assert sorted(polars.collect()["id"].to_list()) == sorted(means.index)
+    assert hf.num_rows == expected
+
+
+def test_pandas_examples_compute_what_they_say(outputs, folder):
+    folder(default=outputs["default"])
+    exact, per_example, perplexity = run(block("mean log-likelihood per example"), {})
+    arrays = results.load_arrays(outputs["default"])
+    first = np.argmax((arrays["id"] == arrays["id"][0]) & (arrays["position"] == 0))
+    np.testing.assert_allclose(exact, arrays["topk_logprobs"][first], atol=1e-6)
+    assert (np.diff(exact) <= 0).all() and exact[0] <= 0
+    frame = results.load_frame(outputs["default"])
+    assert per_example.to_dict() == frame.groupby("id").token_logprob.mean().to_dict()
+    manifest = json.loads((outputs["default"] / "_manifest.json").read_text())
+    assert math.isclose(perplexity, manifest["scores"]["perplexity"], rel_tol=1e-5)
+
+    namespace: dict = {}
+    run(block("results.join_input"), namespace)
+    assert namespace["arrays"]["topk_logprobs"].shape == (len(frame), 20)  # default.yaml: k 20
+    assert len(namespace["tensors"]["logsumexp"]) == len(frame)
+    assert namespace["example_id"] in set(frame.id)
+    assert "text" in namespace["joined"].columns and len(namespace["joined"]) == len(frame)
+
+
+@pytest.mark.parametrize(
+    "teacher,phrase", [("teacher", 'gather(1, t["topk_ids"])'), ("teacher-top-p", "kept =")]
+)
+def test_top_k_kl_against_a_student(outputs, folder, teacher, phrase):
+    folder(teacher=outputs[teacher])
+    t = results.to_torch(outputs[teacher])
+    manifest = json.loads((outputs[teacher] / "_manifest.json").read_text())
+    rows, vocab = len(t["logsumexp"]), manifest["model"]["vocab_size"]
+    torch.manual_seed(0)
+    namespace = {"results": results, "torch": torch, "student_logits": torch.randn(rows, vocab)}
+    run(block(phrase), namespace)
+    kl = namespace["kl"]
+    assert kl.shape == (rows,) and torch.isfinite(kl).all()
+    # The same KL as a loop over each row's kept entries in float64.
+    row = int(torch.argmax((t["topk_ids"] >= 0).sum(-1)))
+    kept = t["topk_ids"][row] >= 0
+    teacher_lp = t["topk_logprobs"][row][kept].double()
+    student_lp = namespace["student_logits"][row].double().log_softmax(-1)[t["topk_ids"][row][kept]]
+    assert math.isclose(
+        float(kl[row]), float((teacher_lp.exp() * (teacher_lp - student_lp)).sum()), rel_tol=1e-4
+    )
+    if teacher == "teacher-top-p":
+        assert not (t["topk_ids"] >= 0).all()  # top_p trims rows, so the mask matters
+
+
+def test_document_score_examples(outputs, folder):
+    folder(scored=outputs["scored"], model_a=outputs["scored"], model_b=outputs["model-b"])
+    namespace: dict = {}
+    (differences,) = run(block("results.load_documents("), namespace)
+    docs = namespace["docs"]
+    assert len(docs) == 40 and docs.perplexity.notna().sum() > 30
+    assert 0 < len(namespace["keep"]) < len(docs)
+    assert list(namespace["suspects"].columns) == ["id", "min_k_plus_plus", "n_tokens"]
+    assert len(namespace["suspects"]) == 20
+    assert namespace["arrays"]["perplexity"].dtype == np.float64
+    assert differences["count"] == namespace["whole"].sum() > 30
+
+
+def test_distillation_loop(outputs, folder):
+    folder(teacher=outputs["teacher-examples"])
+    namespace: dict = {}
+    run(block("to_hf_dataset("), namespace)
+    assert len(namespace["data"]) == 40
+    loss = namespace["loss"].item()  # a student that is not the teacher: a positive top-k KL
+    assert math.isfinite(loss) and loss > 0
+
+
+def test_every_block_is_run_here():
+    phrases = [
+        "df.head()",
+        "duckdb.sql(",
+        "mean log-likelihood per example",
+        "results.join_input",
+        'gather(1, t["topk_ids"])',
+        "kept =",
+        "results.load_documents(",
+        "to_hf_dataset(",
+    ]
+    assert sorted(BLOCKS.index(block(p)) for p in phrases) == list(range(len(BLOCKS)))
