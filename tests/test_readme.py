@@ -11,6 +11,7 @@ import ast
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,16 @@ def run(source: str, namespace: dict) -> list:
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory, model_dirs, peaked_dir, corpus) -> dict[str, Path]:
+def outputs(tmp_path_factory, model_dirs, peaked_dir) -> dict[str, Path]:
     """The outputs the README's examples read: the default config's run (T5, targets), a causal
     run with document scores, a second model's, and three teacher layouts (top-p on a model
     whose distributions are peaked enough for it to trim rows)."""
     root = tmp_path_factory.mktemp("readme")
     texts = sample.generate_texts(40, seed=51, mean_words=9)
     causal = write_rows(root / "texts.parquet", texts)
+    targets = sample.generate_texts(40, seed=52, mean_words=4)
+    ids = [f"doc-{i}" for i in range(40)]
+    corpus = write_rows(root / "corpus.parquet", texts, targets, ids)  # as data/sample's
     runs = {
         "default": [
             "--config",
@@ -66,7 +70,7 @@ def outputs(tmp_path_factory, model_dirs, peaked_dir, corpus) -> dict[str, Path]
         "teacher-top-p": [f"model.path={peaked_dir}", "output.top_p=0.95"],
         "teacher-examples": [f"model.path={model_dirs['gpt2']}", "output.rows=examples"],
     }
-    paths = {}
+    paths = {"corpus": Path(corpus)}
     for name, args in runs.items():
         paths[name] = root / name
         if name != "default":
@@ -189,3 +193,63 @@ def test_every_block_is_run_here():
         "to_hf_dataset(",
     ]
     assert sorted(BLOCKS.index(block(p)) for p in phrases) == list(range(len(BLOCKS)))
+
+
+SHELL = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def commands(program: str) -> list[list[str]]:
+    """The arguments of every README shell line that runs `program` (`jobs.report`, `make
+    extract`, ...), continuation lines joined, comments and a closing quote dropped."""
+    found = []
+    for text in SHELL:
+        for line in text.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if program in line and not line.startswith("#"):
+                found.append(shlex.split(line.split(program, 1)[1].rstrip("'")))
+    return found
+
+
+def test_extract_command_lines_are_valid_configs(capsys):
+    """Every `jobs.extract` and `make extract` line in the README loads as a config (run from
+    the repository, where its configs/ paths lead)."""
+    lines = commands("-m jobs.extract")
+    for make_args in commands("make extract"):
+        settings = dict(arg.split("=", 1) for arg in make_args)
+        lines.append(
+            ["--config", settings.get("CONFIG", "configs/default.yaml")]
+            + shlex.split(settings.get("ARGS", ""))
+        )
+    assert len(lines) >= 8  # quick start, make, cluster, Slurm and S3 lines
+    for args in lines:
+        assert extract.main([*args, "--print-config"]) == 0, (args, capsys.readouterr().err)
+
+
+def test_bench_command_lines_parse():
+    from jobs import bench
+
+    lines = commands("make bench")
+    assert len(lines) >= 7
+    for args in lines:
+        settings = dict(arg.split("=", 1) for arg in args)
+        bench._parser().parse_args(shlex.split(settings.get("ARGS", "")))
+
+
+def test_report_and_verify_command_lines_run(outputs, folder, capsys):
+    from jobs import report, verify
+
+    base = folder(default=outputs["default"])
+    (base / "data" / "sample").mkdir(parents=True)
+    (base / "data" / "sample" / "corpus.parquet").symlink_to(outputs["corpus"])
+    (base / "docs").mkdir()
+    lines = [args for args in commands("-m jobs.verify") if not args[0].startswith("s3://")]
+    assert len(lines) == 3
+    for args in lines:
+        assert verify.main(args) == 0, (args, capsys.readouterr())
+    lines = commands("-m jobs.report")
+    assert len(lines) == 3
+    for args in lines:
+        assert report.main(args) == 0, (args, capsys.readouterr())
+    assert (base / "out" / "default" / "report.html").stat().st_size > 10_000
+    assert (base / "run.html").stat().st_size > 10_000
+    assert (base / "docs" / "report.png").stat().st_size > 10_000
