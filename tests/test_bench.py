@@ -12,16 +12,17 @@ import pytest
 import torch
 
 from jobs import bench
+from lib.bench import baselines, encodings, runs, workloads
 
 
 def test_case_corpora_have_their_length_mix():
-    for case in bench.CASES:
-        texts = bench.case_texts(case, 400)
+    for case in workloads.CASES:
+        texts = workloads.case_texts(case, 400)
         assert len(texts) == 400 and all(texts), case
-        assert bench.case_texts(case, 50) == texts[:50], case  # N is a prefix of 3N
+        assert workloads.case_texts(case, 50) == texts[:50], case  # N is a prefix of 3N
     words = {
-        case: np.array([len(t.split()) for t in bench.case_texts(case, 400)])
-        for case in bench.CASES
+        case: np.array([len(t.split()) for t in workloads.case_texts(case, 400)])
+        for case in workloads.CASES
     }
     assert words["tiny"].min() == 1 and words["tiny"].max() == 4
     assert 25 <= words["narrow"].min() and words["narrow"].max() <= 60
@@ -97,7 +98,7 @@ def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
     _finite(startup, "startup_beyond_imports_s", "job_10_rows_beyond_imports_s")
     assert startup["bare_imports_s"] >= 0  # imported already in this test's process
     storage = {row["encoding"]: row for row in results["storage"]}
-    assert list(storage) == list(bench.STORAGE_ENCODINGS)
+    assert list(storage) == list(encodings.STORAGE_ENCODINGS)
     for row in storage.values():
         _positive(row, "bytes_per_position", "bytes_per_entry", "write_positions_s")
         _positive(row, "read_positions_s", "target_ratio", "entries_per_position")
@@ -114,12 +115,12 @@ def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
 
 def test_naive_loop_writes_the_jobs_rows(tmp_path, model_dirs, texts):
     """The baseline does the job's work, the same rows and values, so the ratios are fair."""
-    corpus = bench.write_texts(tmp_path / "corpus.parquet", texts[:40])
+    corpus = workloads.write_texts(tmp_path / "corpus.parquet", texts[:40])
     args = argparse.Namespace(k=5, max_length=32, max_tokens=4096, shard_rows=2000, dtype="auto")
     for family in ("t5", "gpt2"):
         naive_out, job_out = tmp_path / f"naive-{family}.parquet", tmp_path / f"job-{family}"
-        bench.naive_loop(model_dirs[family], corpus, str(naive_out), 5, 32, "cpu")
-        bench.run_job_timed(bench.job_config(model_dirs[family], corpus, str(job_out), args))
+        baselines.naive_loop(model_dirs[family], corpus, str(naive_out), 5, 32, "cpu")
+        runs.run_job_timed(runs.job_config(model_dirs[family], corpus, str(job_out), args))
         naive = pd.read_parquet(naive_out).sort_values(["id", "position"], ignore_index=True)
         job = pd.read_parquet(job_out).sort_values(["id", "position"], ignore_index=True)
         assert len(naive) == len(job) >= 40, family
