@@ -51,10 +51,20 @@ _IMPORTED_AT = time.time()
 LOADER_QUEUE = 8  # padded batches waiting for the model
 WRITER_QUEUE = 8  # reduced batches waiting to be written
 SWITCH_INTERVAL = 0.0005  # seconds; see Extraction.run
-# Threads that sort, encode, compress and commit ended units while the writer takes the next
-# unit's batches: Parquet encoding, zstd and hashing release the GIL, so commits use the cores
-# a GPU host has spare. Each holds one unit's top-k rows; half the cores, at most 4.
-COMMIT_WORKERS = max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def commit_workers() -> int:
+    """Threads that sort, encode, compress and commit ended units while the writer takes the
+    next unit's batches: half the cores, at most 4, or LOGIT_EXTRACT_COMMIT_WORKERS."""
+    # Parquet encoding, zstd and hashing release the GIL, so commits use the cores a GPU host
+    # has spare; each holds one unit's top-k rows. The tests set 1: their kill points count
+    # files, which only one commit at a time makes exact.
+    setting = os.environ.get("LOGIT_EXTRACT_COMMIT_WORKERS", "").strip()
+    if not setting:
+        return max(1, min(4, (os.cpu_count() or 2) // 2))
+    if not setting.isdigit() or int(setting) < 1:
+        raise UserError(f"LOGIT_EXTRACT_COMMIT_WORKERS={setting!r}: expected a positive integer")
+    return int(setting)
 
 
 @dataclass(frozen=True)
@@ -365,7 +375,7 @@ class Extraction:
         """Write each unit's rows and commit its shard (on a commit thread) when the unit ends;
         discard the shards of units that have not ended when the stream stops or fails."""
         open_shards: dict[int, UnitShard] = {}
-        commits = Workers(COMMIT_WORKERS, "commit")
+        commits = Workers(commit_workers(), "commit")
         try:
             for item in computed:
                 commits.check()

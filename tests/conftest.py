@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Jobs draw no report at their end (a second or two a run); tests/test_report.py draws its own.
 os.environ.setdefault("LOGIT_EXTRACT_NO_REPORT", "1")
+# One commit thread, as on 2 cores, whatever this machine has: kill tests count the files a
+# kill leaves. tests/test_resume.py runs one job on four.
+os.environ.setdefault("LOGIT_EXTRACT_COMMIT_WORKERS", "1")
 
 # Valid but awkward texts: the job must score all of them (and truncate the long one).
 AWKWARD = [

@@ -28,6 +28,7 @@ BASE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
     "LOGIT_EXTRACT_NO_REPORT": "1",  # as in conftest: no end-of-run report
+    "LOGIT_EXTRACT_COMMIT_WORKERS": "1",  # as in conftest; a run's env may set another
 }
 SERVER = r"""
 import gc, json, os, select, sys
@@ -154,7 +155,12 @@ class Run:
         return self.launcher.exit_codes.get(self.number)
 
     def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
+        """Signal the run if it is still running (a reaped pid may belong to another process)."""
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
 
     def wait(self, timeout: float = TIMEOUT) -> Result:
         """Wait for the exit and return the result; SIGKILL a run still there after `timeout`

@@ -43,6 +43,7 @@ SHARD_ROWS = 6  # 4 + 5 = 9 units, two of them ending a file early
 UNITS = 9
 NULL_ROW = 7  # a null text: skipped, so _skipped.parquet has a row
 PAUSE = 1.5 if REAL_CLI else 0.25  # seconds per shard for a job that must outlive new starts
+HOLD = 12 if REAL_CLI else 4  # seconds a job waits before its end while others start
 
 
 # -- the corpus, the clean run and what "identical" means --------------------------------------
@@ -196,7 +197,8 @@ def test_second_job_is_refused_while_the_first_runs(launcher, model, inputs, cle
     the clean run."""
     out = tmp_path / "out"
     args = job_args(model, inputs, out)
-    a = launcher.start(args, {"LOGIT_EXTRACT_PAUSE_AT": f"shard_write={PAUSE}"})
+    # A holds its lease for HOLD seconds after its last shard, however fast its commits run.
+    a = launcher.start(args, {"LOGIT_EXTRACT_PAUSE_AT": f"before_success={HOLD}"})
     wait_until(lambda: shards(out), a, "a first shard")
     b = launcher.start(args)
     c = launcher.start(args, real=True)
@@ -561,8 +563,8 @@ def test_output_error_while_the_next_unit_is_read(launcher, model, tmp_path):
     )
     out = tmp_path / "out"
     env = {"LOGIT_EXTRACT_FAIL_AT": "shard_close:1"}
-    # Such a run takes under a second (the real interpreter adds 4 s of imports).
-    failed = launcher.start(job_args(model, str(corpus), out), env).wait(30 if REAL_CLI else 3)
+    # Such a run takes under a second; the hang this guards against lasted forever.
+    failed = launcher.start(job_args(model, str(corpus), out), env).wait(30)
     failed.assert_one_error(1, "No space left on device")
     assert leftovers(out) == [] and shards(out) == []
 

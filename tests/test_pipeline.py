@@ -15,7 +15,7 @@ import torch
 
 from lib import batching, corpus, faults, layout, models, pipeline, writer
 from lib.config import load_config
-from lib.errors import OutputError
+from lib.errors import OutputError, UserError
 from tests.conftest import write_rows
 
 
@@ -202,3 +202,16 @@ def test_ranks_wait_for_each_other_longer_than_the_backends_default(job, tmp_pat
     )
     pipeline.run_job(config, progress=False)
     assert asked["timeout"] >= datetime.timedelta(days=1)
+
+
+def test_commit_workers_from_the_cores_or_the_environment(monkeypatch):
+    monkeypatch.delenv("LOGIT_EXTRACT_COMMIT_WORKERS")
+    for cores, workers in ((None, 1), (1, 1), (2, 1), (6, 3), (64, 4)):
+        monkeypatch.setattr(pipeline.os, "cpu_count", lambda cores=cores: cores)
+        assert pipeline.commit_workers() == workers, cores
+    monkeypatch.setenv("LOGIT_EXTRACT_COMMIT_WORKERS", " 6 ")
+    assert pipeline.commit_workers() == 6
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv("LOGIT_EXTRACT_COMMIT_WORKERS", bad)
+        with pytest.raises(UserError, match=f"LOGIT_EXTRACT_COMMIT_WORKERS='{bad}'"):
+            pipeline.commit_workers()

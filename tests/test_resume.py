@@ -304,6 +304,25 @@ def test_random_kills_then_resume_full_logits_arrow(launcher, model_dirs, tmp_pa
     assert verify(out, check_input=True).problems == []
 
 
+def test_four_commit_threads_killed_then_resumed(launcher, inputs, model_dirs, baseline, tmp_path):
+    """With four commit threads (a bigger host's default) the commits of several units overlap,
+    so the N-th visit of a kill point may be any unit's and the others may be at any stage.
+    Killed at three points in turn, with commits slowed so that they pile up: every visible
+    shard reads and has its record, and the resume equals the uninterrupted run."""
+    out = tmp_path / "out"
+    args = job_args(model_dirs["gpt2"], inputs["path"], out, "input.id_column=doc_id")
+    env = {"LOGIT_EXTRACT_COMMIT_WORKERS": "4", "LOGIT_EXTRACT_PAUSE_AT": "fsync=0.02"}
+    # The second visit: at most one unit is committed before it, so every run leaves work.
+    for crash in ("before_rename:2", "between_record_and_shard:2", "shard_write:2"):
+        killed = launcher.start(args, {**env, "LOGIT_EXTRACT_CRASH_AT": crash}).wait()
+        assert killed.code == -signal.SIGKILL, (crash, killed.stderr)
+        assert_visible_shards_readable(out, "parquet")
+        for shard in shards(out):
+            assert (out / "_units" / f"{shard.name.split('.')[0]}.json").exists(), crash
+    launcher.start(args, env).wait().assert_ok()
+    assert_same_as_baseline(out, baseline, inputs)
+
+
 def test_level_both_killed_between_its_two_renames_then_resumed(
     launcher, inputs, model_dirs, tmp_path
 ):
