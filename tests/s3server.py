@@ -19,10 +19,6 @@ class S3Server:
     """`env`: the AWS variables a client needs (valid keys, endpoint, region)."""
 
     def __init__(self, log_path: str):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{port}"
         env = {
             **os.environ,
             # The first four requests (the IAM user, its key, a policy, its attachment) need no
@@ -30,14 +26,22 @@ class S3Server:
             "INITIAL_NO_AUTH_ACTION_COUNT": "4",
             "S3_UPLOAD_PART_MIN_SIZE": str(MIN_PART_BYTES),
         }
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
-        self._wait()
+        for attempt in range(3):  # a free port can be taken between the probe and the server
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            self.endpoint = f"http://127.0.0.1:{port}"
+            with open(log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                    env=env,
+                    stdout=log,
+                    stderr=log,
+                )
+            if self._wait():
+                break
+        else:
+            raise RuntimeError(f"moto server did not start (see {log_path})")
         self.env = {
             **self._user(),
             "AWS_ENDPOINT_URL": self.endpoint,
@@ -45,16 +49,17 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
-    def _wait(self) -> None:
+    def _wait(self) -> bool:
+        """Whether the server answers; False (and stopped) if it exited or never answered."""
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
-                return
+                return True
             except OSError:
                 time.sleep(0.05)
         self.close()
-        raise RuntimeError("moto server did not start")
+        return False
 
     def _user(self) -> dict[str, str]:
         import boto3
