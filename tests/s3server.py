@@ -26,7 +26,7 @@ class S3Server:
             "INITIAL_NO_AUTH_ACTION_COUNT": "4",
             "S3_UPLOAD_PART_MIN_SIZE": str(MIN_PART_BYTES),
         }
-        for attempt in range(3):  # a free port can be taken between the probe and the server
+        for _ in range(3):  # a free port can be taken between the probe and the server
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
