@@ -81,7 +81,16 @@ class Sink:
         self._thread.start()
 
     def _items(self) -> Iterator:
-        while (item := self._queue.get()) is not _END:
+        while True:
+            # Never wait without a timeout: a signal that raises in the caller's Queue.put
+            # between a notify's wake-up and its bookkeeping leaves a stale waiter, which the
+            # next notify (even close()'s end marker) is spent on; polling recovers from that.
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if item is _END:
+                return
             yield item
 
     def _run(self) -> None:

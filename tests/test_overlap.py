@@ -120,6 +120,30 @@ def test_sink_consumes_everything_and_close_waits_for_it():
     assert _threads("sink-all") == []
 
 
+def test_sink_survives_a_wake_up_lost_to_a_signal():
+    """A signal handler that raises in the caller's Queue.put right after notify() released the
+    writer's waiter, before removing it from the list (the job's SIGINT did this once in ~30
+    interrupts): the stale waiter takes the next notify, close()'s end marker included. The
+    writer must still see every item and the end, and close() must return."""
+    got: list = []
+    sink = Sink(got.extend, maxsize=4, name="writer")
+    condition = sink._queue.not_empty
+    deadline = time.monotonic() + 5
+    while not condition._waiters and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer waits for its first item
+    with condition:  # Queue.put, cut short where the signal lands
+        sink._queue._put("first")
+        sink._queue.unfinished_tasks += 1
+        condition._waiters[0].release()  # notify() woke the writer; remove() never ran
+    while len(condition._waiters) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer took the item and waits again, behind the stale waiter
+    closer = threading.Thread(target=sink.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive(), "close() waits for a writer that never wakes"
+    assert got == ["first"] and sink.error is None
+
+
 def test_sink_error_reaches_the_producer():
     def consume(items):
         for item in items:
