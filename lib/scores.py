@@ -83,7 +83,8 @@ def document_columns(
         if n_bytes is not None:
             columns["n_bytes"] = n_bytes[scored_rows]
             bpb = -sum_logprob / (_LN2 * columns["n_bytes"])
-            unknown = columns["truncated"] | (counts == 0)
+            # a cut text, no token scored, or no bytes (an empty target still scores its EOS)
+            unknown = columns["truncated"] | (counts == 0) | (columns["n_bytes"] == 0)
             columns["bits_per_byte"] = np.where(unknown, np.nan, bpb)
     lowest = {"min_k_logprob": logprob}
     if "logprob_std" in arrays:  # computed at the levels that write document rows
@@ -137,9 +138,11 @@ def partial(arrays: dict[str, np.ndarray], columns: dict[str, np.ndarray]) -> di
     confidence = np.exp(arrays["top1_logprob"][has].astype(np.float64))
     correct = arrays["token_rank"][has] == 0
     counts, confidence_sums, correct_sums = calibration_bins(confidence, correct)
-    # the documents whose bits_per_byte column is set: not cut, and at least one token scored
-    whole = ~columns["truncated"] & (columns["n_tokens"] > 0)
+    # the documents whose bits_per_byte column is set: not cut, a token scored, some bytes
     n_bytes = columns.get("n_bytes")
+    whole = ~columns["truncated"] & (columns["n_tokens"] > 0)
+    if n_bytes is not None:
+        whole &= n_bytes > 0
     return {
         "tokens": int(has.sum()),
         "sum_logprob": float(columns["sum_logprob"].sum()),

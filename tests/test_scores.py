@@ -35,39 +35,45 @@ def _positions(rows, logprobs, ranks, entropy=None, std=None) -> dict[str, np.nd
 
 
 def test_document_columns_by_hand():
-    # Row 0: logprobs -1, -3, -2, -6, -4 (one correct); row 2: no token at all; row 3: -0.5.
+    # Row 0: logprobs -1, -3, -2, -6, -4 (one correct); row 2: no token at all; row 3: -0.5;
+    # row 4: an empty target whose EOS scores -1.5 in no bytes.
     arrays = _positions(
-        [0, 0, 0, 0, 0, 0, 2, 3, 3],
-        [-1, -3, -2, -6, -4, np.nan, np.nan, -0.5, np.nan],
-        [0, 4, 1, 9, 2, 0, 0, 3, 0],
-        entropy=[1, 2, 3, 4, 5, 9, 9, 0.5, 9],
+        [0, 0, 0, 0, 0, 0, 2, 3, 3, 4],
+        [-1, -3, -2, -6, -4, np.nan, np.nan, -0.5, np.nan, -1.5],
+        [0, 4, 1, 9, 2, 0, 0, 3, 0, 0],
+        entropy=[1, 2, 3, 4, 5, 9, 9, 0.5, 9, 1],
     )
-    truncated = np.array([False, False, False, True])
-    n_bytes = np.array([10, 0, 7, 4])
-    columns = scores.document_columns(arrays, np.array([0, 2, 3]), n_bytes, truncated, 0.4)
-    np.testing.assert_array_equal(columns["n_tokens"], [5, 0, 1])
-    np.testing.assert_allclose(columns["sum_logprob"], [-16, 0, -0.5])
-    np.testing.assert_allclose(columns["mean_logprob"], [-3.2, np.nan, -0.5])
-    np.testing.assert_allclose(columns["perplexity"], [math.exp(3.2), np.nan, math.exp(0.5)])
-    np.testing.assert_allclose(columns["mean_entropy"], [3, np.nan, 0.5])
-    np.testing.assert_allclose(columns["top1_accuracy"], [0.2, np.nan, 0])
-    # bits per byte: null for the truncated row 3
-    np.testing.assert_allclose(columns["bits_per_byte"], [16 / (math.log(2) * 10), np.nan, np.nan])
-    # Min-K% at 0.4: the lowest 2 of 5 (-6, -4); at least one token for row 3.
-    np.testing.assert_allclose(columns["min_k_logprob"], [-5, np.nan, -0.5])
+    truncated = np.array([False, False, False, True, False])
+    n_bytes = np.array([10, 0, 7, 4, 0])
+    columns = scores.document_columns(arrays, np.array([0, 2, 3, 4]), n_bytes, truncated, 0.4)
+    np.testing.assert_array_equal(columns["n_tokens"], [5, 0, 1, 1])
+    np.testing.assert_allclose(columns["sum_logprob"], [-16, 0, -0.5, -1.5])
+    np.testing.assert_allclose(columns["mean_logprob"], [-3.2, np.nan, -0.5, -1.5])
+    np.testing.assert_allclose(
+        columns["perplexity"], [math.exp(3.2), np.nan, math.exp(0.5), math.exp(1.5)]
+    )
+    np.testing.assert_allclose(columns["mean_entropy"], [3, np.nan, 0.5, 1])
+    np.testing.assert_allclose(columns["top1_accuracy"], [0.2, np.nan, 0, 1])
+    # bits per byte: null for row 2 (no token), the truncated row 3 and row 4 (no bytes: not inf)
+    np.testing.assert_allclose(
+        columns["bits_per_byte"], [16 / (math.log(2) * 10), np.nan, np.nan, np.nan]
+    )
+    # Min-K% at 0.4: the lowest 2 of 5 (-6, -4); at least one token for rows 3 and 4.
+    np.testing.assert_allclose(columns["min_k_logprob"], [-5, np.nan, -0.5, -1.5])
     # z = (log p + entropy) / std: row 0 gives 0, -0.5, 0.5, -1, 0.5; lowest two: -1, -0.5.
-    np.testing.assert_allclose(columns["min_k_plus_plus"], [-0.75, np.nan, 0])
+    np.testing.assert_allclose(columns["min_k_plus_plus"], [-0.75, np.nan, 0, -0.25])
     table = scores.documents_table(
         scores.documents_schema(pa.string()),
-        pa.array(["a", "b", "c", "d"]),
-        np.array([0, 2, 3]),
+        pa.array(["a", "b", "c", "d", "e"]),
+        np.array([0, 2, 3, 4]),
         columns,
     )
-    assert table.column("id").to_pylist() == ["a", "c", "d"]
+    assert table.column("id").to_pylist() == ["a", "c", "d", "e"]
     assert table.column("mean_logprob").to_pylist()[1] is None  # NaN is stored as null
-    assert table.column("truncated").to_pylist() == [False, False, True]
+    assert table.column("truncated").to_pylist() == [False, False, True, False]
+    assert table.column("bits_per_byte").null_count == 3
     # The corpus figure takes the same documents as the column: not row 2's 7 bytes (no token
-    # scored), nor the truncated row 3.
+    # scored), nor the truncated row 3, nor row 4's log-probability without bytes.
     partial = scores.partial(arrays, columns)
     assert partial["whole_bytes"] == 10 and partial["whole_sum_logprob"] == -16
     merged = scores.merge([partial])
@@ -189,7 +195,9 @@ def _reference(model_dir: str, corpus: str, mode: str) -> tuple[pd.DataFrame, di
                 "sum_logprob": sum(logp),
                 "mean_logprob": np.mean(logp),
                 "perplexity": math.exp(-np.mean(logp)),
-                "bits_per_byte": np.nan if cut else -sum(logp) / (math.log(2) * n_bytes),
+                "bits_per_byte": (
+                    np.nan if cut or not n_bytes else -sum(logp) / (math.log(2) * n_bytes)
+                ),
                 "mean_entropy": np.mean([i[1] for i in items]),
                 "top1_accuracy": np.mean([i[3] for i in items]),
                 "min_k_logprob": _lowest_mean(logp),
@@ -202,7 +210,7 @@ def _reference(model_dir: str, corpus: str, mode: str) -> tuple[pd.DataFrame, di
     conf, hits = np.array(conf), np.array(hits)
     bins = np.minimum((conf * 15).astype(int), 14)
     ece = sum(abs(hits[bins == b].sum() - conf[bins == b].sum()) for b in range(15)) / len(conf)
-    whole = ~docs["truncated"]
+    whole = ~docs["truncated"] & (docs["n_bytes"] > 0)
     corpus_scores = {
         "tokens": int(docs["n_tokens"].sum()),
         "mean_logprob": docs["sum_logprob"].sum() / docs["n_tokens"].sum(),
