@@ -81,6 +81,14 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
+def _could_be_hub_id(path: str) -> bool:
+    """`org/name` or `name`, and no such file or directory; anything else that does not exist
+    is a mistyped local path."""
+    if os.path.exists(path) or path.startswith(("/", ".", "~")):
+        return False
+    return path.count("/") <= 1 and "\\" not in path
+
+
 def load_error(path: str, exc: Exception) -> UserError:
     """Say why `path` did not load: a file, a broken directory, no such directory, or the hub."""
     log.debug("loading %s failed", path, exc_info=exc)
@@ -102,8 +110,7 @@ def load_error(path: str, exc: Exception) -> UserError:
         return UserError(
             f"model.path {path}: cannot load the checkpoint in this directory: {_error_text(exc)}"
         )
-    # `org/name` or `name` is a hub id; anything else that does not exist is a mistyped local path.
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
+    if not _could_be_hub_id(path):
         return UserError(f"model.path {path}: no such directory")
     if offline:
         return UserError(
@@ -368,7 +375,7 @@ def _unreachable_hub(cfg: ModelConfig) -> ModelConfig:
         os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
         for name in _OFFLINE_VARIABLES
     )
-    if os.path.isdir(cfg.path) or cfg.local_files_only or offline or _hub_reachable():
+    if not _could_be_hub_id(cfg.path) or cfg.local_files_only or offline or _hub_reachable():
         return cfg
     return dataclasses.replace(cfg, local_files_only=True)
 

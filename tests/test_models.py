@@ -130,6 +130,15 @@ def test_a_hub_id_with_no_hub_in_reach_fails_fast_in_one_line(monkeypatch):
     message = str(error.value)
     assert "hub cannot be reached" in message and "HF_HUB_OFFLINE=1" in message
     assert "\n" not in message
+    # A local path is never sent to the hub: the error names what is wrong with it.
+    for path, line in (
+        ("/no/such/model", "model.path /no/such/model: no such directory"),
+        ("data/no/model", "model.path data/no/model: no such directory"),
+        (__file__, f"model.path {__file__} is a file; expected a checkpoint directory or a hub id"),
+    ):
+        with pytest.raises(UserError) as error:
+            models.load_model(ModelConfig(path=path), torch.device("cpu"))
+        assert str(error.value) == line
 
 
 def test_a_model_whose_body_needs_its_head_runs_whole(model_dirs, tmp_path):
