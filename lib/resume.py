@@ -110,7 +110,14 @@ def _within(path: AnyPath, folder: AnyPath) -> bool:
 
 
 def check_layout(input_path: str, out_dir: AnyPath, inputs: list[InputFile]) -> None:
-    """Refuse an output directory whose shards the input path would read back as input."""
+    """Refuse an output directory that cannot be one (a file), or whose shards the input path
+    would read back as input."""
+    if not storage.is_remote(out_dir):  # on object storage a key and a prefix can share a name
+        existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+        if existing == out_dir and not existing.is_dir():
+            raise UserError(f"output.dir {out_dir} is a file; expected a directory")
+        if not existing.is_dir():
+            raise UserError(f"output.dir {out_dir}: {existing} is a file, not a directory")
     out = out_dir.resolve()
     inside = [f.path for f in inputs if _within(storage.location(f.path).resolve(), out)]
     if inside:  # output.overwrite would delete them as the job's own files

@@ -206,3 +206,18 @@ def test_inputs_whose_glob_or_folder_would_read_the_output_are_refused(tmp_path)
         resume.check_layout(f"{tmp_path}/**/*.parquet", tmp_path / "out", files)
     resume.check_layout(f"{corpus}/*.parquet", tmp_path / "out", files)  # fine
     resume.check_layout(str(corpus), tmp_path / "out", files)  # fine
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    files = [InputFile(str(corpus / "a.parquet"), 1, 1)]
+    taken = tmp_path / "taken"
+    taken.write_text("a user's file")
+    with pytest.raises(UserError) as error:
+        resume.check_layout(str(corpus), taken, files)
+    assert str(error.value) == f"output.dir {taken} is a file; expected a directory"
+    with pytest.raises(UserError) as error:
+        resume.check_layout(str(corpus), taken / "run1", files)
+    assert str(error.value) == f"output.dir {taken / 'run1'}: {taken} is a file, not a directory"
+    resume.check_layout(str(corpus), tmp_path / "new" / "run1", files)  # created when needed
