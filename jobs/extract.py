@@ -107,13 +107,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_report(out_dir: str, rewrite: bool) -> None:
-    """OUT/report.html (see jobs.report); a rerun that changed nothing keeps an existing one.
-    A finished job never fails for its report: a failure is a one-line warning."""
+    """OUT/report.html (see jobs.report); a rerun that changed nothing keeps one drawn after
+    the job finished. A finished job never fails for its report: a failure is a warning."""
     from lib import layout, storage
 
+    if os.environ.get("LOGIT_EXTRACT_NO_REPORT"):
+        return  # the test suite's runs skip drawing (a second or two each)
     path = storage.location(out_dir) / layout.REPORT
-    if os.environ.get("LOGIT_EXTRACT_NO_REPORT") or (path.exists() and not rewrite):
-        return  # the variable: the test suite's runs skip drawing (a second or two each)
+    if not rewrite and path.exists():
+        # older than _SUCCESS: drawn (by jobs.report) while the job ran, so marked partial
+        finished = (storage.location(out_dir) / layout.SUCCESS).stat().st_mtime
+        if path.stat().st_mtime >= finished:
+            return
     try:
         from lib.report import write_report
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -130,6 +131,12 @@ def test_extract_keeps_the_report_of_a_complete_job(topk, model_dirs, corpus, mo
     assert extract.main(args) == 0  # already complete: the report stays as it is
     assert path.stat().st_mtime_ns == stamp
     assert not re.search(r"^  report ", capsys.readouterr().out, re.M)
+    # A report drawn while the job ran (older than _SUCCESS, marked partial) is drawn again.
+    success = (topk / layout.SUCCESS).stat().st_mtime
+    os.utime(path, (success - 60, success - 60))
+    assert extract.main(args) == 0
+    assert path.stat().st_mtime > success
+    assert re.search(r"^  report ", capsys.readouterr().out, re.M)
 
     def broken(out_dir):
         raise RuntimeError("no fonts\nat all")
