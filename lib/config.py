@@ -325,6 +325,11 @@ def validate(config: JobConfig) -> None:
             f"config key batching.max_tokens: must be at least 8, got {config.batching.max_tokens}"
         )
     context = config.input.window_context
+    if context is not None and config.input.long_documents != "windows":
+        raise UserError(
+            "config key input.window_context applies only with input.long_documents=windows "
+            f"(got {config.input.long_documents})"
+        )
     if context is not None and context > config.input.max_length:
         raise UserError(
             f"config key input.window_context: {context} is more than input.max_length "

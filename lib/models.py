@@ -494,6 +494,11 @@ def check_lengths(lm: LoadedModel, task: str, max_length: int, max_new_tokens: i
 def task_for(lm: LoadedModel, decoder: DecoderConfig, has_targets: bool) -> str:
     """The task the job runs: causal or continuation for causal LMs, the decoder mode for seq2seq."""
     if not lm.is_seq2seq:
+        if decoder.mode == "generate":
+            raise UserError(
+                f"config key decoder.mode: generate needs a seq2seq model; {lm.identity['path']} "
+                "is causal (it scores its input, or input.target_column as a continuation)"
+            )
         return batching.CONTINUATION if has_targets else batching.CAUSAL
     return {"start": batching.START, "targets": batching.TARGETS, "generate": batching.GENERATE}[
         decoder.mode

@@ -159,6 +159,11 @@ def test_yaml_file_and_overrides_combine(tmp_path):
             "decoder.mode=targets",
             "config key input.target_column is required when decoder.mode=targets",
         ),
+        (
+            "input.window_context=16",
+            "config key input.window_context applies only with input.long_documents=windows "
+            "(got truncate)",
+        ),
         ("k=5", "override 'k=5' must look like section.key=value (did you mean output.k=5?)"),
         (
             "path=x",

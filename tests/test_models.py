@@ -99,6 +99,9 @@ def test_task_for_each_family(loaded):
     gpt2, t5 = loaded["gpt2"], loaded["t5"]
     assert models.task_for(gpt2, DecoderConfig(), has_targets=False) == batching.CAUSAL
     assert models.task_for(gpt2, DecoderConfig(), has_targets=True) == batching.CONTINUATION
+    assert models.task_for(gpt2, DecoderConfig(mode="targets"), True) == batching.CONTINUATION
+    with pytest.raises(UserError, match="decoder.mode: generate needs a seq2seq model; .* causal"):
+        models.task_for(gpt2, DecoderConfig(mode="generate"), has_targets=False)
     for mode in ("start", "targets", "generate"):
         assert models.task_for(t5, DecoderConfig(mode=mode), has_targets=True) == mode
     assert t5.is_seq2seq and not gpt2.is_seq2seq

@@ -253,3 +253,14 @@ def test_report_and_verify_command_lines_run(outputs, folder, capsys):
     assert (base / "out" / "default" / "report.html").stat().st_size > 10_000
     assert (base / "run.html").stat().st_size > 10_000
     assert (base / "docs" / "report.png").stat().st_size > 10_000
+
+
+def test_error_examples_print_what_the_readme_shows(capsys):
+    """Each `$ python -m jobs.extract ...` example followed by its `error: ...` line."""
+    examples = re.findall(
+        r"^\$ python -m jobs\.extract (.*)\n(error: .*)$", (ROOT / "README.md").read_text(), re.M
+    )
+    assert examples
+    for args, line in examples:
+        assert extract.main(shlex.split(args)) == 2
+        assert capsys.readouterr().err.strip() == line
