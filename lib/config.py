@@ -304,6 +304,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
     return config
 
 
+def from_record(data: dict) -> JobConfig | None:
+    """The config a job recorded (`config.to_dict()` in its `_job.json`), unvalidated; None when
+    it does not load (a record of another version)."""
+    config = JobConfig()
+    try:
+        for key, value in _flatten(data, "recorded config").items():
+            _set(config, key, value)
+    except UserError:
+        return None
+    return config
+
+
 def validate(config: JobConfig) -> None:
     """Reject missing required keys, unknown choices and out-of-range numbers, naming the key."""
     data = config.to_dict()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib import compact, layout, storage
-from lib.config import JobConfig
+from lib.config import JobConfig, from_record
 from lib.corpus import InputFile, WorkUnit
 from lib.errors import UserError, output_error
 from lib.storage import AnyPath
@@ -68,15 +68,25 @@ def model_record(path: str, identity: dict) -> dict:
 
 def fingerprint(config: JobConfig, files: list[dict], model: dict) -> str:
     """Hash of all that changes the output: model, tokenizer, output-affecting keys, input bytes."""
+    payload = {
+        "layout": layout.FORMAT_VERSION,
+        **_settings(config),
+        "identity": model["identity"],
+        "model_files": model["files"],
+        "files": [(f["path"], f["size"], f["rows"], _proof(f)) for f in files],
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def _settings(config: JobConfig) -> dict[str, dict]:
+    """The config keys that change the output, by section, as the fingerprint hashes them."""
     c = config.to_dict()
     decoder = (
         dict(c["decoder"]) if c["decoder"]["mode"] == "generate" else {"mode": c["decoder"]["mode"]}
     )
-    payload = {
-        "layout": layout.FORMAT_VERSION,
+    return {
         "model": {"path": c["model"]["path"], "dtype": c["model"]["dtype"]},
-        "identity": model["identity"],
-        "model_files": model["files"],
         "input": c["input"],
         "decoder": decoder,
         "output": {
@@ -85,10 +95,39 @@ def fingerprint(config: JobConfig, files: list[dict], model: dict) -> str:
         }
         | ({} if config.output.level == "tokens" else {"min_k": config.output.min_k_fraction})
         | _topk_storage(config),
-        "files": [(f["path"], f["size"], f["rows"], _proof(f)) for f in files],
     }
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:32]
+
+
+def _changed_settings(previous: dict, config: JobConfig) -> str | None:
+    """The output-changing keys whose values differ from the ones `previous` (a `_job.json`)
+    was started with, as `key: then, now value`; None when none does or it cannot tell."""
+    then = from_record(previous.get("config") or {})
+    if then is None:
+        return None
+    before, now = _settings(then), _settings(config)
+    changed = []
+    for section in now:
+        # a key missing on one side is at its default there (top_p, encoding: not hashed then)
+        for key in dict.fromkeys([*now[section], *before[section]]):
+            was, is_ = (side[section].get(key, _DEFAULT) for side in (before, now))
+            if was != is_:
+                name = _HASHED_AS.get(f"{section}.{key}", f"{section}.{key}")
+                changed.append(f"{name}: {_shown(was)}, now {_shown(is_)}")
+    return "; ".join(changed) or None
+
+
+_DEFAULT = object()
+# Keys the fingerprint hashes under other names than the config's (kept: a rename would change
+# every fingerprint, and resumes of outputs started before it would be refused).
+_HASHED_AS = {
+    "output.min_k": "output.min_k_fraction",
+    "output.top_p_min_k": "output.min_k",
+    "output.compact_version": "the compact code version",
+}
+
+
+def _shown(value) -> str:
+    return "the default" if value is _DEFAULT else json.dumps(value)
 
 
 def _topk_storage(config: JobConfig) -> dict:
@@ -268,6 +307,12 @@ def _refuse_or_clear(
             raise UserError(
                 f"output.dir {out_dir}: {changed}; restore it, or use "
                 "output.overwrite=true to start over"
+            )
+        settings = _changed_settings(previous, config)
+        if settings:
+            raise UserError(
+                f"output.dir {out_dir} was started with other settings ({settings}); use a new "
+                "directory, the same settings, or output.overwrite=true"
             )
         raise UserError(
             f"output.dir {out_dir} holds the output of a different job (model, input or "

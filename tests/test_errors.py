@@ -476,9 +476,9 @@ def test_output_dir_of_another_job_needs_overwrite(capsys, tmp_path, model_dirs,
     capsys.readouterr()
     line = fails(capsys, base(model_dirs["t5"], data["ok"], out))
     assert line == (
-        f"error: output.dir {out} holds the output of a different job (model, input or "
-        "output settings changed, or an older output format); use a new directory or "
-        "output.overwrite=true"
+        f"error: output.dir {out} was started with other settings (model.path: "
+        f'"{model_dirs["gpt2"]}", now "{model_dirs["t5"]}"); use a new directory, the same '
+        "settings, or output.overwrite=true"
     )
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["model"]["model_type"] == "gpt2"  # the refused run changed nothing

@@ -229,9 +229,17 @@ def test_changed_config_is_refused_unless_overwrite(inputs, baseline, model_dirs
     assert extract.main(changed) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"error: output.dir {out} holds the output of a different job (model, input or output "
-        "settings changed, or an older output format); use a new directory or "
-        "output.overwrite=true\n"
+        f"error: output.dir {out} was started with other settings (output.k: 5, now 3); use a "
+        "new directory, the same settings, or output.overwrite=true\n"
+    )
+    assert stat_tree(out) == before
+    # Keys hashed only when set are named by their config names, with their defaults.
+    assert extract.main([*changed[:-1], "output.top_p=0.9", "output.level=both"]) == 2
+    assert capsys.readouterr().err == (
+        f'error: output.dir {out} was started with other settings (output.level: "tokens", '
+        'now "both"; output.min_k_fraction: the default, now 0.2; output.top_p: the default, '
+        "now 0.9; output.min_k: the default, now 1); use a new directory, the same settings, "
+        "or output.overwrite=true\n"
     )
     assert stat_tree(out) == before
 
