@@ -1,4 +1,5 @@
-"""Build the offline sample (generated corpus + tiny random T5): `python -m jobs.make_sample [DIR]`."""
+"""Build the offline sample (generated corpus, tiny random T5 and GPT-2):
+`python -m jobs.make_sample [DIR]`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from lib.sample import build_default_sample
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the offline sample corpus and tiny T5; returns the exit status."""
+    """Build the offline sample corpus and tiny models; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     info = build_default_sample(argv[0] if argv else "data/sample")
-    print(f"sample corpus {info['corpus']}, model {info['model']}")
+    print(
+        f"sample corpus {info['corpus']}, model {info['model']}, "
+        f"causal model {info['causal_model']}"
+    )
     return 0
 
 

@@ -275,15 +275,20 @@ def build_peaked_causal(
 
 
 def build_default_sample(root: str | Path, rows: int = 2000, seed: int = 0) -> dict[str, str]:
-    """Build the corpus and tiny T5 that `configs/default.yaml` reads; skip what already exists."""
+    """Build the corpus and tiny T5 that `configs/default.yaml` reads, and a tiny GPT-2 to try
+    `configs/causal-lm.yaml` offline; skip what already exists."""
     root = Path(root)
     corpus = root / "corpus.parquet"
-    model_dir = root / "t5-tiny"
+    model_dir, causal_dir = root / "t5-tiny", root / "gpt2-tiny"
     if not corpus.exists():
         write_corpus(corpus, rows=rows, seed=seed)
+    texts = None
     if not (model_dir / "config.json").exists():
         texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
         build_t5(model_dir, texts, d_model=128, num_layers=2, vocab_size=2000, seed=seed)
-    info = {"corpus": str(corpus), "model": str(model_dir)}
+    if not (causal_dir / "config.json").exists():
+        texts = texts or pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
+        build_causal(causal_dir, texts, "gpt2", d_model=128, vocab_size=2000, seed=seed)
+    info = {"corpus": str(corpus), "model": str(model_dir), "causal_model": str(causal_dir)}
     (root / "sample.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

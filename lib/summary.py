@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """`1 shard`, `2 shards`."""
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
+
+
+def _figure(value: float) -> str:
+    """Three significant digits below 100, whole numbers above: 12.3, 1,002."""
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+
+
 def _output_rows(manifest: dict) -> str:
-    totals, shards = manifest["totals"], len(manifest["shards"])
+    totals, shards = manifest["totals"], _count(len(manifest["shards"]), "shard")
     level = manifest.get("config", {}).get("output", {}).get("level", "tokens")
     if level == "tokens":
-        return f"{totals['output_rows']:,} in {shards} shards"
+        return f"{totals['output_rows']:,} in {shards}"
     if level == "documents":
-        return f"{totals['document_rows']:,} document rows in {shards} shards"
+        return f"{totals['document_rows']:,} document rows in {shards}"
     tokens, documents = totals["output_rows"], totals["document_rows"]
-    return f"{tokens:,} token rows and {documents:,} document rows in {shards} shards"
+    return f"{tokens:,} token rows and {documents:,} document rows in {shards}"
 
 
 def print_summary(manifest: dict, out_dir: str) -> None:
@@ -33,8 +43,8 @@ def print_summary(manifest: dict, out_dir: str) -> None:
         lines += [
             (
                 "this run",
-                f"{run['rows']:,} rows in {run['units']} units, "
-                f"{manifest.get('world_size', 1)} process(es)",
+                f"{run['rows']:,} rows in {_count(run['units'], 'unit')}, "
+                f"{_count(manifest.get('world_size', 1), 'process', 'processes')}",
             ),
             ("tokens", f"{run['tokens']:,} ({run['padded_tokens']:,} padded)"),
             ("padding efficiency", f"{run['padding_efficiency']:.1%}"),
@@ -44,14 +54,13 @@ def print_summary(manifest: dict, out_dir: str) -> None:
     scores = manifest.get("scores") or {}
     if scores.get("tokens"):
         bits = scores.get("bits_per_byte")
-        lines.append(
-            (
-                "scores",
-                f"perplexity {scores['perplexity']:,.3g}"
-                + (f", {bits:.3f} bits/byte" if bits is not None else "")
-                + f", top-1 {scores['top1_accuracy']:.1%}, ECE {scores['ece']:.3f}",
-            )
-        )
+        text = f"{scores['tokens']:,} tokens scored: perplexity {_figure(scores['perplexity'])}"
+        if bits is not None:
+            text += f", {bits:.3f} bits/byte"
+        # a model scoring its own greedy tokens is always top-1: no accuracy, no calibration
+        if manifest.get("config", {}).get("decoder", {}).get("mode") != "generate":
+            text += f", top-1 {scores['top1_accuracy']:.1%}, ECE {scores['ece']:.3f}"
+        lines.append(("scores", text))
     if manifest.get("recomputed"):
         names = ", ".join(manifest["recomputed"])
         lines.append(

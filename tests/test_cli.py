@@ -108,7 +108,8 @@ def check_output_dir(out: Path, stdout: str) -> tuple[pd.DataFrame, dict]:
         f"{totals['input_rows']:,} input = {totals['scored_rows']:,} scored + "
         f"{totals['skipped_rows']:,} skipped ({totals['truncated_rows']:,} truncated)"
     )
-    assert fields["output rows"] == f"{totals['output_rows']:,} in {len(shards)} shards"
+    plural = "" if len(shards) == 1 else "s"
+    assert fields["output rows"] == f"{totals['output_rows']:,} in {len(shards)} shard{plural}"
     assert fields["tokens"] == f"{run['tokens']:,} ({run['padded_tokens']:,} padded)"
     assert 0 < run["tokens"] <= run["padded_tokens"]
     assert re.fullmatch(r"\d{1,3}\.\d%", fields["padding efficiency"])
@@ -219,12 +220,16 @@ def test_make_sample_then_default_config(tmp_path, launcher):
     result = launcher.start([str(root)], module="jobs.make_sample").wait()
     result.assert_ok()
     info = json.loads((root / "sample.json").read_text())
-    assert result.stdout.strip() == f"sample corpus {info['corpus']}, model {info['model']}"
+    assert result.stdout.strip() == (
+        f"sample corpus {info['corpus']}, model {info['model']}, "
+        f"causal model {info['causal_model']}"
+    )
     # The sample has the layout that configs/default.yaml expects under data/sample/.
     config = yaml.safe_load(DEFAULT.read_text())
     assert Path(info["model"]) == root / Path(config["model"]["path"]).relative_to("data/sample")
     assert Path(info["corpus"]) == root / Path(config["input"]["path"]).relative_to("data/sample")
     assert (Path(info["model"]) / "model.safetensors").is_file()
+    assert (Path(info["causal_model"]) / "model.safetensors").is_file()
     table = pq.read_table(info["corpus"])
     for key in ("text_column", "id_column", "target_column"):
         assert config["input"][key] in table.column_names, key

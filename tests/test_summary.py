@@ -1,0 +1,63 @@
+"""The summary printed at the end of a run, from hand-made manifests."""
+
+from __future__ import annotations
+
+from lib.summary import print_summary
+
+
+def _manifest(mode: str, units: int, shards: int, perplexity: float) -> dict:
+    return {
+        "config": {"decoder": {"mode": mode}, "output": {"level": "tokens"}},
+        "totals": {
+            "input_rows": 3,
+            "scored_rows": 3,
+            "skipped_rows": 0,
+            "truncated_rows": 1,
+            "output_rows": 40,
+        },
+        "shards": [{}] * shards,
+        "world_size": 1,
+        "throughput": {
+            "rows": 3,
+            "units": units,
+            "tokens": 42,
+            "padded_tokens": 48,
+            "padding_efficiency": 0.875,
+            "tokens_per_s": 1234.5,
+            "rows_per_s": 88.2,
+            "wall_s": 0.34,
+        },
+        "scores": {
+            "tokens": 40,
+            "perplexity": perplexity,
+            "bits_per_byte": 1.25,
+            "top1_accuracy": 0.5,
+            "ece": 0.0421,
+        },
+    }
+
+
+def _fields(capsys) -> dict[str, str]:
+    lines = capsys.readouterr().out.splitlines()
+    return {line[2:22].strip(): line[22:] for line in lines}
+
+
+def test_counts_read_as_english_and_perplexity_as_a_number(capsys):
+    print_summary(_manifest("targets", 1, 1, 1002.2), "out/x")
+    fields = _fields(capsys)
+    assert fields["output rows"] == "40 in 1 shard"
+    assert fields["this run"] == "3 rows in 1 unit, 1 process"
+    assert fields["scores"] == (
+        "40 tokens scored: perplexity 1,002, 1.250 bits/byte, top-1 50.0%, ECE 0.042"
+    )
+    print_summary(_manifest("targets", 2, 2, 12.345), "out/x")
+    fields = _fields(capsys)
+    assert fields["output rows"] == "40 in 2 shards"
+    assert fields["this run"] == "3 rows in 2 units, 1 process"
+    assert fields["scores"].startswith("40 tokens scored: perplexity 12.3, ")
+
+
+def test_generate_mode_has_no_accuracy_or_calibration(capsys):
+    """The model scores its own greedy tokens: always its top-1."""
+    print_summary(_manifest("generate", 1, 1, 3.2), "out/x")
+    assert _fields(capsys)["scores"] == "40 tokens scored: perplexity 3.2, 1.250 bits/byte"
