@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,10 +409,7 @@ def _load(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     is_seq2seq = is_seq2seq_config(config)
     dtype = resolve_dtype(cfg.dtype, device)
     if dtype == torch.float16 and config.model_type in ("t5", "mt5", "umt5", "longt5"):
-        warnings.warn(
-            "model.dtype=float16 with a T5-family model overflows to inf/nan; use bfloat16",
-            stacklevel=2,
-        )
+        log.warning("model.dtype=float16 with a T5-family model overflows to inf/nan; use bfloat16")
     tokenizer = _load_tokenizer(cfg)
     model = _load_weights(cfg, config, is_seq2seq, dtype)
     model.eval().requires_grad_(False).to(device)

@@ -3,6 +3,7 @@ are the model's own at each scored position."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -166,3 +167,13 @@ def test_a_model_whose_body_needs_its_head_runs_whole(model_dirs, tmp_path):
             torch.testing.assert_close(
                 logits[mine], alone[scored.position[mine]], atol=1e-4, rtol=1e-4
             )
+
+
+def test_float16_t5_warns_in_one_line(model_dirs, caplog):
+    """A warning through logging: `warnings.warn` printed the source line under it."""
+    with caplog.at_level(logging.WARNING, logger="lib.models"):
+        models.load_model(ModelConfig(path=model_dirs["t5"], dtype="float16"), torch.device("cpu"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "model.dtype=float16 with a T5-family model overflows to inf/nan; use bfloat16"
+    ]
