@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             f"; {s['bytes_per_position']:.1f} bytes/position, {s['bytes_per_entry']:.2f} "
             f"bytes/entry ({s['entries_per_position']:.1f} top-k entries/position)"
         )
-    print(
-        f"OK {args.out_dir}: {report.shards} shards, {report.output_rows:,} rows{checked}{storage}"
-    )
+    if report.document_rows is None:
+        rows = f"{report.output_rows:,} rows"
+    elif report.output_rows:
+        rows = f"{report.output_rows:,} token rows and {report.document_rows:,} document rows"
+    else:
+        rows = f"{report.document_rows:,} document rows"
+    print(f"OK {args.out_dir}: {report.shards} shards, {rows}{checked}{storage}")
     return 0
 
 

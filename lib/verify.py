@@ -27,7 +27,8 @@ EXAMPLES = 3  # ids quoted in a problem line
 class Report:
     problems: list[str]
     shards: int = 0
-    output_rows: int = 0
+    output_rows: int = 0  # token rows
+    document_rows: int | None = None  # at output.level documents or both
     input_rows: int | None = None  # set when the input was checked
     storage: dict | None = None  # compact or top_p position rows: bytes per position, entry
 
@@ -150,10 +151,10 @@ def _folders(manifest: dict) -> tuple[str, ...]:
 
 def _check_shards(
     out_dir: AnyPath, manifest: dict, problems: list[str]
-) -> tuple[pa.Array, int, bool]:
+) -> tuple[pa.Array, dict[str, int], bool]:
     """Check every shard, folder by folder, against the manifest.
 
-    Returns the distinct ids of the first folder's rows, the row count of every shard and
+    Returns the distinct ids of the first folder's rows, the rows of each folder's shards and
     whether every listed shard was read.
     """
     entries = {s["file"]: s for s in manifest["shards"]}
@@ -177,7 +178,7 @@ def _check_shards(
         results.append(
             _check_folder(out_dir, mine, entries, schema or manifest["schema"], manifest, problems)
         )
-    rows = sum(r[1] for r in results)
+    rows = {folder: r[1] for folder, r in zip(folders, results, strict=True)}
     all_read = all(r[2] for r in results) and set(entries) <= set(on_disk)
     return results[0][0], rows, all_read
 
@@ -436,8 +437,10 @@ def verify(
     to the manifest's config)."""
     out_dir = storage.location(out_dir)
     try:
+        if not out_dir.exists():
+            raise UserError(f"{out_dir} does not exist")
         if not out_dir.is_dir():
-            return Report([f"{out_dir} is not a directory"])
+            raise UserError(f"{out_dir} is a file, not an output directory")
     except OSError as exc:
         return Report([f"{out_dir} is not readable: {storage.explain(exc)}"])
     problems: list[str] = []
@@ -449,7 +452,9 @@ def verify(
     if manifest is None:
         return Report(problems)
     scored, rows, all_read = _check_shards(out_dir, manifest, problems)
-    report = Report(problems, len(manifest["shards"]), rows)
+    report = Report(
+        problems, len(manifest["shards"]), rows.get(layout.TOKENS, 0), rows.get(layout.DOCUMENTS)
+    )
     _check_totals(manifest, scored, all_read, problems)
     report.storage = storage_figures(out_dir, manifest, problems)
     skipped = _read_skipped(out_dir, problems)

@@ -13,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jobs import extract
+from jobs import verify as verify_job
 from lib import results, scores
 from lib.verify import verify
 from tests.reference import read_corpus, reference_rows, stats64
@@ -255,7 +256,7 @@ def test_documents_and_scores_equal_the_float64_reference(
         assert manifest_scores[key] == pytest.approx(want_scores[key], abs=1e-3), key
 
 
-def test_level_documents_alone_equals_level_both(tmp_path, model_dirs, corpus):
+def test_level_documents_alone_equals_level_both(tmp_path, model_dirs, corpus, capsys):
     """Level documents (no top-k, no token rows) gives the document rows of level both, under
     another token budget too."""
     gpt2 = model_dirs["gpt2"]
@@ -265,6 +266,17 @@ def test_level_documents_alone_equals_level_both(tmp_path, model_dirs, corpus):
     )
     assert not (alone / "tokens").exists()
     assert verify(alone, check_input=True).problems == []
+    # jobs.verify counts each kind of row apart
+    capsys.readouterr()
+    for out, rows in (
+        (alone, "{d:,} document rows"),
+        (both, "{t:,} token rows and {d:,} document rows"),
+    ):
+        manifest = json.loads((out / "_manifest.json").read_text())
+        totals, shards = manifest["totals"], len(manifest["shards"])
+        assert verify_job.main([str(out)]) == 0
+        line = rows.format(t=totals["output_rows"], d=totals["document_rows"])
+        assert capsys.readouterr().out == f"OK {out}: {shards} shards, {line}\n"
     pd.testing.assert_frame_equal(
         results.load_documents(alone), results.load_documents(both), rtol=1e-5, atol=1e-5
     )

@@ -288,7 +288,7 @@ def test_bad_manifest_and_missing_input(damaged, tmp_path, capsys):
     assert problems[0] == f"{damaged}: _manifest.json is not readable JSON"
 
 
-def test_command_line_prints_one_line_per_problem(damaged, tmp_path):
+def test_command_line_prints_one_line_per_problem(damaged, tmp_path, capsys):
     (damaged / "tokens" / "part-00000.parquet").write_bytes(b"not a parquet file")
     (damaged / "_SUCCESS").unlink()
     run = subprocess.run(
@@ -316,8 +316,13 @@ def test_command_line_prints_one_line_per_problem(damaged, tmp_path):
         timeout=120,
     )
     assert (missing.returncode, missing.stderr) == (
-        1,
-        f"{tmp_path / 'absent'}: {tmp_path / 'absent'} is not a directory\n",
+        2,
+        f"error: {tmp_path / 'absent'} does not exist\n",
+    )
+    (tmp_path / "a-file").write_text("x")
+    assert verify.main([str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'a-file'} is a file, not an output directory\n"
     )
 
 
