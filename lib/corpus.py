@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class WorkUnit:
 
 
 _GLOB_CHARS = frozenset("*?[")
+log = logging.getLogger(__name__)
 _PARALLEL_FOOTERS = 32  # requests in flight when opening many files on an object store
 
 
@@ -60,15 +62,26 @@ def find_input_files(pattern: str) -> list[str]:
     if path.is_file():
         return [str(path)]
     if path.is_dir():
-        files = sorted(
-            str(p)
-            for p in path.rglob("*.parquet")
-            if p.is_file()
+        found = [p for p in path.rglob("*") if p.is_file()]
+        read = [
+            p
+            for p in found
+            if p.suffix == ".parquet"
             and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-        )
-        if not files:
+        ]
+        if not read:
             raise UserError(f"input.path {pattern}: directory holds no *.parquet files")
-        return files
+        if len(read) < len(found):  # -v says what a mixed directory left out
+            ignored = sorted(str(p.relative_to(path)) for p in set(found) - set(read))
+            log.info(
+                "input.path %s: %d *.parquet files read; %d others ignored (not *.parquet, or "
+                "under a name starting with . or _): %s",
+                pattern,
+                len(read),
+                len(ignored),
+                ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else ""),
+            )
+        return sorted(str(p) for p in read)
     if not _GLOB_CHARS & set(pattern):
         raise UserError(f"input.path {pattern}: no such file or directory")
     files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))

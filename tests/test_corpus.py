@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -49,7 +51,7 @@ def test_find_single_file(tree):
     assert find_input_files(str(tree / "a.parquet")) == [str(tree / "a.parquet")]
 
 
-def test_find_directory_recursively_sorted_skipping_hidden_and_underscore(tree):
+def test_find_directory_recursively_sorted_skipping_hidden_and_underscore(tree, caplog):
     expected = [
         "a.parquet",
         "b.parquet",
@@ -57,7 +59,13 @@ def test_find_directory_recursively_sorted_skipping_hidden_and_underscore(tree):
         "sub/c.parquet",
         "sub/deeper/d.parquet",
     ]
-    assert find_input_files(str(tree)) == [str(tree / name) for name in expected]
+    with caplog.at_level(logging.INFO, logger="lib.corpus"):
+        assert find_input_files(str(tree)) == [str(tree / name) for name in expected]
+    # -v names what was left out
+    assert caplog.messages == [
+        f"input.path {tree}: 5 *.parquet files read; 4 others ignored (not *.parquet, or under "
+        "a name starting with . or _): .g.parquet, .hidden/f.parquet, _units/e.parquet, notes.txt"
+    ]
 
 
 def test_find_glob_sorted(tree):
