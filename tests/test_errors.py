@@ -198,9 +198,9 @@ CLI_CASES = {
         f"error: output.dir {d['other_files']} is not empty and holds other files; use a new "
         "directory or output.overwrite=true",
     ),
-    "output_unwritable": lambda m, b, d, o: (
+    "output_under_a_file": lambda m, b, d, o: (
         base(m["gpt2"], d["ok"], d["a_file"] / "out"),
-        f"error: cannot write {d['a_file'] / 'out'}: Not a directory",
+        f"error: output.dir {d['a_file'] / 'out'}: {d['a_file']} is a file, not a directory",
     ),
 }
 
@@ -208,7 +208,7 @@ CLI_CASES = {
 # Processes of their own for one mistake of each stage (config, model, input, output): the
 # model's as a new interpreter (what transformers and torch print on import is seen), the others
 # as children of the fork server; the rest run main() in this process.
-IN_A_PROCESS = {"unknown_key", "hub_offline", "not_parquet", "output_unwritable"}
+IN_A_PROCESS = {"unknown_key", "hub_offline", "not_parquet", "output_under_a_file"}
 NEW_INTERPRETER = {"hub_offline"}
 
 
@@ -236,7 +236,7 @@ def cli_results(tmp_path_factory, launcher, model_dirs, bad_models, data) -> dic
 @pytest.mark.parametrize("name", CLI_CASES)
 def test_cli_error_is_one_line(cli_results, name):
     code, stdout, stderr, expected, out = cli_results[name]
-    assert code == (1 if name == "output_unwritable" else 2), stderr  # 1: the disk, 2: the request
+    assert code == 2, stderr  # the request (tests/test_integrity.py: the disk's errors, exit 1)
     assert "Traceback" not in stderr
     assert stderr.splitlines() == [expected]
     assert stdout == ""
