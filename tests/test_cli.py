@@ -318,3 +318,17 @@ def test_a_resume_with_changed_local_weights_is_refused(
     line = capsys.readouterr().err.strip()
     assert "the model's files changed since this output was started" in line
     assert "model.safetensors differs" in line and "\n" not in line
+
+
+def test_every_package_is_installed():
+    """pyproject lists packages by name: a new subpackage left out works in the editable
+    install of `make` and the tests, and is missing from a wheel (`pip install .`)."""
+    import tomllib
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = sorted(
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("lib", "jobs")
+        for init in (ROOT / top).rglob("__init__.py")
+    )
+    assert sorted(listed) == found
