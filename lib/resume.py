@@ -98,7 +98,7 @@ def _settings(config: JobConfig) -> dict[str, dict]:
     }
 
 
-def _changed_settings(previous: dict, config: JobConfig) -> str | None:
+def changed_settings(previous: dict, config: JobConfig) -> str | None:
     """The output-changing keys whose values differ from the ones `previous` (a `_job.json`)
     was started with, as `key: then, now value`; None when none does or it cannot tell."""
     then = from_record(previous.get("config") or {})
@@ -107,27 +107,31 @@ def _changed_settings(previous: dict, config: JobConfig) -> str | None:
     before, now = _settings(then), _settings(config)
     changed = []
     for section in now:
-        # a key missing on one side is at its default there (top_p, encoding: not hashed then)
         for key in dict.fromkeys([*now[section], *before[section]]):
-            was, is_ = (side[section].get(key, _DEFAULT) for side in (before, now))
+            name = _HASHED_AS.get(f"{section}.{key}", f"{section}.{key}")
+            if key in now[section] and key in before[section]:
+                was, is_ = before[section][key], now[section][key]
+            elif name is None:  # the compact code version: the encoding key names the change
+                continue
+            else:  # hashed on one side only (it applies there): compare the config values
+                field = name.split(".", 1)[1]
+                was, is_ = (
+                    getattr(getattr(then, section), field),
+                    getattr(getattr(config, section), field),
+                )
             if was != is_:
-                name = _HASHED_AS.get(f"{section}.{key}", f"{section}.{key}")
-                changed.append(f"{name}: {_shown(was)}, now {_shown(is_)}")
+                label = name or "the compact code version"
+                changed.append(f"{label}: {json.dumps(was)}, now {json.dumps(is_)}")
     return "; ".join(changed) or None
 
 
-_DEFAULT = object()
 # Keys the fingerprint hashes under other names than the config's (kept: a rename would change
-# every fingerprint, and resumes of outputs started before it would be refused).
+# every fingerprint, and resumes of outputs started before it would be refused); None: no key.
 _HASHED_AS = {
     "output.min_k": "output.min_k_fraction",
     "output.top_p_min_k": "output.min_k",
-    "output.compact_version": "the compact code version",
+    "output.compact_version": None,
 }
-
-
-def _shown(value) -> str:
-    return "the default" if value is _DEFAULT else json.dumps(value)
 
 
 def _topk_storage(config: JobConfig) -> dict:
@@ -308,7 +312,7 @@ def _refuse_or_clear(
                 f"output.dir {out_dir}: {changed}; restore it, or use "
                 "output.overwrite=true to start over"
             )
-        settings = _changed_settings(previous, config)
+        settings = changed_settings(previous, config)
         if settings:
             raise UserError(
                 f"output.dir {out_dir} was started with other settings ({settings}); use a new "

@@ -221,3 +221,33 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
         resume.check_layout(str(corpus), taken / "run1", files)
     assert str(error.value) == f"output.dir {taken / 'run1'}: {taken} is a file, not a directory"
     resume.check_layout(str(corpus), tmp_path / "new" / "run1", files)  # created when needed
+
+
+@pytest.mark.parametrize(
+    "then,now,expected",
+    [
+        (["output.k=20"], ["output.k=10"], "output.k: 20, now 10"),
+        (["output.level=tokens"], ["output.level=both"], 'output.level: "tokens", now "both"'),
+        (
+            ["decoder.mode=generate", "decoder.max_new_tokens=32"],
+            ["decoder.mode=start", "decoder.max_new_tokens=32"],
+            'decoder.mode: "generate", now "start"',
+        ),
+        (
+            ["output.top_p=0.9", "output.min_k=5"],
+            ["output.min_k=5"],
+            "output.top_p: 0.9, now 1.0",
+        ),
+        ([], ["output.encoding=compact"], 'output.encoding: "plain", now "compact"'),
+        (
+            ["output.level=both", "output.min_k_fraction=0.1"],
+            ["output.level=both"],
+            "output.min_k_fraction: 0.1, now 0.2",
+        ),
+        (["runtime.threads=2"], ["runtime.threads=4"], None),  # not an output setting
+    ],
+)
+def test_a_refused_resume_names_what_changed(then, now, expected):
+    base = ["model.path=m", "input.path=i", "output.dir=o"]
+    previous = {"config": load_config(None, [*base, *then]).to_dict()}
+    assert resume.changed_settings(previous, load_config(None, [*base, *now])) == expected
