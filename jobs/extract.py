@@ -114,12 +114,12 @@ def _write_report(out_dir: str, rewrite: bool) -> None:
     if os.environ.get("LOGIT_EXTRACT_NO_REPORT"):
         return  # the test suite's runs skip drawing (a second or two each)
     path = storage.location(out_dir) / layout.REPORT
-    if not rewrite and path.exists():
-        # older than _SUCCESS: drawn (by jobs.report) while the job ran, so marked partial
-        finished = (storage.location(out_dir) / layout.SUCCESS).stat().st_mtime
-        if path.stat().st_mtime >= finished:
-            return
     try:
+        if not rewrite and path.exists():
+            # not newer than _SUCCESS: drawn (by jobs.report) while the job ran, marked partial
+            finished = (storage.location(out_dir) / layout.SUCCESS).stat().st_mtime
+            if path.stat().st_mtime > finished:
+                return
         from lib.report import write_report
 
         write_report(out_dir)

@@ -1,6 +1,7 @@
 """Check an output directory: `python -m jobs.verify OUT_DIR [--input [PATH] [--id-column COL]]`.
 
-Prints one line per problem and exits 1, or prints one OK line and exits 0. `--input` also checks
+Prints one line per problem and exits 1, or prints one OK line and exits 0; a path that does not
+exist, is a file or is a location nothing reads is one `error:` line, exit 2. `--input` also checks
 that every input id is scored or skipped, exactly once; without a PATH it takes the input path
 and id column from the manifest's config.
 """

@@ -62,25 +62,16 @@ def find_input_files(pattern: str) -> list[str]:
     if path.is_file():
         return [str(path)]
     if path.is_dir():
-        found = [p for p in path.rglob("*") if p.is_file()]
         read = [
             p
-            for p in found
-            if p.suffix == ".parquet"
+            for p in path.rglob("*.parquet")
+            if p.is_file()
             and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
         ]
         if not read:
             raise UserError(f"input.path {pattern}: directory holds no *.parquet files")
-        if len(read) < len(found):  # -v says what a mixed directory left out
-            ignored = sorted(str(p.relative_to(path)) for p in set(found) - set(read))
-            log.info(
-                "input.path %s: %d *.parquet files read; %d others ignored (not *.parquet, or "
-                "under a name starting with . or _): %s",
-                pattern,
-                len(read),
-                len(ignored),
-                ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else ""),
-            )
+        if log.isEnabledFor(logging.INFO):  # -v says what a mixed directory left out
+            _log_ignored(pattern, path, read)
         return sorted(str(p) for p in read)
     if not _GLOB_CHARS & set(pattern):
         raise UserError(f"input.path {pattern}: no such file or directory")
@@ -88,6 +79,23 @@ def find_input_files(pattern: str) -> list[str]:
     if not files:
         raise UserError(f"input.path {pattern}: no file matches this pattern")
     return files
+
+
+def _log_ignored(pattern: str, folder: Path, read: list[Path]) -> None:
+    """Name the files under `folder` that the job does not read (a walk of every file, so only
+    when the message is shown)."""
+    ignored = sorted(
+        str(p.relative_to(folder)) for p in set(folder.rglob("*")) - set(read) if p.is_file()
+    )
+    if ignored:
+        log.info(
+            "input.path %s: %d *.parquet files read; %d others ignored (not *.parquet, or under "
+            "a name starting with . or _): %s",
+            pattern,
+            len(read),
+            len(ignored),
+            ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else ""),
+        )
 
 
 def _find_objects(uri: str) -> list[str]:

@@ -381,6 +381,8 @@ def _unreachable_hub(cfg: ModelConfig) -> ModelConfig:
 
 def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     """Load tokenizer and model from a hub id or a local directory, pick the family, move it."""
+    if cfg.path.startswith("~"):  # as input.path and output.dir are
+        cfg = dataclasses.replace(cfg, path=os.path.expanduser(cfg.path))
     asked = cfg
     cfg = _unreachable_hub(cfg)
     if cfg is not asked:

@@ -622,7 +622,7 @@ def _claim(
     checksum_started = time.perf_counter()
     files = resume.input_checksums(inputs)
     checksum_s = time.perf_counter() - checksum_started
-    model = resume.model_record(config.model.path, identity)
+    model = resume.model_record(identity["path"], identity)  # ~ expanded
     model_checksum_s = time.perf_counter() - checksum_started - checksum_s
     fp = resume.fingerprint(config, files, model)
     done = resume.finished(out_dir, fp, units, config.output.format, config.output.level)
@@ -729,6 +729,7 @@ def run_job(config: JobConfig, progress: bool = True) -> dict:
 
     started = time.perf_counter()
     out_dir = storage.location(config.output.dir)
+    commit_workers()  # a bad LOGIT_EXTRACT_COMMIT_WORKERS is refused before any work
     # Ranks wait for rank 0's checks (hashing the inputs and the model) at the start, and for
     # the slowest rank at the end (a resume can leave all the work to one); NCCL's default of
     # 10 minutes (gloo's 30) would kill a healthy job there. A dead rank still ends the job:

@@ -57,8 +57,10 @@ def print_summary(manifest: dict, out_dir: str) -> None:
         text = f"{scores['tokens']:,} tokens scored: perplexity {_figure(scores['perplexity'])}"
         if bits is not None:
             text += f", {bits:.3f} bits/byte"
-        # a model scoring its own greedy tokens is always top-1: no accuracy, no calibration
-        if manifest.get("config", {}).get("decoder", {}).get("mode") != "generate":
+        # A model scoring its own greedy tokens is its own top-1: the figures say nothing
+        # (unless its generation config steers decoding away from the raw top-1).
+        generate = manifest.get("config", {}).get("decoder", {}).get("mode") == "generate"
+        if not generate or scores["top1_accuracy"] < 1:
             text += f", top-1 {scores['top1_accuracy']:.1%}, ECE {scores['ece']:.3f}"
         lines.append(("scores", text))
     if manifest.get("recomputed"):

@@ -434,7 +434,7 @@ def verify(
     check_input: bool = False,
 ) -> Report:
     """Check `out_dir`; with `check_input`, account for every input id (path and id column default
-    to the manifest's config)."""
+    to the manifest's config). A path that does not exist or is a file raises UserError."""
     out_dir = storage.location(out_dir)
     try:
         if not out_dir.exists():

@@ -55,7 +55,10 @@ class S3Server:
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
-                return True
+                time.sleep(0.2)  # an answer from another server on a raced port: ours exits
+                if self.process.poll() is None:
+                    return True
+                break
             except OSError:
                 time.sleep(0.05)
         self.close()

@@ -121,7 +121,7 @@ def test_lengths_beyond_the_positions_are_refused_before_any_model_work(loaded):
         models.check_lengths(gpt2, batching.CONTINUATION, 600, 64)
 
 
-def test_a_hub_id_with_no_hub_in_reach_fails_fast_in_one_line(monkeypatch):
+def test_a_hub_id_with_no_hub_in_reach_fails_fast_in_one_line(monkeypatch, tmp_path, model_dirs):
     """No network (the hub's name does not resolve here, or the probe is told it failed): the
     cache alone is asked, and the error says how to run offline."""
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
@@ -134,6 +134,11 @@ def test_a_hub_id_with_no_hub_in_reach_fails_fast_in_one_line(monkeypatch):
     message = str(error.value)
     assert "hub cannot be reached" in message and "HF_HUB_OFFLINE=1" in message
     assert "\n" not in message
+    # A path under ~ is the user's own directory.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ckpt").symlink_to(model_dirs["gpt2"])
+    lm = models.load_model(ModelConfig(path="~/ckpt"), torch.device("cpu"))
+    assert lm.identity["path"] == str(tmp_path / "ckpt")
     # A local path is never sent to the hub: the error names what is wrong with it.
     for path, line in (
         ("/no/such/model", "model.path /no/such/model: no such directory"),

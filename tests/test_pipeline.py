@@ -215,3 +215,14 @@ def test_commit_workers_from_the_cores_or_the_environment(monkeypatch):
         monkeypatch.setenv("LOGIT_EXTRACT_COMMIT_WORKERS", bad)
         with pytest.raises(UserError, match=f"LOGIT_EXTRACT_COMMIT_WORKERS='{bad}'"):
             pipeline.commit_workers()
+
+
+def test_a_bad_commit_workers_setting_stops_before_any_work(monkeypatch, tmp_path, model_dirs):
+    from jobs import extract
+
+    monkeypatch.setenv("LOGIT_EXTRACT_COMMIT_WORKERS", "auto")
+    corpus = write_rows(tmp_path / "c.parquet", ["one text", "another text"])
+    out = tmp_path / "out"
+    argv = [f"model.path={model_dirs['gpt2']}", f"input.path={corpus}", f"output.dir={out}"]
+    assert extract.main(argv) == 2
+    assert not out.exists()

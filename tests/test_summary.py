@@ -58,6 +58,12 @@ def test_counts_read_as_english_and_perplexity_as_a_number(capsys):
 
 
 def test_generate_mode_has_no_accuracy_or_calibration(capsys):
-    """The model scores its own greedy tokens: always its top-1."""
-    print_summary(_manifest("generate", 1, 1, 3.2), "out/x")
+    """The model scores its own greedy tokens: its top-1, unless its generation config steers
+    decoding (BART's no_repeat_ngram_size), when the figures say something again."""
+    manifest = _manifest("generate", 1, 1, 3.2)
+    manifest["scores"]["top1_accuracy"] = 1.0
+    print_summary(manifest, "out/x")
     assert _fields(capsys)["scores"] == "40 tokens scored: perplexity 3.2, 1.250 bits/byte"
+    manifest["scores"]["top1_accuracy"] = 0.975
+    print_summary(manifest, "out/x")
+    assert _fields(capsys)["scores"].endswith(", top-1 97.5%, ECE 0.042")
