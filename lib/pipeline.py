@@ -715,6 +715,17 @@ def _set_up(config: JobConfig, device: torch.device) -> _Setup:
             )
         documents_schema = scores.documents_schema(id_type)
     units = corpus.plan_units(inputs, config.output.shard_rows)
+    log.info(
+        "plan: input files %d, rows %d, units %d; model %s (%s, %s on %s); task %s",
+        len(inputs),
+        sum(f.rows for f in inputs),
+        len(units),
+        lm.identity["path"],
+        lm.identity["architecture"],
+        lm.identity["dtype"],
+        device,
+        task,
+    )
     return _Setup(inputs, units, id_type, lm, task, schema, shard_schema, documents_schema)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import threading
 import types
 
@@ -226,3 +227,16 @@ def test_a_bad_commit_workers_setting_stops_before_any_work(monkeypatch, tmp_pat
     argv = [f"model.path={model_dirs['gpt2']}", f"input.path={corpus}", f"output.dir={out}"]
     assert extract.main(argv) == 2
     assert not out.exists()
+
+
+def test_verbose_logs_the_plan(tmp_path, model_dirs, caplog):
+    from jobs import extract
+
+    corpus = write_rows(tmp_path / "c.parquet", ["one text", "another text", "a third"])
+    argv = [f"model.path={model_dirs['gpt2']}", f"input.path={corpus}", f"output.dir={tmp_path}/o"]
+    with caplog.at_level(logging.INFO, logger="lib.pipeline"):
+        assert extract.main([*argv, "output.shard_rows=2"]) == 0
+    assert (
+        f"plan: input files 1, rows 3, units 2; model {model_dirs['gpt2']} (GPT2LMHeadModel, "
+        "float32 on cpu); task causal"
+    ) in caplog.messages
