@@ -319,6 +319,16 @@ def test_four_commit_threads_killed_then_resumed(launcher, inputs, model_dirs, b
     shard reads and has its record, and the resume equals the uninterrupted run."""
     out = tmp_path / "out"
     args = job_args(model_dirs["gpt2"], inputs["path"], out, "input.id_column=doc_id")
+    # The commits do overlap: with each held before its rename, a third unit reaches that point
+    # while the first two wait there (one thread would have renamed them, 10 s later).
+    held = {
+        "LOGIT_EXTRACT_PAUSE_AT": "before_rename=5",
+        "LOGIT_EXTRACT_CRASH_AT": "before_rename:3",
+    }
+    killed = launcher.start(args, {"LOGIT_EXTRACT_COMMIT_WORKERS": "4", **held}).wait()
+    assert killed.code == -signal.SIGKILL, killed.stderr
+    assert shards(out) == []
+    assert len([p for p in (out / "_tmp").iterdir() if ".parquet@" in p.name]) >= 3
     env = {"LOGIT_EXTRACT_COMMIT_WORKERS": "4", "LOGIT_EXTRACT_PAUSE_AT": "fsync=0.02"}
     # The second visit: at most one unit is committed before it, so every run leaves work.
     for crash in ("before_rename:2", "between_record_and_shard:2", "shard_write:2"):
