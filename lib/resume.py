@@ -111,7 +111,7 @@ def changed_settings(previous: dict, config: JobConfig) -> str | None:
             name = _HASHED_AS.get(f"{section}.{key}", f"{section}.{key}")
             if key in now[section] and key in before[section]:
                 was, is_ = before[section][key], now[section][key]
-            elif name is None:  # the compact code version: the encoding key names the change
+            elif key == "compact_version":  # the encoding key names the change
                 continue
             else:  # hashed on one side only (it applies there): compare the config values
                 field = name.split(".", 1)[1]
@@ -120,17 +120,16 @@ def changed_settings(previous: dict, config: JobConfig) -> str | None:
                     getattr(getattr(config, section), field),
                 )
             if was != is_:
-                label = name or "the compact code version"
-                changed.append(f"{label}: {json.dumps(was)}, now {json.dumps(is_)}")
+                changed.append(f"{name}: {json.dumps(was)}, now {json.dumps(is_)}")
     return "; ".join(changed) or None
 
 
 # Keys the fingerprint hashes under other names than the config's (kept: a rename would change
-# every fingerprint, and resumes of outputs started before it would be refused); None: no key.
+# every fingerprint, and resumes of outputs started before it would be refused).
 _HASHED_AS = {
     "output.min_k": "output.min_k_fraction",
     "output.top_p_min_k": "output.min_k",
-    "output.compact_version": None,
+    "output.compact_version": "the compact code version",
 }
 
 
