@@ -1,7 +1,8 @@
 """Extract per-token logits: `python -m jobs.extract --config FILE [section.key=value ...]`.
 
 Exit status: 0 done, 2 refused (config, input or output directory), 1 the output could not be
-written (disk full, permissions), 130 and 143 stopped by SIGINT and SIGTERM (rerun to resume).
+written (disk full, permissions) or the host ran out of memory, 130 and 143 stopped by SIGINT and
+SIGTERM (rerun to resume).
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import threading
 import yaml
 
 from lib.config import describe_keys, load_config
-from lib.errors import Interrupted, OutputError, UserError, first_line, one_line
+from lib.errors import (
+    HostMemoryError,
+    Interrupted,
+    OutputError,
+    UserError,
+    first_line,
+    one_line,
+)
 from lib.summary import print_summary
 
 
@@ -86,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"stopped by {name}: {where}run the same command to resume", file=sys.stderr)
         return 128 + stop.signum
-    except OutputError as exc:
+    except (OutputError, HostMemoryError) as exc:
         print("error: " + one_line(str(exc)), file=sys.stderr)
+        return 1
+    except MemoryError:  # outside a batch: tokenizing or writing a unit
+        print(
+            "error: out of host memory; lower batching.max_tokens or output.shard_rows and run "
+            "the same command to resume",
+            file=sys.stderr,
+        )
         return 1
     except UserError as exc:
         print("error: " + one_line(str(exc)), file=sys.stderr)

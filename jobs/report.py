@@ -5,7 +5,7 @@ OUT/report.html or FILE: the run's rows, lengths, batching, throughput, the mode
 log-probabilities, ranks, stored top-k mass and calibration. A directory whose job has not
 finished is drawn from its committed shards and marked partial. `--png` also draws every
 figure into one image (the README's screenshot). Exit status: 0 written, 2 not an output
-directory, 1 the report could not be written.
+directory, 1 the output could not be read or the report could not be written.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 
 from lib import report
 from lib.errors import OutputError, UserError, one_line
+from lib.storage import explain
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print("error: " + one_line(str(exc)), file=sys.stderr)
         return 2
+    except OSError as exc:  # a store that cannot be reached, listed or read
+        print(f"error: {args.out_dir}: {one_line(explain(exc))}", file=sys.stderr)
+        return 1
     figures = sum(len(panel.draws) > 0 for panel in drawn.panels)
     state = "partial output, " if drawn.info.partial else ""
     print(f"wrote {path} ({state}{figures} figures)")

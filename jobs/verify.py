@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a store that cannot be listed or read
         print(f"error: {args.out_dir}: {one_line(first_line(exc))}", file=sys.stderr)
         return 1
+    for warning in report.warnings:
+        print(f"warning: {args.out_dir}: {warning}", file=sys.stderr)
     for problem in report.problems:
         print(f"{args.out_dir}: {problem}", file=sys.stderr)
     if report.problems:

@@ -6,7 +6,7 @@ import glob
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lib import storage
+from lib import pins, storage
 from lib.config import InputConfig
 from lib.errors import UserError, first_line
 
@@ -25,6 +25,7 @@ class InputFile:
     rows: int
     size: int
     modified: float | None = None  # seconds since the epoch
+    pin: pins.Pin | None = field(default=None, compare=False, repr=False)  # what reads it
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class WorkUnit:
     start: int
     stop: int
     row_offset: int  # global row index of `start`, used as the id when there is no id column
+    pin: pins.Pin | None = field(default=None, compare=False, repr=False)  # its file's
 
     @property
     def rows(self) -> int:
@@ -158,12 +160,18 @@ def _check_columns(path: str, schema: pa.Schema, cfg: InputConfig) -> None:
             )
 
 
-def _footer(path: str) -> tuple[pa.Schema, int, storage.Stat] | UserError:
-    """A file's schema, rows and size and time, or the UserError that names what is wrong."""
+def _footer(path: str) -> tuple[pins.Pin, pa.Schema, int] | UserError:
+    """A file pinned (lib/pins.py) with its schema and rows, or the UserError that names what
+    is wrong."""
     try:
-        stat = storage.location(path).stat()
-        meta = pq.ParquetFile(storage.open_input(path))
-        return meta.schema_arrow, meta.metadata.num_rows, stat
+        held = pins.pin(path)
+    except UserError as exc:
+        return exc
+    try:
+        meta = pq.ParquetFile(held.open())
+        return held, meta.schema_arrow, meta.metadata.num_rows
+    except UserError as exc:  # changed while it was read
+        return exc
     except storage.StorageError as exc:
         return UserError(f"input file {path}: cannot read it: {exc}")
     except (pa.ArrowException, OSError) as exc:
@@ -183,10 +191,12 @@ def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
     inputs = []
     id_type = None
     paths = find_input_files(cfg.path)
-    for path, found in zip(paths, _footers(paths), strict=True):
+    found_all = _footers(paths)
+    for found in found_all:
         if isinstance(found, UserError):
+            close(f for f in found_all if not isinstance(f, UserError))
             raise found
-        schema, rows, stat = found
+    for path, (held, schema, rows) in zip(paths, found_all, strict=True):
         _check_columns(path, schema, cfg)
         if cfg.id_column is not None:
             tp = schema.field(cfg.id_column).type
@@ -196,26 +206,39 @@ def inspect_inputs(cfg: InputConfig) -> list[InputFile]:
                     f"other files have {id_type}"
                 )
             id_type = id_type or tp
-        inputs.append(InputFile(path, rows, stat.st_size, stat.st_mtime))
+        inputs.append(InputFile(path, rows, held.size, held.modified, held))
     return inputs
+
+
+def close(inputs) -> None:
+    """Let go of the input files `inspect_inputs` holds (InputFiles, or their footers)."""
+    for item in inputs:
+        held = item.pin if isinstance(item, InputFile) else item[0]
+        if held is not None:
+            held.close()
+
+
+def _open(item: InputFile) -> pa.NativeFile | str:
+    """A reader of an input file: through its pin, or by path for one that was never pinned."""
+    return item.pin.open() if item.pin is not None else storage.open_input(item.path)
 
 
 def id_type(inputs: list[InputFile], cfg: InputConfig) -> pa.DataType:
     """The Arrow type of the output `id` column: string or int64."""
     if cfg.id_column is None:
         return pa.int64()
-    tp = pq.ParquetFile(storage.open_input(inputs[0].path)).schema_arrow.field(cfg.id_column).type
+    tp = pq.ParquetFile(_open(inputs[0])).schema_arrow.field(cfg.id_column).type
     return pa.string() if is_string(tp) else pa.int64()
 
 
-def _read_column(path: str, column: str) -> pa.ChunkedArray:
+def _read_column(item: InputFile, column: str) -> pa.ChunkedArray:
     try:
         # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose import
         # pulls in pandas (0.2 s of a job's start-up)
-        return pq.ParquetFile(storage.open_input(path)).read(columns=[column]).column(0)
+        return pq.ParquetFile(_open(item)).read(columns=[column]).column(0)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(
-            f"input file {path}: cannot read column {column!r}: {first_line(exc)}"
+            f"input file {item.path}: cannot read column {column!r}: {first_line(exc)}"
         ) from None
 
 
@@ -235,13 +258,20 @@ def check_unique_ids(inputs: list[InputFile], cfg: InputConfig) -> None:
         return
     columns = []
     for item in inputs:
-        column = _read_column(item.path, cfg.id_column)
+        column = _read_column(item, cfg.id_column)
         if column.null_count:
             raise UserError(
                 f"input.id_column: column {cfg.id_column!r} in {item.path} has "
                 f"{column.null_count} null id(s); every row needs an id"
             )
-        columns.append(as_ids(column, item.path, cfg.id_column))
+        column = as_ids(column, item.path, cfg.id_column)
+        bad = invalid_utf8(column)
+        if len(bad):
+            raise UserError(
+                f"input.id_column: column {cfg.id_column!r} in {item.path} holds an id that is "
+                f"not valid UTF-8 (row {bad[0]}); ids must be text or integers"
+            )
+        columns.append(column)
     chunks = [chunk for column in columns for chunk in column.chunks]
     ids = pa.chunked_array(chunks, type=columns[0].type)
     counts = pc.value_counts(ids)
@@ -266,16 +296,52 @@ def plan_units(inputs: list[InputFile], shard_rows: int) -> list[WorkUnit]:
     for item in inputs:
         for start in range(0, item.rows, shard_rows):
             stop = min(start + shard_rows, item.rows)
-            units.append(WorkUnit(len(units), item.path, start, stop, offset + start))
+            units.append(WorkUnit(len(units), item.path, start, stop, offset + start, item.pin))
         offset += item.rows
     return units
 
 
-def read_unit(unit: WorkUnit, cfg: InputConfig) -> pa.Table:
-    """Read the unit's rows (only the row groups that overlap it) with an `id` column first."""
+def invalid_utf8(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Indices of the strings in `column` that are not valid UTF-8 (a binary column read as
+    text); Arrow checks a whole chunk at once, so only a bad chunk is looked at row by row."""
+    if not is_string(column.type):
+        return np.zeros(0, np.int64)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    bad, offset = [], 0
+    for chunk in chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            if pa.types.is_dictionary(chunk.type):
+                chunk = chunk.cast(chunk.type.value_type, safe=False)
+            values = chunk.view(
+                pa.large_binary() if pa.types.is_large_string(chunk.type) else pa.binary()
+            )
+            for i, value in enumerate(values.to_pylist()):
+                if value is not None:
+                    try:
+                        value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad.append(offset + i)
+        offset += len(chunk)
+    return np.array(bad, np.int64)
+
+
+@dataclass
+class UnitRows:
+    """A unit's rows, with an `id` column first, and the rows whose text could not be read."""
+
+    table: pa.Table
+    unreadable: list[tuple[int, str]]  # (row in unit, reason), the text or target nulled
+
+
+def read_unit(unit: WorkUnit, cfg: InputConfig) -> UnitRows:
+    """Read the unit's rows (only the row groups that overlap it) through its file's pin, then
+    check the file still holds the bytes the job started with."""
     columns = [c for c in (cfg.id_column, cfg.text_column, cfg.target_column) if c is not None]
+    held = unit.pin if unit.pin is not None else pins.pin(unit.file)
     try:
-        parquet = pq.ParquetFile(storage.open_input(unit.file))
+        parquet = pq.ParquetFile(held.open())
         groups, first_row, row = [], 0, 0
         for index in range(parquet.metadata.num_row_groups):
             count = parquet.metadata.row_group(index).num_rows
@@ -284,25 +350,40 @@ def read_unit(unit: WorkUnit, cfg: InputConfig) -> pa.Table:
                 groups.append(index)
             row += count
         table = parquet.read_row_groups(groups, columns=list(dict.fromkeys(columns)))
+        held.check()
     except (pa.ArrowException, OSError) as exc:
+        held.check()  # a file changed under the read is named as such
         raise UserError(
             f"input file {unit.file}: cannot read rows {unit.start}-{unit.stop - 1}: "
             f"{first_line(exc)}"
         ) from None
+    finally:
+        if held is not unit.pin:
+            held.close()
     table = table.slice(unit.start - first_row, unit.rows)
     if table.num_rows != unit.rows:  # the file shrank after the job planned its units
-        raise UserError(
-            f"input file {unit.file} changed while the job ran: rows {unit.start}-{unit.stop - 1} "
-            f"were planned but only {table.num_rows} could be read"
-        )
+        raise pins.changed(unit.file, f"rows {unit.start}-{unit.stop - 1} were planned")
     if cfg.id_column is None:
         ids = pa.array(np.arange(unit.row_offset, unit.row_offset + unit.rows, dtype=np.int64))
     else:
         ids = as_ids(table.column(cfg.id_column).combine_chunks(), unit.file, cfg.id_column)
-    out = {"id": ids, "text": _plain_strings(table.column(cfg.text_column))}
-    if cfg.target_column is not None:
-        out["target"] = _plain_strings(table.column(cfg.target_column))
-    return pa.table(out)
+    out = {"id": ids}
+    unreadable = []
+    for name, column, reason in (
+        ("text", cfg.text_column, "invalid_utf8_text"),
+        ("target", cfg.target_column, "invalid_utf8_target"),
+    ):
+        if column is None:
+            continue
+        values = _plain_strings(table.column(column)).combine_chunks()
+        bad = invalid_utf8(values)
+        if len(bad):
+            keep = np.ones(len(values), bool)
+            keep[bad] = False
+            values = pc.if_else(pa.array(keep), values, pa.nulls(len(values), values.type))
+            unreadable += [(int(row), reason) for row in bad]
+        out[name] = values
+    return UnitRows(pa.table(out), sorted(unreadable))
 
 
 def _plain_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -14,6 +14,18 @@ class OutputError(UserError):
     """The output directory could not be written (disk full, permissions, read-only, I/O)."""
 
 
+class HostMemoryError(UserError):
+    """The host ran out of memory where the job could catch it: exit 1, and a rerun resumes."""
+
+
+def out_of_host_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation on the host that failed: Python's MemoryError, or torch's
+    CPU allocator (a RuntimeError)."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+    )
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived; a BaseException so that no `except Exception` swallows it."""
 

@@ -2,10 +2,11 @@
 
 - `LOGIT_EXTRACT_CRASH_AT=point[:N]`: SIGKILL this process the N-th time `point` is reached
   (default 1). Only a real kill leaves files the way a preempted job does.
-- `LOGIT_EXTRACT_FAIL_AT=point[:N][=ERRNO]`: raise OSError (default ENOSPC) the N-th time.
+- `LOGIT_EXTRACT_FAIL_AT=point[:N][=ERRNO]`: raise OSError (default ENOSPC) the N-th time, or
+  MemoryError with `=MemoryError` (an allocation that failed).
 - `LOGIT_EXTRACT_PAUSE_AT=point=SECONDS`: sleep every time `point` is reached, to widen a race.
 
-Points: `shard_write`, `shard_close`, `write`, `fsync`, `rename`, `before_rename`,
+Points: `forward`, `shard_write`, `shard_close`, `write`, `fsync`, `rename`, `before_rename`,
 `between_record_and_shard`, `before_success`.
 """
 
@@ -50,6 +51,8 @@ def point(name: str, path: os.PathLike | str | None = None) -> None:
         spec, _, code = fail.partition("=")
         match, nth = _nth(spec, name)
         if match and seen == nth:
+            if code == "MemoryError":
+                raise MemoryError()
             number = getattr(errno, code or "ENOSPC")
             raise OSError(number, os.strerror(number), None if path is None else str(path))
     if pause:

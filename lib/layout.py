@@ -104,8 +104,30 @@ def shard_files(out_dir: AnyPath, folder: str = TOKENS) -> list[AnyPath]:
     """The committed shards of a folder, in name order (the order readers use); for tokens,
     the first layout's too."""
     path = out_dir / folder
-    found = sorted(p for p in path.glob("part-*") if p.is_file())
+    if not storage.is_remote(path) and not path.is_dir():
+        found = []
+    else:
+        found = sorted(
+            p for p in storage.listing(path) if p.name.startswith("part-") and p.is_file()
+        )
     return found or (legacy_shards(out_dir) if folder == TOKENS else [])
+
+
+def read_as_data(name: str) -> bool:
+    """Whether readers of a data folder read an entry of this name: every reader skips names
+    starting with `.` or `_` (pyarrow, pandas, Polars, DuckDB, Hugging Face datasets)."""
+    return not name.startswith((".", "_"))
+
+
+def data_entries(out_dir: AnyPath, level: str) -> list[str]:
+    """Every entry of the level's data folders that readers would read, relative to OUT (files
+    and folders alike: a reader descends into a folder)."""
+    found = []
+    for folder in folders(level):
+        path = out_dir / folder
+        if storage.is_remote(path) or path.is_dir():
+            found += [relative(out_dir, p) for p in path.iterdir() if read_as_data(p.name)]
+    return sorted(found)
 
 
 def visible_shards(out_dir: AnyPath, level: str) -> dict[str, AnyPath]:
@@ -142,17 +164,32 @@ def temporaries(out_dir: AnyPath) -> list[AnyPath]:
     return sorted(found)
 
 
-def remove_dead_temporaries(out_dir: AnyPath) -> int:
-    """Delete temporaries whose writer is gone (any but those of live processes on this
-    machine; called under the lease, so writers on other machines have stopped), and on S3 the
-    unfinished uploads of killed writers; return how many."""
-    removed = s3.abort_uploads(out_dir) if storage.is_s3(out_dir) else 0
+def temporary_writer_alive(path: AnyPath) -> bool | None:
+    """Whether the process that writes a temporary lives: False when it is known gone (it ran
+    on this machine), None when that cannot be told (another machine, or no tag)."""
+    tag = _tag(path)
+    return tag_alive(tag) if tag else None
+
+
+def _tag(path: AnyPath) -> str:
+    """The writer tag in a temporary's name (`NAME@host@pid@start.tmp`), '' if none."""
+    return path.name[: -len(".tmp")].split("@", 1)[-1] if "@" in path.name else ""
+
+
+def remove_dead_temporaries(out_dir: AnyPath, *, holding_lease: bool = True) -> int:
+    """Delete temporaries whose writer is gone and return how many. Holding the lease (writers
+    on other machines have stopped) that is any but those of live processes on this machine,
+    and on S3 the unfinished uploads of killed writers too; without it (a finished job's rerun,
+    `jobs.report`) only those whose writer is known dead."""
+    removed = s3.abort_uploads(out_dir) if holding_lease and storage.is_s3(out_dir) else 0
     for path in temporaries(out_dir):
-        tag = path.name[: -len(".tmp")].split("@", 1)[-1] if "@" in path.name else ""
-        if tag and tag != writer_tag() and tag_alive(tag):
-            continue
-        path.unlink(missing_ok=True)
-        removed += 1
+        if holding_lease:  # this process writes nothing yet: its own are leftovers too
+            keep = _tag(path) != writer_tag() and temporary_writer_alive(path)
+        else:
+            keep = temporary_writer_alive(path) is not False
+        if not keep:
+            path.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 

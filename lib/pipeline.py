@@ -30,9 +30,11 @@ import torch
 from lib import (
     batching,
     corpus,
+    faults,
     layout,
     manifest,
     models,
+    pins,
     reduce,
     resume,
     scores,
@@ -40,7 +42,13 @@ from lib import (
     writer,
 )
 from lib.config import JobConfig
-from lib.errors import Interrupted, UserError, output_error
+from lib.errors import (
+    HostMemoryError,
+    Interrupted,
+    UserError,
+    out_of_host_memory,
+    output_error,
+)
 from lib.lease import Lease, started_at
 from lib.overlap import Background, Sink, Workers
 from lib.storage import AnyPath
@@ -253,7 +261,8 @@ class Extraction:
         """Read and tokenize a unit: what its shards and record need, and its requests."""
         cfg, task = self.config.input, self.plan.task
         started_at = time.time()
-        table = corpus.read_unit(work, cfg)
+        rows = corpus.read_unit(work, cfg)
+        table = rows.table
         tokenized = batching.tokenize_unit(
             table,
             self.lm.tokenizer,
@@ -268,10 +277,13 @@ class Extraction:
             lengths["target"] = batching.length_histogram(tokenized.target_lengths, cfg.max_length)
         truncated_rows = np.zeros(table.num_rows, dtype=bool)
         truncated_rows[tokenized.truncated_rows] = True
+        # a text that is not UTF-8 was read as null; its record says why
+        unreadable = dict(rows.unreadable)
+        skipped = [(row, unreadable.get(row, reason)) for row, reason in tokenized.skipped]
         unit = Unit(
             work,
             table.column("id").combine_chunks(),
-            tokenized.skipped,
+            skipped,
             {r.row: r.ids for r in tokenized.requests} if self.examples else None,
             started_at,
             lengths,
@@ -350,9 +362,17 @@ class Extraction:
             ]
         try:
             with torch.inference_mode():
+                faults.point("forward")
                 return [self._reduce(batch)]
         except torch.OutOfMemoryError:
             pass  # leave the except block so the failed batch's tensors can be freed
+        except (MemoryError, RuntimeError) as exc:
+            if not out_of_host_memory(exc):
+                raise
+            raise HostMemoryError(
+                f"out of host memory in a batch of {len(requests)} rows of {width} tokens; lower "
+                f"batching.max_tokens (now {self.max_tokens}) and run the same command to resume"
+            ) from None
         if self.lm.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(requests) == 1:
@@ -627,6 +647,10 @@ def _claim(
     fp = resume.fingerprint(config, files, model)
     done = resume.finished(out_dir, fp, units, config.output.format, config.output.level)
     if done is not None:
+        try:  # what writers that died left (a killed jobs.report); nothing else is touched
+            layout.remove_dead_temporaries(out_dir, holding_lease=False)
+        except OSError:
+            pass
         return {"complete": done}, None
     run_id = uuid.uuid4().hex
     lease = Lease(out_dir / layout.LOCK, run_id)
@@ -648,6 +672,9 @@ def _claim(
         "recomputed": prepared.recomputed,
         "checksum_s": checksum_s,
         "model_checksum_s": model_checksum_s,
+        "inputs": files,
+        # each rank's own handles are checked against these (lib/pins.py): no second hash
+        "stamps": [item.pin.shared() if item.pin else None for item in inputs],
     }
     return shared, lease
 
@@ -683,6 +710,15 @@ class _Setup:
 def _set_up(config: JobConfig, device: torch.device) -> _Setup:
     """Check the inputs and the output location, load the model, plan the units."""
     inputs = corpus.inspect_inputs(config.input)
+    try:
+        return _plan(config, device, inputs)
+    except BaseException:
+        corpus.close(inputs)
+        raise
+
+
+def _plan(config: JobConfig, device: torch.device, inputs: list[corpus.InputFile]) -> _Setup:
+    """_set_up's work once the inputs are held."""
     resume.check_layout(config.input.path, storage.location(config.output.dir), inputs)
     corpus.check_unique_ids(inputs, config.input)
     id_type = corpus.id_type(inputs, config.input)
@@ -774,6 +810,16 @@ def _run(config: JobConfig, progress: bool, state, started: float, out_dir: AnyP
     budget = batching.max_tokens_for(config.batching.max_tokens, state.device)
     config = replace(config, batching=replace(config.batching, max_tokens=budget))
     setup = _set_up(config, state.device)
+    try:
+        return _extract(config, progress, state, started, out_dir, setup)
+    finally:
+        corpus.close(setup.inputs)
+
+
+def _extract(
+    config: JobConfig, progress: bool, state, started: float, out_dir: AnyPath, setup: _Setup
+) -> dict:
+    """Claim the output, extract this rank's units, finish on the main process."""
     claim, lease, error = None, None, None
     if state.is_main_process:
         try:
@@ -784,6 +830,11 @@ def _run(config: JobConfig, progress: bool, state, started: float, out_dir: AnyP
         claim = _share(state, claim, error)
         if "complete" in claim:
             return {**claim["complete"], "already_complete": True} if state.is_main_process else {}
+        if not state.is_main_process:  # this rank's handles hold the bytes the main one hashed
+            for item, entry, stamp in zip(
+                setup.inputs, claim["inputs"], claim["stamps"], strict=True
+            ):
+                item.pin.confirm(entry, stamp)
         plan = Plan(
             task=setup.task,
             schema=setup.schema,
@@ -823,8 +874,13 @@ def _run(config: JobConfig, progress: bool, state, started: float, out_dir: AnyP
 
 
 def _finish(config: JobConfig, setup: _Setup, claim: dict, wall: float, state) -> dict:
-    """Main process, after every rank is done: the manifest, then `_SUCCESS`."""
+    """Main process, after every rank is done: the manifest, then `_SUCCESS`, once the inputs
+    on disk are proven to be the ones read."""
     out_dir = storage.location(config.output.dir)
+    recheck_started = time.perf_counter()
+    pins.recheck(claim["inputs"], corpus.find_input_files(config.input.path))
+    recheck_s = time.perf_counter() - recheck_started
+    resume.refuse_foreign(out_dir, setup.units, config.output.format, config.output.level)
     result = manifest.finalize(
         out_dir,
         setup.units,
@@ -841,6 +897,7 @@ def _finish(config: JobConfig, setup: _Setup, claim: dict, wall: float, state) -
     )
     result["throughput"]["input_checksum_s"] = round(claim["checksum_s"], 6)
     result["throughput"]["model_checksum_s"] = round(claim["model_checksum_s"], 6)
+    result["throughput"]["input_recheck_s"] = round(recheck_s, 6)
     return result
 
 

@@ -692,6 +692,10 @@ def write_report(
     """Write the HTML report (default OUT/report.html), and the one-image PNG if asked."""
     out_dir = storage.location(out_dir)
     report = build(out_dir)
+    try:  # a report killed mid-write left its temporary; a live writer's stays
+        layout.remove_dead_temporaries(out_dir, holding_lease=False)
+    except OSError:
+        pass  # read-only access still draws the report elsewhere
     path = storage.location(output) if output is not None else out_dir / layout.REPORT
     _write(path, render_html(report).encode("utf-8"), out_dir)
     if png is not None:

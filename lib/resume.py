@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import compact, layout, storage
+from lib import compact, layout, pins, storage
 from lib.config import JobConfig, from_record
 from lib.corpus import InputFile, WorkUnit
 from lib.errors import UserError, output_error
@@ -37,27 +37,25 @@ def _model_files(path: str) -> list[tuple[str, int, str]]:
 
 
 def input_checksums(inputs: list[InputFile]) -> list[dict]:
-    """Path, size, rows and what proves the bytes unchanged: the sha256 of a local file
-    (streamed), the modification time of an object (an object store rewrites objects whole, so
-    any change moves it; hashing would download the whole corpus before the first batch)."""
-    out = []
-    for item in inputs:
-        path = storage.location(item.path)
-        if storage.is_remote(path):  # inspect_inputs read both with the footer
-            entry = {"size": item.size, "modified": item.modified}
-        else:
-            try:
-                sha256, size = storage.sha256(path)
-            except OSError as exc:
-                raise UserError(f"input file {item.path}: cannot read it: {exc.strerror}") from None
-            entry = {"size": size, "sha256": sha256}
-        out.append({"path": item.path, "rows": item.rows, **entry})
-    return out
+    """Path, size, rows and what proves the bytes unchanged, read through each file's pin
+    (lib/pins.py): the sha256 of a local file, an S3 object's ETag, another store's
+    modification time (hashing would download the whole corpus before the first batch)."""
+    held = [item.pin or pins.pin(item.path) for item in inputs]
+    try:
+        proofs = pins.proofs(held)
+    finally:
+        for item, pin in zip(inputs, held, strict=True):
+            if pin is not item.pin:
+                pin.close()
+    return [
+        {"path": item.path, "rows": item.rows, **proof}
+        for item, proof in zip(inputs, proofs, strict=True)
+    ]
 
 
 def _proof(item: dict) -> object:
-    """What stands for an input file's bytes: its sha256, or an object's modification time."""
-    return item.get("sha256") or item.get("modified")
+    """What stands for an input file's bytes: its sha256, an object's ETag or its time."""
+    return item.get("sha256") or item.get("etag") or item.get("modified")
 
 
 def model_record(path: str, identity: dict) -> dict:
@@ -154,7 +152,12 @@ def _within(path: AnyPath, folder: AnyPath) -> bool:
 def check_layout(input_path: str, out_dir: AnyPath, inputs: list[InputFile]) -> None:
     """Refuse an output directory that cannot be one (a file), or whose shards the input path
     would read back as input."""
-    if not storage.is_remote(out_dir):  # on object storage a key and a prefix can share a name
+    if storage.is_remote(out_dir):
+        if out_dir.is_file():  # a key and a prefix can share a name; readers then see the key
+            raise UserError(
+                f"output.dir {out_dir} is an object; expected a folder (a prefix) for the output"
+            )
+    else:
         existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
         if existing == out_dir and not existing.is_dir():
             raise UserError(f"output.dir {out_dir} is a file; expected a directory")
@@ -228,7 +231,23 @@ def finished(out_dir: AnyPath, fp: str, units: list[WorkUnit], fmt: str, level: 
         for unit in units
     ):
         return None
+    refuse_foreign(out_dir, units, fmt, level)
     return manifest
+
+
+def refuse_foreign(out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str) -> None:
+    """Refuse a data folder holding anything but this job's shards: readers of OUT/tokens would
+    read it as rows. Never deleted: the job did not write it."""
+    ours = {name for unit in units for name in layout.shard_names(unit.name, fmt, level)}
+    foreign = [name for name in layout.data_entries(out_dir, level) if name not in ours]
+    if foreign:
+        folder, more = foreign[0].split("/", 1)[0], len(foreign) - 1
+        also = f" (and {more} more)" if more else ""
+        raise UserError(
+            f"output.dir {out_dir}: {foreign[0]}{also} is not a shard of this job, and readers "
+            f"of {folder}/ would read it as rows; move it out of {folder}/ and run the same "
+            "command again"
+        )
 
 
 # -- preparing a directory to work in ----------------------------------------------------------
@@ -347,8 +366,8 @@ def _refuse_or_clear(
 def _check_shards(
     out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str, fp: str
 ) -> list[str]:
-    """Keep the shards their records prove, delete the rest with their records, delete records
-    without shards and files no unit owns; returns the shards that failed their check."""
+    """Keep the shards their records prove, delete the rest of what the job wrote there (shards
+    and records of its units); returns the shards that failed their check."""
     failed = []
     keep = set()
     visible = layout.visible_shards(out_dir, level)
@@ -361,10 +380,13 @@ def _check_shards(
             keep.add(layout.relative(out_dir, layout.record_path(out_dir, unit.name)))
         elif ok is False:
             failed += [name for name in names if name in visible]
+    ours = {layout.relative(out_dir, layout.record_path(out_dir, unit.name)) for unit in units}
+    ours |= {name for unit in units for name in layout.shard_names(unit.name, fmt, level)}
     for folder in (layout.TOKENS, layout.DOCUMENTS, layout.UNITS):
         if (out_dir / folder).is_dir():
             for path in (out_dir / folder).iterdir():
-                if layout.relative(out_dir, path) not in keep:
+                name = layout.relative(out_dir, path)
+                if name in ours and name not in keep:  # what it wrote, unproven
                     storage.remove(path)
     return failed
 
@@ -383,6 +405,7 @@ def prepare_output(
     directory, drop what no checksum proves, rebuild lost bookkeeping, record this run."""
     try:
         healed = _refuse_or_clear(out_dir, fp, files, config, model)
+        refuse_foreign(out_dir, units, config.output.format, config.output.level)
         if (out_dir / layout.SUCCESS).exists() or (out_dir / layout.MANIFEST).exists():
             if not layout.read_manifest(out_dir):
                 healed.append(layout.MANIFEST)

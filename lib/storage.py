@@ -39,6 +39,9 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _HASH_BLOCK = 8 << 20
 _S3 = ("s3", "s3a")
 
+_NO_CREDENTIALS = (
+    "no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+)
 # What S3 and pyarrow report, and what it means for the user.
 _CAUSES = (
     (("NoSuchBucket", "NO_SUCH_BUCKET"), "the bucket does not exist"),
@@ -56,10 +59,7 @@ _CAUSES = (
         "AWS_PROFILE, and the bucket's permissions)",
     ),
     (("ExpiredToken", "EXPIRED_TOKEN"), "the credentials have expired"),
-    (
-        ("NoCredentialsError", "Unable to locate credentials"),
-        "no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)",
-    ),
+    (("NoCredentialsError", "Unable to locate credentials"), _NO_CREDENTIALS),
     (
         ("Could not connect", "EndpointConnectionError", "NETWORK_CONNECTION", "Couldn't connect"),
         "cannot reach the endpoint (check AWS_ENDPOINT_URL and the network)",
@@ -80,13 +80,32 @@ class StorageError(OSError):
         return self.args[0]
 
 
-def explain(exc: BaseException) -> str:
-    """An object store's error as a short cause (`the bucket does not exist`)."""
+def _known_cause(exc: BaseException) -> str | None:
     text = f"{type(exc).__name__} {exc}"
     for markers, cause in _CAUSES:
         if any(marker in text for marker in markers):
             return cause
+    return None
+
+
+def explain(exc: BaseException) -> str:
+    """An object store's error as a short cause (`the bucket does not exist`)."""
+    cause = _known_cause(exc)
+    if cause is not None:
+        return cause
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _no_credentials() -> bool:
+    """Whether the standard AWS chain (variables, config files, instance roles) finds none."""
+    try:
+        import botocore.session
+    except ImportError:
+        return False  # cannot tell
+    try:
+        return botocore.session.get_session().get_credentials() is None
+    except Exception:
+        return False
 
 
 def storage_error(exc: BaseException, path: object) -> OSError:
@@ -94,7 +113,11 @@ def storage_error(exc: BaseException, path: object) -> OSError:
     if isinstance(exc, FileNotFoundError):
         return exc
     code = getattr(exc, "response", {}).get("Error", {}).get("Code")  # botocore's ClientError
-    return StorageError(explain(exc), str(path), code)
+    cause = _known_cause(exc)
+    if cause is None and str(path).startswith(tuple(f"{s}://" for s in _S3)) and _no_credentials():
+        # unsigned requests fail in store-specific ways (403, 500) that name no cause
+        cause = _NO_CREDENTIALS
+    return StorageError(cause or explain(exc), str(path), code)
 
 
 # -- locations ---------------------------------------------------------------------------------
@@ -181,6 +204,7 @@ class ObjectPath:
         self.scheme = scheme
         self.key = key.strip("/")  # fsspec lists "/bucket/key" where pyarrow says "bucket/key"
         self._listed = listed  # what the listing that found this path said: no request to ask
+        self.etag: str | None = None  # an S3 listing's (lib/s3.py list_folder)
 
     def __truediv__(self, name: str) -> ObjectPath:
         return ObjectPath(self.fs, self.scheme, f"{self.key}/{name}")
@@ -405,13 +429,30 @@ def sha256(path: AnyPath) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def listing(folder: AnyPath) -> list[AnyPath]:
+    """A folder's entries; on S3 (with boto3) with each object's ETag."""
+    if is_s3(folder):
+        try:
+            return s3().list_folder(folder)
+        except UserError:  # no boto3: pyarrow lists the same names, without ETags
+            pass
+    return list(folder.iterdir())
+
+
+def etag(path: ObjectPath) -> str | None:
+    """An S3 object's ETag: from the listing that found it, else asked for."""
+    if path.etag is None and is_s3(path):
+        path.etag = s3().call(path, "head_object")["ETag"]
+    return path.etag
+
+
 def matches(path: AnyPath, entry: dict) -> bool:
-    """Whether the file still is the one a record describes (`bytes`, `sha256`). Locally every
-    byte is hashed; an object store writes objects whole and checks their integrity itself, so
-    there the size is compared (`jobs.verify` still hashes every byte)."""
+    """Whether the file still is the one a record describes. On S3 the ETag the job recorded
+    when it published the object: any write makes a new one, and S3 checks the bytes under it
+    itself. Elsewhere every byte is hashed (`bytes`, `sha256`)."""
     try:
-        if is_remote(path):
-            return path.stat().st_size == entry.get("bytes")
+        if entry.get("etag") and is_s3(path):
+            return path.stat().st_size == entry.get("bytes") and etag(path) == entry["etag"]
         digest, size = sha256(path)
     except OSError:
         return False
@@ -552,14 +593,15 @@ class Sink:
         fsync_file(self.temp)
         return sha256(self.temp)
 
-    def publish(self) -> None:
+    def publish(self) -> str | None:
+        """Make the file visible under its name; an S3 object's ETag, else None."""
         faults.point("rename", self.final)
         if self._upload is not None:
-            self._upload.complete()
-            return
+            return self._upload.complete()
         self.final.parent.mkdir(exist_ok=True)
         os.replace(self.temp, self.final)  # our own temporary: a rename never takes another's
         fsync_dir(self.final.parent)
+        return None
 
     def abort(self) -> None:
         """Discard what was written; nothing becomes visible."""

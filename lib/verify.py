@@ -9,7 +9,7 @@ with the number of input rows, not with the number of output rows.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,7 @@ EXAMPLES = 3  # ids quoted in a problem line
 @dataclass
 class Report:
     problems: list[str]
+    warnings: list[str] = field(default_factory=list)  # nothing wrong with the data
     shards: int = 0
     output_rows: int = 0  # token rows
     document_rows: int | None = None  # at output.level documents or both
@@ -144,9 +145,13 @@ def _check_keys(
         )
 
 
-def _folders(manifest: dict) -> tuple[str, ...]:
+def _level(manifest: dict) -> str:
     level = ((manifest.get("config") or {}).get("output") or {}).get("level", "tokens")
-    return layout.folders(level if level in ("tokens", "documents", "both") else "tokens")
+    return level if level in ("tokens", "documents", "both") else "tokens"
+
+
+def _folders(manifest: dict) -> tuple[str, ...]:
+    return layout.folders(_level(manifest))
 
 
 def _check_shards(
@@ -161,15 +166,13 @@ def _check_shards(
     if len(entries) != len(manifest["shards"]):
         problems.append("the manifest lists a shard more than once")
     folders = _folders(manifest)
-    on_disk = [
-        layout.relative(out_dir, p)
-        for folder in folders
-        for p in layout.shard_files(out_dir, folder)
-    ]
+    on_disk = layout.data_entries(out_dir, _level(manifest))
+    if not on_disk and layout.legacy_shards(out_dir):
+        on_disk = [layout.relative(out_dir, p) for p in layout.legacy_shards(out_dir)]
     for name in sorted(set(entries) - set(on_disk)):
         problems.append(f"shard {name} is listed in the manifest but missing")
     for name in sorted(set(on_disk) - set(entries)):
-        problems.append(f"shard {name} is not listed in the manifest")
+        problems.append(f"{name} is not listed in the manifest (readers would read it as rows)")
     results = []
     for folder in folders:
         schema = manifest.get("documents_schema") if folder == layout.DOCUMENTS else None
@@ -444,16 +447,28 @@ def verify(
     except OSError as exc:
         return Report([f"{out_dir} is not readable: {storage.explain(exc)}"])
     problems: list[str] = []
+    warnings: list[str] = []
     if not (out_dir / layout.SUCCESS).exists():
         problems.append(f"{layout.SUCCESS} is missing: the job has not finished")
     for path in layout.temporaries(out_dir):
-        problems.append(f"temporary file {path.relative_to(out_dir)} left behind")
+        name = path.relative_to(out_dir)
+        if layout.temporary_writer_alive(path) is False:
+            warnings.append(
+                f"temporary file {name} was left by a writer that is gone; the next run of the "
+                "job or jobs.report removes it"
+            )
+        else:
+            problems.append(f"temporary file {name} left behind")
     manifest = _read_manifest(out_dir, problems)
     if manifest is None:
-        return Report(problems)
+        return Report(problems, warnings)
     scored, rows, all_read = _check_shards(out_dir, manifest, problems)
     report = Report(
-        problems, len(manifest["shards"]), rows.get(layout.TOKENS, 0), rows.get(layout.DOCUMENTS)
+        problems,
+        warnings,
+        len(manifest["shards"]),
+        rows.get(layout.TOKENS, 0),
+        rows.get(layout.DOCUMENTS),
     )
     _check_totals(manifest, scored, all_read, problems)
     report.storage = storage_figures(out_dir, manifest, problems)

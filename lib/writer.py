@@ -231,8 +231,8 @@ class ShardWriter:
         file = layout.relative(self.out_dir, self.final)
         return {"file": file, "rows": self.rows, "bytes": size, "sha256": sha256}
 
-    def _publish(self) -> None:
-        self._sink.publish()
+    def _publish(self) -> str | None:
+        return self._sink.publish()
 
     def commit(self, record: dict, check_lease: Callable[[], None]) -> dict:
         """`commit([self], ...)`: a unit with one shard."""
@@ -264,10 +264,14 @@ def commit(shards: list[ShardWriter], record: dict, check_lease: Callable[[], No
         record = {"files": [shard._finish() for shard in shards], **record}
         faults.point("before_rename")
         check_lease()
-        layout.write_json(layout.record_path(first.out_dir, first.name), record, first.out_dir)
+        path = layout.record_path(first.out_dir, first.name)
+        layout.write_json(path, record, first.out_dir)
         faults.point("between_record_and_shard")
-        for shard in shards:
-            shard._publish()
+        etags = [shard._publish() for shard in shards]
+        if any(etags):  # S3 names the object it now holds: a rerun compares that, not bytes
+            for entry, etag in zip(record["files"], etags, strict=True):
+                entry["etag"] = etag
+            layout.write_json(path, record, first.out_dir)
     except OSError as exc:
         for shard in shards:
             shard.abort()  # e.g. a full disk while closing: never rename a file that may be short

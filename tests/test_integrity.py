@@ -154,16 +154,19 @@ def read_clean(out: Path) -> Clean:
     return Clean(out, read_tokens(out), json.loads((out / "_manifest.json").read_text()))
 
 
-@pytest.fixture(scope="module")
-def clean(launcher, model, inputs, root) -> Clean:
+def clean_run(launcher, model: str, inputs: str, out: Path) -> Clean:
     """The uninterrupted run that every scenario must reproduce."""
-    out = root / "clean"
     launcher.start(job_args(model, inputs, out)).wait().assert_ok()
     reference = read_clean(out)
     assert len(reference.manifest["shards"]) == UNITS
     assert reference.manifest["totals"]["skipped_rows"] == 1
     assert leftovers(out) == []
     return reference
+
+
+@pytest.fixture(scope="module")
+def clean(launcher, model, inputs, root) -> Clean:
+    return clean_run(launcher, model, inputs, root / "clean")
 
 
 def assert_clean(out: Path, clean: Clean) -> None:

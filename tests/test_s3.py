@@ -25,7 +25,7 @@ from tests.launcher import rank_environments
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _settings(model: str, corpus: str, out: str) -> list[str]:
+def settings(model: str, corpus: str, out: str) -> list[str]:
     return [
         f"model.path={model}",
         f"input.path={corpus}",
@@ -50,6 +50,10 @@ def _rows(out: str, folder: str = "tokens") -> pa.Table:
 
 @pytest.fixture(scope="module")
 def job(s3_server, model_dirs, corpus, tmp_path_factory) -> dict:
+    return bucket_and_local_run(s3_server, model_dirs, corpus, tmp_path_factory)
+
+
+def bucket_and_local_run(s3_server, model_dirs, corpus, tmp_path_factory) -> dict:
     """A bucket holding the corpus, and the job's rows computed on local disk."""
     bucket = f"job-{uuid.uuid4().hex[:12]}"
     s3_server.client().create_bucket(Bucket=bucket)
@@ -59,13 +63,13 @@ def job(s3_server, model_dirs, corpus, tmp_path_factory) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert extract.main(_settings(model_dirs["gpt2"], corpus, str(local))) == 0
+        assert extract.main(settings(model_dirs["gpt2"], corpus, str(local))) == 0
     finally:
         torch.set_num_threads(threads)
     return {"bucket": bucket, "corpus": f"s3://{bucket}/corpus", "local": str(local)}
 
 
-def _same_as_local(out: str, local: str) -> None:
+def same_as_local(out: str, local: str) -> None:
     assert _rows(out).equals(_rows(local))
     assert _rows(out, "documents").equals(_rows(local, "documents"))
     manifest = json.loads((storage.location(out) / "_manifest.json").read_text())
@@ -89,12 +93,12 @@ def test_s3_input_and_output_equal_local_disk(s3, job, model_dirs):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert extract.main(_settings(model_dirs["gpt2"], job["corpus"], out)) == 0
-        _same_as_local(out, job["local"])
+        assert extract.main(settings(model_dirs["gpt2"], job["corpus"], out)) == 0
+        same_as_local(out, job["local"])
         assert not _objects(s3, job["bucket"], "in-process/_tmp")  # no temporaries on S3
         assert not _objects(s3, job["bucket"], "in-process/_lock.json")  # released
         before = _objects(s3, job["bucket"], "in-process/")
-        assert extract.main(_settings(model_dirs["gpt2"], job["corpus"], out)) == 0
+        assert extract.main(settings(model_dirs["gpt2"], job["corpus"], out)) == 0
         assert _objects(s3, job["bucket"], "in-process/") == before  # a rerun writes nothing
     finally:
         torch.set_num_threads(threads)
@@ -110,7 +114,7 @@ def test_s3_failed_then_killed_job_resumes_exactly(s3, job, model_dirs, launcher
     """An I/O error mid-unit, then a SIGKILL mid-commit, then the same command: only whole
     shards are ever visible, no upload is left behind, and the result is the local run's."""
     out = f"s3://{job['bucket']}/faults"
-    args = _settings(model_dirs["gpt2"], job["corpus"], out)
+    args = settings(model_dirs["gpt2"], job["corpus"], out)
     folder = storage.location(out)
     # The second unit's token shard fails as it closes: one line, exit 1, its upload discarded.
     failed = launcher.start(args, {**s3.env, "LOGIT_EXTRACT_FAIL_AT": "shard_close:3"}).wait()
@@ -119,8 +123,9 @@ def test_s3_failed_then_killed_job_resumes_exactly(s3, job, model_dirs, launcher
     assert [p.name for p in (folder / "_units").glob("part-*")] == ["part-00000.json"]
     assert s3.client().list_multipart_uploads(Bucket=job["bucket"]).get("Uploads", []) == []
     # Publishes ("rename") of the next run: _job.json, then per unit its record, token and
-    # document shards; the 6th is unit 2's token shard: its record is up, its shards are not.
-    killed = launcher.start(args, {**s3.env, "LOGIT_EXTRACT_CRASH_AT": "rename:6"}).wait()
+    # document shards, and the record again with their ETags; the 7th is unit 2's token
+    # shard: its record is up, its shards are not.
+    killed = launcher.start(args, {**s3.env, "LOGIT_EXTRACT_CRASH_AT": "rename:7"}).wait()
     assert killed.code == -signal.SIGKILL, killed.tail()
     visible = [p.name for p in (folder / "tokens").glob("part-*")]
     assert visible == ["part-00000.parquet", "part-00001.parquet"]
@@ -128,16 +133,16 @@ def test_s3_failed_then_killed_job_resumes_exactly(s3, job, model_dirs, launcher
         pq.read_table(storage.open_input(folder / "tokens" / name))  # whole and readable
     assert (folder / "_units" / "part-00002.json").exists()
     launcher.start(args, s3.env).wait().assert_ok()
-    _same_as_local(out, job["local"])
+    same_as_local(out, job["local"])
 
 
 def test_s3_missing_bucket_and_bad_credentials_end_in_one_line(s3, job, model_dirs, launcher):
     model, corpus = model_dirs["gpt2"], job["corpus"]
     runs = [
-        launcher.start(_settings(model, corpus, "s3://no-such-bucket-here/out"), s3.env),
-        launcher.start(_settings(model, "s3://no-such-bucket-here/corpus", "/tmp/x"), s3.env),
+        launcher.start(settings(model, corpus, "s3://no-such-bucket-here/out"), s3.env),
+        launcher.start(settings(model, "s3://no-such-bucket-here/corpus", "/tmp/x"), s3.env),
         launcher.start(
-            _settings(model, corpus, f"s3://{job['bucket']}/bad-keys"),
+            settings(model, corpus, f"s3://{job['bucket']}/bad-keys"),
             {**s3.env, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0"},
         ),
     ]
@@ -154,13 +159,13 @@ def test_s3_two_processes_share_no_disk(s3, job, model_dirs, tmp_path, launcher)
     """Two ranks as `accelerate launch` starts them (its variables; tests/test_distributed.py
     runs the real command), in an empty folder: nothing local is shared but the model."""
     out = f"s3://{job['bucket']}/two-processes"
-    args = _settings(model_dirs["gpt2"], job["corpus"], out)
+    args = settings(model_dirs["gpt2"], job["corpus"], out)
     ranks = [
         launcher.start(args, {**s3.env, **rank}, cwd=tmp_path) for rank in rank_environments(2)
     ]
     for run in ranks:
         run.wait().assert_ok()
-    _same_as_local(out, job["local"])
+    same_as_local(out, job["local"])
     manifest = json.loads((storage.location(out) / "_manifest.json").read_text())
     assert manifest["world_size"] == 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
     assert list(tmp_path.iterdir()) == []  # nothing written locally
@@ -187,11 +192,11 @@ def test_other_stores_through_fsspec_give_the_same_rows(model_dirs, corpus, tmp_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert extract.main([*_settings(model_dirs["gpt2"], corpus, local), *compact]) == 0
-        assert extract.main([*_settings(model_dirs["gpt2"], corpus, out), *compact]) == 0
+        assert extract.main([*settings(model_dirs["gpt2"], corpus, local), *compact]) == 0
+        assert extract.main([*settings(model_dirs["gpt2"], corpus, out), *compact]) == 0
     finally:
         torch.set_num_threads(threads)
-    _same_as_local(out, local)
+    same_as_local(out, local)
     assert list((storage.location(out) / "_tmp").iterdir()) == []
     remote, here = results.load_arrays(out), results.load_arrays(local)
     assert remote.keys() == here.keys() and "topk_ids" in remote

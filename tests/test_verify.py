@@ -217,7 +217,10 @@ def test_missing_and_unlisted_shards(damaged, job, capsys):
         f"{damaged}: shard tokens/part-00004.parquet is listed in the manifest but missing"
         in problems
     )
-    assert f"{damaged}: shard tokens/part-00099.parquet is not listed in the manifest" in problems
+    assert (
+        f"{damaged}: tokens/part-00099.parquet is not listed in the manifest (readers would "
+        "read it as rows)" in problems
+    )
 
 
 def test_input_ids_neither_scored_nor_skipped(damaged, capsys):

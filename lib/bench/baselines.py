@@ -165,7 +165,7 @@ def model_only_seconds(lm: models.LoadedModel, corpus: str, args) -> float:
     task = models.task_for(lm, config.decoder, has_targets=False)
     table = corpus_lib.read_unit(
         corpus_lib.plan_units(corpus_lib.inspect_inputs(config.input), 10**9)[0], config.input
-    )
+    ).table
     requests = batching.tokenize_unit(
         table, lm.tokenizer, task, "", args.max_length, lm.decoder_start_token_id
     ).requests
