@@ -280,6 +280,42 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     )
 
 
+class _RepeatedKey(yaml.YAMLError):
+    """A key repeated in one YAML mapping, which plain YAML loading lets replace the first."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a repeated key at any mapping level (_RepeatedKey)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Check the whole document's node tree for repeated keys, then construct it safely."""
+        _refuse_repeated_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _refuse_repeated_keys(node: yaml.Node, where: str, seen: set[int]) -> None:
+    # An alias shares its node with the anchor: visit each node once (aliases may be recursive).
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_repeated_keys(item, f"{where}[{index}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            name = f"{where}.{key_node.value}" if where else key_node.value
+            line = key_node.start_mark.line + 1
+            key = (key_node.tag, key_node.value)
+            if key in lines:
+                at = f"lines {lines[key]} and {line}" if lines[key] != line else f"line {line}"
+                raise _RepeatedKey(f"key {name!r} appears twice ({at})")
+            lines[key] = line
+            _refuse_repeated_keys(value_node, name, seen)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Load a YAML config, apply `section.key=value` overrides, and validate the result."""
     config = JobConfig()
@@ -290,7 +326,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         if not path.is_file():
             raise UserError(f"config file {path} is not a file")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except _RepeatedKey as exc:
+            raise UserError(f"config file {path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise UserError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
         except (OSError, UnicodeDecodeError) as exc:

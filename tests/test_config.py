@@ -247,6 +247,36 @@ def test_yaml_is_parsed_safely(tmp_path):
     assert not marker.exists()
 
 
+def test_a_repeated_section_is_refused_not_replaced(tmp_path):
+    """Plain YAML lets the second `output:` replace the first, so k: 5 silently became 20."""
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "model:\n  path: m\noutput:\n  dir: out\n  k: 5\n"
+        "input:\n  path: data.parquet\n\noutput:\n  k: 20\n"
+    )
+    assert error([], path) == f"config file {path}: key 'output' appears twice (lines 3 and 9)"
+
+
+def test_a_repeated_nested_key_is_named_with_its_section(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("output:\n  dir: out\n  k: 5\n  overwrite: true\n  k: 20\n")
+    assert error(BASE, path) == f"config file {path}: key 'output.k' appears twice (lines 3 and 5)"
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("output: {k: 5, k: 20}\n")
+    assert error(BASE, flow) == f"config file {flow}: key 'output.k' appears twice (line 1)"
+
+
+def test_the_same_key_in_different_sections_and_anchors_still_load(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "model:\n  path: &where m\ninput:\n  path: data.parquet\n"
+        "output:\n  dir: *where\n  k: 7\nruntime: {}\n"
+    )
+    config = load_config(path)
+    assert (config.model.path, config.input.path) == ("m", "data.parquet")
+    assert (config.output.dir, config.output.k) == ("m", 7)
+
+
 def test_remote_code_and_pickle_are_off_by_default():
     config = load_config(None, BASE)
     assert config.model.trust_remote_code is False
