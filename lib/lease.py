@@ -165,6 +165,25 @@ def read_holder(path: AnyPath) -> Holder | None:
         return Holder(Process("an unknown host", "", 0, None), "", touched, touched, etag)
 
 
+def _in_use(out_dir: AnyPath, holder: Holder) -> str:
+    """Why this job cannot start while `holder` lives, with the real wait when the lease's
+    time lies in the future by this machine's clock (it then counts as live for longer)."""
+    # Floored: "at least" stays true, and a stamp under a second ahead is no skew worth naming.
+    ahead = int(holder.touched - time.time())
+    if ahead >= 1 and not holder.process.on_this_machine():
+        return (
+            f"output.dir {out_dir} is in use by another job ({holder.describe()}); wait for it "
+            f"to end or stop it (unless it is renewed, its lease expires in {ahead + LEASE_S:.0f} "
+            f"s by this machine's clock: its last renewal is dated {ahead} s ahead of this "
+            f"machine's clock, so the clocks disagree by at least {ahead} s)"
+        )
+    return (
+        f"output.dir {out_dir} is in use by another job ({holder.describe()}); wait "
+        f"for it to end or stop it (a job that died frees it at once on its own "
+        f"machine, {LEASE_S:.0f} s after its last renewal from another machine)"
+    )
+
+
 class Lease:
     """This job's hold on an output directory, from `acquire()` to `release()`."""
 
@@ -199,11 +218,7 @@ class Lease:
             if holder is None:
                 continue  # released meanwhile: try again
             if holder.alive():
-                raise UserError(
-                    f"output.dir {out_dir} is in use by another job ({holder.describe()}); wait "
-                    f"for it to end or stop it (a job that died frees it at once on its own "
-                    f"machine, {LEASE_S:.0f} s after its last renewal from another machine)"
-                )
+                raise UserError(_in_use(out_dir, holder))
             if self._take_over(holder):
                 log.warning(
                     "output.dir %s: took over from a job that is gone (%s)",

@@ -69,6 +69,41 @@ def test_a_holder_on_another_machine_blocks_until_its_lease_expires(tmp_path):
     taker.release()
 
 
+def test_a_lease_dated_in_the_future_says_the_real_wait_and_that_clocks_disagree(tmp_path):
+    """Another host's lease 300 s ahead of our clock counts as live for 360 s, not 60."""
+    path = tmp_path / "_lock.json"
+    _holder_file(path)
+    ahead = time.time() + 300.5
+    os.utime(path, (ahead, ahead))
+    with pytest.raises(UserError) as caught:
+        lease.Lease(path, "new").acquire(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(
+        f"output.dir {tmp_path} is in use by another job (pid 12 on elsewhere"
+    )
+    assert message.endswith(
+        "; wait for it to end or stop it (unless it is renewed, its lease expires in 360 s by "
+        "this machine's clock: its last renewal is dated 300 s ahead of this machine's clock, "
+        "so the clocks disagree by at least 300 s)"
+    )
+    assert lease.read_holder(path).token == "t0"  # left alone
+
+
+def test_a_lease_of_this_machine_dated_in_the_future_keeps_the_usual_message(tmp_path):
+    path = tmp_path / "_lock.json"
+    mine = lease.Lease(path, "a")
+    mine.acquire(tmp_path)
+    ahead = time.time() + 300.5
+    os.utime(path, (ahead, ahead))
+    with pytest.raises(UserError) as caught:
+        lease.Lease(path, "b").acquire(tmp_path)
+    assert str(caught.value).endswith(
+        "; wait for it to end or stop it (a job that died frees it at once on its own machine, "
+        "60 s after its last renewal from another machine)"
+    )
+    mine.release()
+
+
 def test_an_unreadable_lease_counts_by_its_age(tmp_path):
     path = tmp_path / "_lock.json"
     path.write_text("{")
