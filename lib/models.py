@@ -71,6 +71,14 @@ _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "WithLMHead")
 
 
+def _offline_variable() -> str | None:
+    """The environment variable that turns the hub's offline mode on, None when it is off."""
+    for name in _OFFLINE_VARIABLES:
+        if os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no"):
+            return name
+    return None
+
+
 def _error_text(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else ""
@@ -91,11 +99,7 @@ def _could_be_hub_id(path: str) -> bool:
 def load_error(path: str, exc: Exception) -> UserError:
     """Say why `path` did not load: a file, a broken directory, no such directory, or the hub."""
     log.debug("loading %s failed", path, exc_info=exc)
-    offline = [
-        name
-        for name in _OFFLINE_VARIABLES
-        if os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-    ]
+    offline = _offline_variable()
     if os.path.isfile(path):
         return UserError(
             f"model.path {path} is a file; expected a checkpoint directory or a hub id"
@@ -115,7 +119,7 @@ def load_error(path: str, exc: Exception) -> UserError:
         return UserError(
             f"model.path {path}: no such local directory, and the hub id is not in "
             "the local cache; the hub was not asked because offline mode is on "
-            f"({offline[0]}=1)"
+            f"({offline}=1)"
         )
     return UserError(
         f"model.path {path}: no such local directory, and the hub could not provide "
@@ -231,15 +235,64 @@ def _split_head_is_exact(lm: LoadedModel) -> bool:
     return bool((split - reference).abs().max().item() <= tolerance * scale)
 
 
+def _hub_not_asked(cfg: ModelConfig) -> str | None:
+    """The setting that keeps the hub from being asked for files missing from the cache (e.g.
+    `HF_HUB_OFFLINE=1`); None when it is asked."""
+    offline = _offline_variable()
+    if offline:
+        return f"{offline}=1"
+    return "model.local_files_only=true" if cfg.local_files_only else None
+
+
+def _cached_snapshot(cfg: ModelConfig) -> Path | None:
+    """The hub cache's snapshot directory for model.path at model.revision (the one holding its
+    config.json); None for a local directory or a hub id whose config.json is not cached."""
+    if not _could_be_hub_id(cfg.path):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(cfg.path, "config.json", cfg.cache_dir, cfg.revision)
+    except ValueError:  # not a valid repo id (e.g. `a b`): nothing of it can be cached
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _weightless_snapshot(cfg: ModelConfig) -> UserError | None:
+    """A UserError when the hub is not asked and the cached snapshot has no weights file: the
+    cache then holds a config and a tokenizer whose weights were never downloaded."""
+    reason = _hub_not_asked(cfg)
+    snapshot = _cached_snapshot(cfg) if reason else None
+    if snapshot is None:
+        return None
+    weights = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
+    # A file whose blob was deleted from the cache is a dangling link: is_file() is False.
+    if any(f.name.endswith(weights) and f.is_file() for f in snapshot.iterdir()):
+        return None
+    command = " ".join(
+        [f"hf download {cfg.path}"]
+        + ([f"--revision {cfg.revision}"] if cfg.revision else [])
+        + ([f"--cache-dir {cfg.cache_dir}"] if cfg.cache_dir else [])
+    )
+    return UserError(
+        f"model.path {cfg.path}: the cached snapshot {snapshot} has no weights file "
+        f"(model.safetensors or pytorch_model.bin) and the hub was not asked ({reason}); "
+        f"download the weights where there is a network ({command}), then run again"
+    )
+
+
 @contextlib.contextmanager
-def _about_the_checkpoint(cfg: ModelConfig):
+def _about_the_checkpoint(cfg: ModelConfig, *, weights: bool = False):
     """Whatever from_pretrained raises (missing files, bad JSON, corrupt weights, hub errors) is
-    about the checkpoint the user named: it becomes a one-line UserError naming it."""
+    about the checkpoint the user named: it becomes a one-line UserError naming it. With
+    `weights`, a cached hub snapshot without a weights file is named as the cause."""
     try:
         yield
     except UserError:
         raise
     except Exception as exc:
+        if weights and (weightless := _weightless_snapshot(cfg)):
+            raise weightless from None
         refused = isinstance(exc, OSError) and "safetensors" in str(exc).lower()
         if not cfg.allow_pickle and refused and _may_have_pickled_weights(cfg.path):
             raise UserError(
@@ -302,7 +355,7 @@ def _load_weights(cfg: ModelConfig, config, is_seq2seq: bool, dtype: torch.dtype
     # Its multi-line load report is about missing weights, which are an error below.
     transformers.utils.logging.set_verbosity_error()
     try:
-        with _about_the_checkpoint(cfg):
+        with _about_the_checkpoint(cfg, weights=True):
             try:
                 model, info = model_class.from_pretrained(
                     cfg.path, attn_implementation="sdpa", **kwargs
@@ -370,10 +423,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _unreachable_hub(cfg: ModelConfig) -> ModelConfig:
     """A hub id with no hub in reach loads from the local cache only, at once, instead of
     retrying for half a minute; the error, if it is not cached, says what to do."""
-    offline = any(
-        os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-        for name in _OFFLINE_VARIABLES
-    )
+    offline = _offline_variable() is not None
     if not _could_be_hub_id(cfg.path) or cfg.local_files_only or offline or _hub_reachable():
         return cfg
     return dataclasses.replace(cfg, local_files_only=True)

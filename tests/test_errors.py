@@ -100,6 +100,20 @@ def bad_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory, model_dirs) -> Path:
+    """A hub cache laid out as huggingface_hub leaves it: `org/complete` with the tiny GPT-2's
+    files, `org/weightless` with its config and tokenizer but no weights (never downloaded)."""
+    cache = tmp_path_factory.mktemp("hub_cache")
+    for name, skip in (("complete", ()), ("weightless", ("model.safetensors",))):
+        repo = cache / f"models--org--{name}"
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        _copy(model_dirs["gpt2"], repo / "snapshots" / commit, skip=skip)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     files = {
@@ -336,6 +350,38 @@ def test_checkpoints_that_cannot_be_used(capsys, tmp_path, bad_models, data, mod
     assert line.startswith(f"error: model.path {bad_models[model]}")
     assert expected in line
     assert not out.exists()  # refused before the output directory was touched
+
+
+@pytest.mark.parametrize("pickle", [[], ["model.allow_pickle=true"]], ids=["safe", "pickle"])
+def test_a_cached_snapshot_without_weights_says_so(
+    capsys, monkeypatch, tmp_path, hub_cache, data, pickle
+):
+    """Not "needs model.allow_pickle" (there is nothing to unpickle), nor "not in the local cache"
+    (its config and tokenizer are)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = (
+        hub_cache / "models--org--weightless/snapshots/0123456789abcdef0123456789abcdef01234567"
+    )
+    out = tmp_path / "out"
+    argv = [*base("org/weightless", data["ok"], out), f"model.cache_dir={hub_cache}", *pickle]
+    assert fails(capsys, argv) == (
+        f"error: model.path org/weightless: the cached snapshot {snapshot} has no weights file "
+        "(model.safetensors or pytorch_model.bin) and the hub was not asked (HF_HUB_OFFLINE=1); "
+        "download the weights where there is a network (hf download org/weightless "
+        f"--cache-dir {hub_cache}), then run again"
+    )
+    assert not out.exists()
+
+
+def test_a_cached_snapshot_with_weights_loads_offline(monkeypatch, tmp_path, hub_cache, data):
+    """The same cache with the weights: the job runs and records the snapshot's commit."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    argv = [*base("org/complete", data["ok"], out), f"model.cache_dir={hub_cache}"]
+    assert extract.main(argv) == 0
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["model"]["commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert len(pd.read_parquet(out / "tokens")) > 3
 
 
 def test_missing_local_directory_and_file_paths(capsys, tmp_path, model_dirs, data):
