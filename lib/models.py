@@ -338,6 +338,24 @@ def _load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def _check_tokenizer_fits(cfg: ModelConfig, tokenizer, model: nn.Module) -> None:
+    """Refuse a tokenizer whose ids reach past the input embeddings: the first batch holding
+    such an id would fail with an IndexError (on a GPU, a device-side assert) mid-run."""
+    try:
+        embeddings = getattr(model.get_input_embeddings(), "weight", None)
+    except NotImplementedError:  # a custom model class may not say where its embeddings are
+        return
+    if embeddings is None or len(tokenizer) <= embeddings.shape[0]:
+        return
+    size, rows = len(tokenizer), embeddings.shape[0]
+    ids = f"token id {rows}" if size == rows + 1 else f"token ids {rows}-{size - 1}"
+    raise UserError(
+        f"model.path {cfg.path}: the tokenizer has {size} tokens but the model's input "
+        f"embeddings only {rows} rows; {ids} would index past them (tokens added to the "
+        "tokenizer without resizing the model?)"
+    )
+
+
 def _load_weights(cfg: ModelConfig, config, is_seq2seq: bool, dtype: torch.dtype) -> nn.Module:
     """The model with SDPA attention where it has it; refuses a checkpoint with missing weights."""
     import transformers
@@ -464,6 +482,7 @@ def _load(cfg: ModelConfig, device: torch.device) -> LoadedModel:
         log.warning("model.dtype=float16 with a T5-family model overflows to inf/nan; use bfloat16")
     tokenizer = _load_tokenizer(cfg)
     model = _load_weights(cfg, config, is_seq2seq, dtype)
+    _check_tokenizer_fits(cfg, tokenizer, model)
     model.eval().requires_grad_(False).to(device)
     # T5's padded batches otherwise build a (batch, heads, length, length) bias in every layer.
     if attention.use_key_mask_attention(model):

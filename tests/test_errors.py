@@ -43,7 +43,7 @@ def bad_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
     """Checkpoints this job must refuse, each built from the session's tiny GPT-2 in a second."""
     import torch
     from safetensors.torch import load_file
-    from transformers import BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     root = tmp_path_factory.mktemp("bad_models")
     gpt2 = model_dirs["gpt2"]
@@ -96,6 +96,11 @@ def bad_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
         )
     )
     models["remote_marker"] = marker
+    # Tokens added to the tokenizer without resizing the model: 305 tokens, 300 embedding rows.
+    models["added_tokens"] = _copy(gpt2, root / "added_tokens")
+    tokenizer = AutoTokenizer.from_pretrained(models["added_tokens"])
+    tokenizer.add_tokens(["<new1>", "<new2>", "<new3>", "<new4>", "<new5>"])
+    tokenizer.save_pretrained(models["added_tokens"])
     return models
 
 
@@ -350,6 +355,21 @@ def test_checkpoints_that_cannot_be_used(capsys, tmp_path, bad_models, data, mod
     assert line.startswith(f"error: model.path {bad_models[model]}")
     assert expected in line
     assert not out.exists()  # refused before the output directory was touched
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused_before_any_batch(
+    capsys, tmp_path, bad_models
+):
+    """Token ids 300-304 would index past 300 embedding rows: an IndexError mid-run (on a GPU a
+    device-side assert) if the job started."""
+    rows = write_rows(tmp_path / "in.parquet", ["the cat sat <new3>", "a dog ran <new5>", "x"])
+    out = tmp_path / "out"
+    assert fails(capsys, base(bad_models["added_tokens"], rows, out)) == (
+        f"error: model.path {bad_models['added_tokens']}: the tokenizer has 305 tokens but the "
+        "model's input embeddings only 300 rows; token ids 300-304 would index past them "
+        "(tokens added to the tokenizer without resizing the model?)"
+    )
+    assert not out.exists()  # no shard, not even the directory
 
 
 @pytest.mark.parametrize("pickle", [[], ["model.allow_pickle=true"]], ids=["safe", "pickle"])

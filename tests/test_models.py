@@ -121,6 +121,31 @@ def test_lengths_beyond_the_positions_are_refused_before_any_model_work(loaded):
         models.check_lengths(gpt2, batching.CONTINUATION, 600, 64)
 
 
+def test_a_tokenizer_may_be_smaller_than_the_embeddings_but_not_larger(
+    loaded, model_dirs, tmp_path
+):
+    """T5's SentencePiece tokenizer has fewer tokens than embedding rows (padded to 328): fine.
+    One token past the rows is refused at load time, naming both sizes and the id."""
+    sizes = {
+        name: (lm.identity["tokenizer_size"], lm.model.get_input_embeddings().weight.shape[0])
+        for name, lm in loaded.items()
+    }
+    assert sizes == {"gpt2": (300, 300), "t5": (300, 328)}
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dirs["gpt2"], tmp_path / "gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
+    tokenizer.add_tokens(["<one-more>"])
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError) as error:
+        models.load_model(ModelConfig(path=str(tmp_path / "gpt2")), torch.device("cpu"))
+    assert str(error.value) == (
+        f"model.path {tmp_path / 'gpt2'}: the tokenizer has 301 tokens but the model's input "
+        "embeddings only 300 rows; token id 300 would index past them (tokens added to the "
+        "tokenizer without resizing the model?)"
+    )
+
+
 def test_a_hub_id_with_no_hub_in_reach_fails_fast_in_one_line(monkeypatch, tmp_path, model_dirs):
     """No network (the hub's name does not resolve here, or the probe is told it failed): the
     cache alone is asked, and the error says how to run offline."""
