@@ -301,6 +301,11 @@ def plan_units(inputs: list[InputFile], shard_rows: int) -> list[WorkUnit]:
     return units
 
 
+_BINARY = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+if hasattr(pa, "string_view"):
+    _BINARY[pa.string_view()] = pa.binary_view()
+
+
 def invalid_utf8(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Indices of the strings in `column` that are not valid UTF-8 (a binary column read as
     text); Arrow checks a whole chunk at once, so only a bad chunk is looked at row by row."""
@@ -314,9 +319,7 @@ def invalid_utf8(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         except pa.ArrowInvalid:
             if pa.types.is_dictionary(chunk.type):
                 chunk = chunk.cast(chunk.type.value_type, safe=False)
-            values = chunk.view(
-                pa.large_binary() if pa.types.is_large_string(chunk.type) else pa.binary()
-            )
+            values = chunk.view(_BINARY[chunk.type])
             for i, value in enumerate(values.to_pylist()):
                 if value is not None:
                     try:
@@ -377,10 +380,11 @@ def read_unit(unit: WorkUnit, cfg: InputConfig) -> UnitRows:
             continue
         values = _plain_strings(table.column(column)).combine_chunks()
         bad = invalid_utf8(values)
-        if len(bad):
-            keep = np.ones(len(values), bool)
-            keep[bad] = False
-            values = pc.if_else(pa.array(keep), values, pa.nulls(len(values), values.type))
+        if len(bad):  # rare: rebuilt in Python, the bad rows null
+            raw = values.view(_BINARY[values.type]).to_pylist()
+            for row in bad:
+                raw[row] = None
+            values = pa.array([None if v is None else v.decode() for v in raw], pa.string())
             unreadable += [(int(row), reason) for row in bad]
         out[name] = values
     return UnitRows(pa.table(out), sorted(unreadable))

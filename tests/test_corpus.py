@@ -16,6 +16,7 @@ from lib.corpus import (
     find_input_files,
     id_type,
     inspect_inputs,
+    invalid_utf8,
     plan_units,
     read_unit,
 )
@@ -263,3 +264,17 @@ def test_uint64_ids_beyond_int64_are_refused(tmp_path):
         r"fit int64 ids: ",
     ):
         check_unique_ids(inspect_inputs(cfg), cfg)
+
+
+@pytest.mark.parametrize("kind", ["string", "large_string", "string_view", "dictionary"])
+def test_invalid_utf8_finds_the_rows_in_every_string_type(kind):
+    """Bytes that are not UTF-8 (a stray byte, an encoded surrogate) in every string layout."""
+    raw = pa.array([b"ok", b"\xff bad", None, b"\xed\xa0\x80 surrogate", b"fine"], pa.binary())
+    text = raw.view(pa.string())
+    column = {
+        "string": text,
+        "large_string": raw.cast(pa.large_binary()).view(pa.large_string()),
+        "string_view": text.cast(pa.string_view()),
+        "dictionary": pa.DictionaryArray.from_arrays(pa.array([0, 1, 0, 3, 4]), text),
+    }[kind]
+    assert invalid_utf8(pa.chunked_array([column, column])).tolist() == [1, 3, 6, 8]
