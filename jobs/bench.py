@@ -49,7 +49,6 @@ from pathlib import Path
 
 import torch
 
-from lib import batching
 from lib.bench import encodings, host
 from lib.bench.baselines import naive_child
 from lib.bench.cases import cases_part
@@ -57,6 +56,7 @@ from lib.bench.efficiency import efficiency_part
 from lib.bench.encodings import STORAGE, STORAGE_K
 from lib.bench.runs import fresh_python, rss_child, show, took
 from lib.bench.workloads import CASES, PRESETS, QUICK, ModelSpec, case_sizes, case_texts
+from lib.extract import batching
 
 PARTS = ("efficiency", "cases", "ceiling", "startup", "storage")
 

@@ -26,7 +26,7 @@ from lib.errors import (
     first_line,
     one_line,
 )
-from lib.summary import print_summary
+from lib.inspect.summary import print_summary
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +45,8 @@ def _on_signal(signum: int, frame) -> None:
 
 def _committed(out_dir: str, level: str) -> int:
     """Shards committed so far in the level's first folder (one per committed unit)."""
-    from lib import layout, storage
+    from lib import storage
+    from lib.output import layout
 
     folder = layout.folders(level)[0]
     try:
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 def _write_report(out_dir: str, rewrite: bool) -> None:
     """OUT/report.html (see jobs.report); a rerun that changed nothing keeps one drawn after
     the job finished. A finished job never fails for its report: a failure is a warning."""
-    from lib import layout, storage
+    from lib import storage
+    from lib.output import layout
 
     if os.environ.get("LOGIT_EXTRACT_NO_REPORT"):
         return  # the test suite's runs skip drawing (a second or two each)
@@ -135,7 +137,7 @@ def _write_report(out_dir: str, rewrite: bool) -> None:
             finished = (storage.location(out_dir) / layout.SUCCESS).stat().st_mtime
             if path.stat().st_mtime > finished:
                 return
-        from lib.report import write_report
+        from lib.inspect.report import write_report
 
         write_report(out_dir)
     except Exception as exc:

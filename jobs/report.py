@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib import report
 from lib.errors import OutputError, UserError, one_line
+from lib.inspect import report
 from lib.storage import explain
 
 

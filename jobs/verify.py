@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from lib.errors import UserError, first_line, one_line
-from lib.verify import verify
+from lib.inspect.verify import verify
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ class DecoderConfig:
 @dataclass
 class BatchingConfig:
     # padded tokens per batch; null: 4096 on a CPU, where smaller batches stay in cache, and
-    # 16384 on an accelerator (lib.batching.max_tokens_for)
+    # 16384 on an accelerator (lib.extract.batching.max_tokens_for)
     max_tokens: int | None = None
 
 

@@ -27,20 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from lib import (
-    batching,
-    corpus,
-    faults,
-    layout,
-    manifest,
-    models,
-    pins,
-    reduce,
-    resume,
-    scores,
-    storage,
-    writer,
-)
+from lib import faults, storage
 from lib.config import JobConfig
 from lib.errors import (
     HostMemoryError,
@@ -49,7 +36,9 @@ from lib.errors import (
     out_of_host_memory,
     output_error,
 )
-from lib.lease import Lease, started_at
+from lib.extract import batching, corpus, models, pins, reduce, scores
+from lib.output import layout, manifest, resume, writer
+from lib.output.lease import Lease, started_at
 from lib.overlap import Background, Sink, Workers
 from lib.storage import AnyPath
 
@@ -673,7 +662,7 @@ def _claim(
         "checksum_s": checksum_s,
         "model_checksum_s": model_checksum_s,
         "inputs": files,
-        # each rank's own handles are checked against these (lib/pins.py): no second hash
+        # each rank's own handles are checked against these (lib/extract/pins.py): no second hash
         "stamps": [item.pin.shared() if item.pin else None for item in inputs],
     }
     return shared, lease

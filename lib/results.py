@@ -26,9 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lib import compact, layout, storage
-from lib.corpus import as_ids, find_input_files, is_string
+from lib import storage
 from lib.errors import UserError
+from lib.extract.corpus import as_ids, find_input_files, is_string
+from lib.output import compact, layout
 from lib.storage import AnyPath
 
 # Nullable columns and the value that stands for null in numpy.

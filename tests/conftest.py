@@ -110,8 +110,8 @@ def s3_server(tmp_path_factory):
 def s3(s3_server, monkeypatch):
     """The server's credentials and endpoint in this process's environment, as a user sets them;
     clients made before are dropped so that each test's environment is the one in force."""
-    from lib import s3 as lib_s3
     from lib import storage
+    from lib.storage import s3 as lib_s3
 
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)

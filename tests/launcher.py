@@ -34,9 +34,9 @@ SERVER = r"""
 import gc, json, os, select, sys
 
 import jobs  # the package only: jobs.extract itself runs as __main__ in each child
-import lib.pipeline, lib.summary  # torch, transformers, accelerate, pyarrow: the slow imports
+import lib.pipeline, lib.inspect.summary  # torch, transformers, accelerate, pyarrow: the slow imports
 import pandas, pyarrow.dataset  # imported by the job on first use
-import boto3, lib.s3  # what a job writing to s3:// imports (tests/test_s3.py)
+import boto3, lib.storage.s3  # what a job writing to s3:// imports (tests/test_s3.py)
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 try:  # a cache transformers builds on a first model load (1,000 regexes); no tensors involved

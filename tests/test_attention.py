@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
 from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
 
-from lib import attention
+from lib.extract import attention
 
 
 def _t5(path: str, dtype=torch.float32, switched: bool = True):

@@ -1,4 +1,4 @@
-"""lib/batching.py: tokenization and truncation counts, requests per task, bucketing, padding."""
+"""lib/extract/batching.py: tokenization and truncation counts, requests per task, bucketing, padding."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lib import batching
-from lib.batching import NO_TOKEN, Request
+from lib.extract import batching
+from lib.extract.batching import NO_TOKEN, Request
 from tests.conftest import AWKWARD
 
 START_ID = 0  # the fixture T5's decoder_start_token_id (its pad id)

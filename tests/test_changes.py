@@ -18,8 +18,8 @@ import torch
 from jobs import extract
 from lib import sample
 from lib.errors import out_of_host_memory
-from lib.lease import Process
-from lib.verify import verify
+from lib.inspect.verify import verify
+from lib.output.lease import Process
 from tests.launcher import Run
 from tests.test_integrity import (
     PAUSE,

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lib import compact
+from lib.output import compact
 
 
 def test_error_bound_down_to_the_wide_limit_and_beyond():

@@ -329,7 +329,7 @@ def test_top_p_and_encoding_combinations_that_work():
 
 
 def test_help_names_the_devices_batch_budgets():
-    from lib import batching
+    from lib.extract import batching
 
     [line] = [line for line in describe_keys().splitlines() if "batching.max_tokens" in line]
     assert f"{batching.CPU_MAX_TOKENS} on a CPU" in line

@@ -1,4 +1,4 @@
-"""lib/corpus.py: input discovery, work units, and reading exactly a unit's rows and ids."""
+"""lib/extract/corpus.py: input discovery, work units, and reading exactly a unit's rows and ids."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lib.config import InputConfig
-from lib.corpus import (
+from lib.errors import UserError
+from lib.extract.corpus import (
     InputFile,
     WorkUnit,
     check_unique_ids,
@@ -20,7 +21,6 @@ from lib.corpus import (
     plan_units,
     read_unit,
 )
-from lib.errors import UserError
 from tests.conftest import write_rows
 
 
@@ -60,7 +60,7 @@ def test_find_directory_recursively_sorted_skipping_hidden_and_underscore(tree, 
         "sub/c.parquet",
         "sub/deeper/d.parquet",
     ]
-    with caplog.at_level(logging.INFO, logger="lib.corpus"):
+    with caplog.at_level(logging.INFO, logger="lib.extract.corpus"):
         assert find_input_files(str(tree)) == [str(tree / name) for name in expected]
     # -v names what was left out
     assert caplog.messages == [

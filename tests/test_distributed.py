@@ -17,7 +17,7 @@ import torch
 
 from jobs import extract
 from lib import sample
-from lib.verify import verify
+from lib.inspect.verify import verify
 from tests.conftest import write_rows
 from tests.launcher import accelerate_launch
 

@@ -7,7 +7,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from jobs import extract
-from lib import batching, results, sample
+from lib import results, sample
+from lib.extract import batching
 from tests.conftest import write_rows
 from tests.reference import assert_matches, assert_topk_storage, read_corpus, reference_rows
 

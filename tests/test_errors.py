@@ -19,7 +19,7 @@ import pytest
 
 from jobs import extract
 from lib.errors import UserError
-from lib.models import is_seq2seq_config, load_error
+from lib.extract.models import is_seq2seq_config, load_error
 from tests.conftest import write_rows
 
 

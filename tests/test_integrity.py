@@ -3,7 +3,7 @@
 Two jobs on one directory, kills, signals, full disks (injected and real), inputs edited in
 place, damaged shards and lost bookkeeping: every scenario ends either with output identical to
 an uninterrupted run (the sorted token table bit for bit, the manifest's shard checksums,
-`lib.verify` clean, nothing left in `_tmp`) or with a one-line refusal, never with a traceback.
+`lib.inspect.verify` clean, nothing left in `_tmp`) or with a one-line refusal, never with a traceback.
 
 Speed: `python -m jobs.extract` spends about 4 s importing torch and transformers, which would
 put this file's ~50 runs at several minutes on 2 cores. Runs therefore start from a fork server
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lib import sample
-from lib.verify import verify
+from lib.inspect.verify import verify
 from tests.launcher import BASE_ENV, REAL_CLI, Result, Run
 
 pytestmark = pytest.mark.slow
@@ -252,7 +252,7 @@ def test_killed_job_does_not_block_the_next(launcher, model, inputs, clean, tmp_
 HOLD_AND_DIE = """
 import os, signal, sys
 from pathlib import Path
-from lib.lease import Lease
+from lib.output.lease import Lease
 
 out = Path(sys.argv[1])
 Lease(out / "_lock.json", "killed-job").acquire(out)
@@ -263,7 +263,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_killed_job_not_yet_reaped_does_not_block_the_next(
     launcher, model, inputs, clean, tmp_path
 ):
-    """A process that took OUT's lease (with lib.lease, as the job does) and was SIGKILLed is
+    """A process that took OUT's lease (with lib.output.lease, as the job does) and was SIGKILLed is
     dead even before its parent reaps it (a zombie, whose pid and /proc entry remain): the same
     command takes over at once."""
     out = tmp_path / "out"

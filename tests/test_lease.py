@@ -1,4 +1,4 @@
-"""lib.lease: one job per output directory, and a dead holder never blocks the next run."""
+"""lib.output.lease: one job per output directory, and a dead holder never blocks the next run."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lib import lease
 from lib.errors import UserError
+from lib.output import lease
 
 
 def _holder_file(path, **fields) -> None:

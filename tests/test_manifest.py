@@ -1,4 +1,4 @@
-"""lib.manifest: totals, shard list and skipped rows from the unit records; _SUCCESS last."""
+"""lib.output.manifest: totals, shard list and skipped rows from the unit records; _SUCCESS last."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lib import faults, layout, manifest
+from lib import faults
 from lib.config import load_config
-from lib.corpus import WorkUnit
 from lib.errors import UserError
+from lib.extract.corpus import WorkUnit
+from lib.output import layout, manifest
 
 UNITS = [WorkUnit(0, "a.parquet", 0, 4, 0), WorkUnit(1, "a.parquet", 4, 6, 4)]
 

@@ -1,4 +1,4 @@
-"""lib.models: one `score` call for every task gives the reduction what it needs, and its logits
+"""lib.extract.models: one `score` call for every task gives the reduction what it needs, and its logits
 are the model's own at each scored position."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from lib import batching, models
 from lib.config import DecoderConfig, ModelConfig
 from lib.errors import UserError
+from lib.extract import batching, models
 
 TEXTS = ["the cat sat on the mat", "a dog", "birds fly south in winter every year"]
 TARGETS = ["on the mat", "ran far away", "south"]
@@ -201,7 +201,7 @@ def test_a_model_whose_body_needs_its_head_runs_whole(model_dirs, tmp_path):
 
 def test_float16_t5_warns_in_one_line(model_dirs, caplog):
     """A warning through logging: `warnings.warn` printed the source line under it."""
-    with caplog.at_level(logging.WARNING, logger="lib.models"):
+    with caplog.at_level(logging.WARNING, logger="lib.extract.models"):
         models.load_model(ModelConfig(path=model_dirs["t5"], dtype="float16"), torch.device("cpu"))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [

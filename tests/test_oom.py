@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from jobs import extract
-from lib import models, sample
+from lib import sample
+from lib.extract import models
 from tests.conftest import write_rows
 
 MAX_ROWS = 3  # the injected device holds at most this many rows per forward pass

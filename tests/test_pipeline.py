@@ -14,9 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lib import batching, corpus, faults, layout, models, pipeline, writer
+from lib import faults, pipeline
 from lib.config import load_config
 from lib.errors import OutputError, UserError
+from lib.extract import batching, corpus, models
+from lib.output import layout, writer
 from tests.conftest import write_rows
 
 

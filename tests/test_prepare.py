@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from lib import layout, resume, storage
+from lib import storage
 from lib.config import load_config
-from lib.corpus import InputFile, WorkUnit
 from lib.errors import UserError
+from lib.extract.corpus import InputFile, WorkUnit
+from lib.output import layout, resume
 
 UNITS = [WorkUnit(0, "in.parquet", 0, 3, 0), WorkUnit(1, "in.parquet", 3, 5, 3)]
 FILES = [{"path": "in.parquet", "size": 10, "rows": 5, "sha256": "a" * 64}]

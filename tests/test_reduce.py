@@ -1,4 +1,4 @@
-"""lib/reduce.py against straightforward numpy: logsumexp, top-k, token log-probability and rank."""
+"""lib/extract/reduce.py against straightforward numpy: logsumexp, top-k, token log-probability and rank."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import reduce
+from lib.extract import reduce
 
 VOCAB = 101
 K = 7

@@ -19,7 +19,9 @@ from PIL import Image
 
 from jobs import extract
 from jobs import report as report_cli
-from lib import layout, report, results, run_stats
+from lib import results
+from lib.inspect import report, run_stats
+from lib.output import layout
 
 COMMON = ["input.max_length=12", "output.shard_rows=17", "model.dtype=float32"]
 TOPK = ["input.id_column=doc_id", "output.k=5"]

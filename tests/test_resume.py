@@ -21,7 +21,7 @@ import torch
 
 from jobs import extract
 from lib import sample
-from lib.verify import verify
+from lib.inspect.verify import verify
 from tests.conftest import write_rows
 
 pytestmark = pytest.mark.slow
@@ -402,7 +402,7 @@ def test_compact_top_p_killed_then_resumed(launcher, inputs, model_dirs, tmp_pat
 
 def test_top_p_and_encoding_enter_the_fingerprint_only_when_set():
     from lib.config import load_config
-    from lib.resume import fingerprint
+    from lib.output.resume import fingerprint
 
     base = ["model.path=m", "input.path=i", "output.dir=o"]
     model = {"identity": {}, "files": []}

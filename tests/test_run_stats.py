@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib import run_stats
+from lib.inspect import run_stats
 
 
 @pytest.mark.parametrize("values", [[5.0], [-3.0, 2.5, 7.25], np.linspace(-40, 0.3, 999)])

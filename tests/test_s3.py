@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from jobs import extract
-from lib import results, run_stats, storage
-from lib.verify import verify
+from lib import results, storage
+from lib.inspect import run_stats
+from lib.inspect.verify import verify
 from tests.launcher import rank_environments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +174,7 @@ def test_s3_two_processes_share_no_disk(s3, job, model_dirs, tmp_path, launcher)
 
 def test_object_stores_list_without_pyarrow_creating_anything(s3, job):
     """find_input_files on s3:// globs and folders, as on a local disk."""
-    from lib.corpus import find_input_files
+    from lib.extract.corpus import find_input_files
 
     names = [f"s3://{job['bucket']}/corpus/{n}" for n in ("a.parquet", "b.parquet")]
     assert find_input_files(job["corpus"]) == names

@@ -1,4 +1,4 @@
-"""Document rows and corpus scores: lib.scores on hand-made positions, and whole jobs against an
+"""Document rows and corpus scores: lib.extract.scores on hand-made positions, and whole jobs against an
 unbatched float64 reference (every document column, the manifest's scores)."""
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from transformers import AutoTokenizer
 
 from jobs import extract
 from jobs import verify as verify_job
-from lib import results, scores
-from lib.verify import verify
+from lib import results
+from lib.extract import scores
+from lib.inspect.verify import verify
 from tests.reference import read_corpus, reference_rows, stats64
 
 
-# -- lib.scores on hand-made positions ---------------------------------------------------------
+# -- lib.extract.scores on hand-made positions ---------------------------------------------------------
 def _positions(rows, logprobs, ranks, entropy=None, std=None) -> dict[str, np.ndarray]:
     n = len(rows)
     logprobs = np.array(logprobs, dtype=np.float32)

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lib import s3 as lib_s3
 from lib import storage
 from lib.errors import UserError
+from lib.storage import s3 as lib_s3
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_sink_appears_whole_only_when_published(s3, bucket, monkeypatch):
 
 
 def test_a_killed_writers_upload_is_aborted_by_the_next_run(s3, bucket, monkeypatch):
-    from lib import layout
+    from lib.output import layout
 
     monkeypatch.setattr(lib_s3, "PART_BYTES", 1024)
     out = storage.location(f"s3://{bucket}/out")
@@ -150,7 +150,7 @@ def test_the_lease_holds_on_s3_and_a_dead_holders_is_taken_over(s3, bucket):
     import subprocess
     import sys
 
-    from lib import lease
+    from lib.output import lease
 
     out = storage.location(f"s3://{bucket}/out")
     path = out / "_lock.json"
@@ -181,7 +181,7 @@ def test_the_lease_holds_on_s3_and_a_dead_holders_is_taken_over(s3, bucket):
 def test_s3_lease_writes_are_compare_and_swap(s3, bucket, monkeypatch):
     import time
 
-    from lib import lease
+    from lib.output import lease
 
     out = storage.location(f"s3://{bucket}/out")
     path = out / "_lock.json"

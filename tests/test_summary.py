@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lib.summary import print_summary
+from lib.inspect.summary import print_summary
 
 
 def _manifest(mode: str, units: int, shards: int, perplexity: float) -> dict:

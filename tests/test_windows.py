@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from jobs import extract
-from lib import batching, results, sample
-from lib.verify import verify
+from lib import results, sample
+from lib.extract import batching
+from lib.inspect.verify import verify
 from tests.conftest import write_rows
 from tests.reference import load
 

@@ -11,8 +11,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from lib import faults, layout, writer
+from lib import faults
 from lib.errors import OutputError, UserError
+from lib.output import layout, writer
 
 K = 3
 
@@ -221,7 +222,8 @@ def test_plain_rows_with_top_p_keep_k_entries_padded():
 
 
 def test_compact_shard_has_its_encodings_and_id_order(out_dir):
-    from lib import compact, results
+    from lib import results
+    from lib.output import compact
 
     schema = writer.output_schema(pa.string(), K, 11, "float16", full=False, encoding="compact")
     assert schema.field("entropy").type == pa.float16() and "topk_logits" not in schema.names

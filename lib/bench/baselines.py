@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lib import batching, models
 from lib.bench.runs import child_seconds, job_config
+from lib.extract import batching, models
 
 
 def corpus_tokens(model: str, corpus: str, max_length: int) -> int:
@@ -125,7 +125,7 @@ def dense_rate(
     """Tokens/s of plain forward passes on equal-length batches, no padding and no output."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from lib.models import resolve_dtype
+    from lib.extract.models import resolve_dtype
 
     seq2seq = AutoConfig.from_pretrained(model_dir).is_encoder_decoder
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
@@ -159,7 +159,7 @@ def model_only_seconds(lm: models.LoadedModel, corpus: str, args) -> float:
     Job time over this is the pipeline's own overhead: tokenization, bucketing, the reduction,
     Arrow conversion and writing, to the extent they are not hidden behind the model.
     """
-    from lib import corpus as corpus_lib
+    from lib.extract import corpus as corpus_lib
 
     config = job_config(lm.identity["path"], corpus, "unused", args)
     task = models.task_for(lm, config.decoder, has_targets=False)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from lib import models
 from lib.bench.baselines import corpus_tokens, dense_rate, model_only_seconds
 from lib.bench.runs import job_config, peak_rss_child, rerun_timed, run_job_timed, show, took
 from lib.bench.workloads import TINY, ModelSpec, build_model, write_corpora
+from lib.extract import models
 
 
 def _peak_memory(spec: ModelSpec, model: str, root: Path, corpora: dict, args) -> dict:

@@ -69,8 +69,10 @@ def storage_row(name: str, settings: dict, arrays: dict, vocab: int, root: Path)
 
     Writing is the job's own path (writer.to_table, ShardWriter, commit: Parquet encoding,
     zstd, fsync, sha256); reading is results.load_arrays (decoded (N, k) arrays)."""
-    from lib import reduce, results, writer
-    from lib.layout import UNITS
+    from lib import results
+    from lib.extract import reduce
+    from lib.output import writer
+    from lib.output.layout import UNITS
 
     top_p = settings.get("top_p", 1.0)
     encoding = settings.get("encoding", "plain")

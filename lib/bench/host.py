@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib import models
 from lib.bench.runs import child_seconds, job_config, job_process_seconds, run_job_timed
 from lib.bench.workloads import CEILING, QUICK, TINY, build_model, case_texts, write_texts
+from lib.extract import models
 
 
 def host_ceiling(root: Path, training_texts: list[str], args) -> dict:
@@ -69,7 +69,7 @@ def device_free(recorded: dict[str, np.ndarray]) -> Iterator[None]:
     logsumexp, entropy, rank) run on the device: read, tokenize, bucket, pad, collate, sort,
     build Arrow, encode and compress Parquet, hash and commit. The recorded rows are real
     output, so the columns compress as the job's own do."""
-    from lib import reduce
+    from lib.extract import reduce
 
     positions = 1 << 16  # more than a batch holds
     take = np.resize(np.arange(len(recorded["logsumexp"])), positions)

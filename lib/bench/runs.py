@@ -66,7 +66,7 @@ def job_process_seconds(config: JobConfig, args) -> tuple[float, dict]:
     """Wall seconds of `python -m jobs.extract` in a fresh process, and the manifest it wrote."""
     import yaml
 
-    from lib import layout
+    from lib.output import layout
 
     out = Path(config.output.dir)
     shutil.rmtree(out, ignore_errors=True)

@@ -147,7 +147,7 @@ class S3Pin:
     """An S3 object, read by the ETag it had when the job started."""
 
     def __init__(self, path: str):
-        from lib import s3
+        from lib.storage import s3
 
         self.path = path
         self._object = storage.location(path)
@@ -160,7 +160,7 @@ class S3Pin:
         return pa.PythonFile(RangeReader(self.size, self._get), mode="r")
 
     def _get(self, offset: int, size: int) -> bytes:
-        from lib import s3
+        from lib.storage import s3
 
         try:
             answer = s3.call(
@@ -264,7 +264,7 @@ def _on_disk(entry: dict) -> dict:
         sha256, size = storage.sha256(location)
         return {"size": size, "sha256": sha256}
     if "etag" in entry:
-        from lib import s3
+        from lib.storage import s3
 
         return {"size": entry["size"], "etag": s3.call(location, "head_object")["ETag"]}
     stat = location.stat()

@@ -16,8 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lib import corpus, layout, storage
+from lib import storage
 from lib.errors import UserError, first_line
+from lib.extract import corpus
+from lib.output import layout
 from lib.storage import AnyPath
 
 EXAMPLES = 3  # ids quoted in a problem line

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lib import corpus, faults, layout, scores
+from lib import faults
 from lib.config import JobConfig
 from lib.errors import UserError
+from lib.extract import corpus, scores
+from lib.output import layout
 from lib.storage import AnyPath
 
 _COUNTS = ("input_rows", "scored_rows", "skipped_rows", "truncated_rows")

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lib import compact, faults, layout, storage
+from lib import faults, storage
 from lib.errors import output_error
+from lib.output import compact, layout
 from lib.storage import AnyPath
 
 
@@ -32,7 +33,7 @@ def output_schema(
 ) -> pa.Schema:
     """One row per scored position; top-k columns, or a `logits` column in full mode.
 
-    `encoding="compact"` stores the top-k as `lib.compact` codes, the token log-probability on
+    `encoding="compact"` stores the top-k as `lib.output.compact` codes, the token log-probability on
     a 1/64-nat grid and the entropy as float16."""
     value_type = pa.float16() if logits_dtype == "float16" else pa.float32()
     entropy_type = pa.float16() if encoding == "compact" else pa.float32()

@@ -1,4 +1,4 @@
-"""The S3 side of lib/storage.py, through boto3: conditional writes and multipart uploads.
+"""The S3 side of lib/storage, through boto3: conditional writes and multipart uploads.
 
 pyarrow reads and lists S3 for the job, but it can neither abort a multipart upload (its
 streams complete on close, even after an error, which would publish a half-written shard) nor
@@ -10,18 +10,33 @@ from __future__ import annotations
 
 import hashlib
 import os
-
-import pyarrow.fs as pafs
+from datetime import datetime
+from typing import NamedTuple, Protocol
 
 from lib.errors import UserError
-from lib.storage import ObjectPath, StorageError, storage_error
+from lib.storage.errors import StorageError, storage_error
 
 # An S3 part: at least 5 MiB (the last excepted); 10,000 parts of 16 MiB allow 160 GB shards,
 # and each shard being written holds at most one part in memory.
 PART_BYTES = 16 << 20
 
 
-def bucket_key(path: ObjectPath) -> tuple[str, str]:
+class Located(Protocol):
+    """What names an object: `bucket/key` (lib/storage/paths.py's Located)."""
+
+    key: str
+
+
+class Listed(NamedTuple):
+    """An entry of a listing: an object (with its ETag) or a folder (`etag` None)."""
+
+    key: str
+    size: int | None
+    modified: datetime | None
+    etag: str | None
+
+
+def bucket_key(path: Located) -> tuple[str, str]:
     """The bucket and the key within it."""
     bucket, _, key = path.key.partition("/")
     return bucket, key
@@ -45,7 +60,7 @@ def client():
     return made
 
 
-def call(path: ObjectPath, method: str, **kwargs) -> dict:
+def call(path: Located, method: str, **kwargs) -> dict:
     """One S3 request; its failure as a StorageError with a one-line cause."""
     bucket, key = bucket_key(path)
     try:
@@ -59,7 +74,7 @@ def call(path: ObjectPath, method: str, **kwargs) -> dict:
 _CONFLICTS = ("PreconditionFailed", "ConditionalRequestConflict")
 
 
-def put(path: ObjectPath, data: bytes, **condition: str) -> str | None:
+def put(path: Located, data: bytes, **condition: str) -> str | None:
     """PUT an object, with `IfNoneMatch="*"` or `IfMatch=etag` if given; its new ETag, or None
     when the condition failed."""
     try:
@@ -70,7 +85,7 @@ def put(path: ObjectPath, data: bytes, **condition: str) -> str | None:
         raise
 
 
-def read_tagged(path: ObjectPath) -> tuple[bytes, float, str] | None:
+def read_tagged(path: Located) -> tuple[bytes, float, str] | None:
     """An S3 object's bytes, modification time and ETag in one request; None if missing."""
     try:
         answer = call(path, "get_object")
@@ -81,12 +96,12 @@ def read_tagged(path: ObjectPath) -> tuple[bytes, float, str] | None:
     return answer["Body"].read(), answer["LastModified"].timestamp(), answer["ETag"]
 
 
-def create_tagged(path: ObjectPath, data: bytes) -> str | None:
+def create_tagged(path: Located, data: bytes) -> str | None:
     """Create an S3 object only if there is none (`If-None-Match: *`); its ETag, or None."""
     return put(path, data, IfNoneMatch="*")
 
 
-def replace_tagged(path: ObjectPath, data: bytes, etag: str) -> str | None:
+def replace_tagged(path: Located, data: bytes, etag: str) -> str | None:
     """Replace an S3 object only if it still has `etag` (`If-Match`): a compare-and-swap; the
     new ETag, or None if it changed (or is gone)."""
     try:
@@ -97,9 +112,9 @@ def replace_tagged(path: ObjectPath, data: bytes, etag: str) -> str | None:
         raise
 
 
-def list_folder(folder: ObjectPath) -> list[ObjectPath]:
-    """A folder's files and subfolders in one listing (1,000 a request), the files with their
-    size, time and ETag, which pyarrow's listing leaves out."""
+def list_folder(folder: Located) -> list[Listed]:
+    """A folder's objects and subfolders in one listing (1,000 a request), the objects with
+    their size, time and ETag, which pyarrow's listing leaves out."""
     bucket, prefix = bucket_key(folder)
     found = []
     try:
@@ -110,19 +125,10 @@ def list_folder(folder: ObjectPath) -> list[ObjectPath]:
         )
         for page in pages:
             for item in page.get("Contents", []):
-                info = pafs.FileInfo(
-                    f"{bucket}/{item['Key']}",
-                    pafs.FileType.File,
-                    size=item["Size"],
-                    mtime=item["LastModified"],
-                )
-                path = ObjectPath(folder.fs, folder.scheme, info.path, info)
-                path.etag = item["ETag"]
-                found.append(path)
+                key = f"{bucket}/{item['Key']}"
+                found.append(Listed(key, item["Size"], item["LastModified"], item["ETag"]))
             for common in page.get("CommonPrefixes", []):
-                key = f"{bucket}/{common['Prefix'].rstrip('/')}"
-                info = pafs.FileInfo(key, pafs.FileType.Directory)
-                found.append(ObjectPath(folder.fs, folder.scheme, key, info))
+                found.append(Listed(f"{bucket}/{common['Prefix'].rstrip('/')}", None, None, None))
     except UserError:
         raise
     except Exception as exc:
@@ -130,7 +136,7 @@ def list_folder(folder: ObjectPath) -> list[ObjectPath]:
     return found
 
 
-def abort_uploads(folder: ObjectPath) -> int:
+def abort_uploads(folder: Located) -> int:
     """Abort the unfinished multipart uploads under `folder` (left by killed writers; call it
     only while no live writer uploads there); how many."""
     bucket, prefix = bucket_key(folder)
@@ -156,7 +162,7 @@ class Upload:
     `complete()`, and `abort()` leaves nothing (a killed process leaves an incomplete upload,
     invisible, which a bucket lifecycle rule removes). Small objects take a single PUT."""
 
-    def __init__(self, path: ObjectPath):
+    def __init__(self, path: Located):
         self.path = path
         self.digest = hashlib.sha256()
         self.size = 0

@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib import s3, storage
+from lib import storage
 from lib.errors import UserError
-from lib.storage import AnyPath
+from lib.storage import AnyPath, s3
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The run report: one self-contained HTML page of figures, drawn from `lib/run_stats.py`.
+"""The run report: one self-contained HTML page of figures, drawn from `lib/inspect/run_stats.py`.
 
 `build(out_dir)` aggregates the run (see run_stats) and lays it out as panels: a figure with a
 one-line caption saying how to read it, and its numbers beside it. `render_html` makes the page,
@@ -22,9 +22,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lib import layout, storage
+from lib import storage
 from lib.errors import output_error
-from lib.run_stats import (
+from lib.inspect.run_stats import (
     MASS_BINS,
     Calibration,
     Histogram,
@@ -38,6 +38,7 @@ from lib.run_stats import (
     totals,
     unit_rates,
 )
+from lib.output import layout
 from lib.storage import AnyPath
 
 MAX_POINTS = 4000  # scatter points drawn; more are thinned evenly

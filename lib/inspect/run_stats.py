@@ -1,4 +1,4 @@
-"""What an output directory says about its run, aggregated for the report (`lib/report.py`).
+"""What an output directory says about its run, aggregated for the report (`lib/inspect/report.py`).
 
 The bookkeeping comes from the manifest, or `_job.json` and the unit records while the job has
 not finished (their lengths, batch sizes and commit times included). The rows come from one
@@ -20,8 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lib import compact, layout, scores, storage
+from lib import storage
 from lib.errors import UserError, first_line
+from lib.extract import scores
+from lib.output import compact, layout
 from lib.overlap import Background
 from lib.storage import AnyPath
 
@@ -39,7 +41,7 @@ TOKEN_COLUMNS = (
     "logsumexp",
     "entropy",
     "topk_logits",
-    "topk_logprob_deltas",  # compact rows' log-probabilities (lib/compact.py); no ids needed
+    "topk_logprob_deltas",  # compact rows' log-probabilities (lib/output/compact.py); no ids needed
     "logits",
 )
 

@@ -17,10 +17,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import compact, layout, pins, storage
+from lib import storage
 from lib.config import JobConfig, from_record
-from lib.corpus import InputFile, WorkUnit
 from lib.errors import UserError, output_error
+from lib.extract import pins
+from lib.extract.corpus import InputFile, WorkUnit
+from lib.output import compact, layout
 from lib.storage import AnyPath
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ def _model_files(path: str) -> list[tuple[str, int, str]]:
 
 def input_checksums(inputs: list[InputFile]) -> list[dict]:
     """Path, size, rows and what proves the bytes unchanged, read through each file's pin
-    (lib/pins.py): the sha256 of a local file, an S3 object's ETag, another store's
+    (lib/extract/pins.py): the sha256 of a local file, an S3 object's ETag, another store's
     modification time (hashing would download the whole corpus before the first batch)."""
     held = [item.pin or pins.pin(item.path) for item in inputs]
     try:

@@ -1,7 +1,7 @@
 """Load a checkpoint with its tokenizer, and run the no-label forward pass for each task.
 
 The LM head is split from the body: the body runs on the padded batch, and the head runs
-only on the positions that become output rows, in chunks (see `lib.reduce`). That keeps a
+only on the positions that become output rows, in chunks (see `lib.extract.reduce`). That keeps a
 long batch over a large vocabulary from materialising (B, T, V) logits. Models whose head
 does more than one projection (logit soft-capping, scaling) fall back to the model's own
 full forward, detected at load time.
@@ -24,10 +24,10 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from lib import attention, batching
-from lib.batching import Batch
 from lib.config import DecoderConfig, ModelConfig
 from lib.errors import UserError
+from lib.extract import attention, batching
+from lib.extract.batching import Batch
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@
     OUT/tokens/part-00042.parquet   token rows; this folder holds nothing but committed shards
     OUT/documents/part-00042.parquet   one row per document (output.level documents or both)
     OUT/_job.json                   fingerprint, input checksums and run id of the job
-    OUT/_lock.json                  the live job's lease (lib/lease.py)
+    OUT/_lock.json                  the live job's lease (lib/output/lease.py)
     OUT/_units/part-00042.json      a committed unit's record: its shards' rows, bytes and
                                     sha256, counts, partial scores
     OUT/_tmp/                       temporaries, named after the process that writes them
     OUT/_skipped.parquet, OUT/_manifest.json, OUT/_SUCCESS   written last, in that order
-    OUT/report.html                the run report (lib/report.py), after the job or on demand
+    OUT/report.html                the run report (lib/inspect/report.py), after the job or on demand
 
 Readers that skip names starting with `_` or `.` (pyarrow, pandas, Polars, DuckDB with a
 `tokens/*` glob, Hugging Face datasets) see only the shards. Output of the first layout, with
@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from lib import s3, storage
+from lib import storage
 from lib.errors import output_error
-from lib.lease import Process, tag_alive
-from lib.storage import AnyPath
+from lib.output.lease import Process, tag_alive
+from lib.storage import AnyPath, s3
 
 TOKENS = "tokens"
 DOCUMENTS = "documents"

@@ -14,9 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lib import pins, storage
+from lib import storage
 from lib.config import InputConfig
 from lib.errors import UserError, first_line
+from lib.extract import pins
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def _check_columns(path: str, schema: pa.Schema, cfg: InputConfig) -> None:
 
 
 def _footer(path: str) -> tuple[pins.Pin, pa.Schema, int] | UserError:
-    """A file pinned (lib/pins.py) with its schema and rows, or the UserError that names what
+    """A file pinned (lib/extract/pins.py) with its schema and rows, or the UserError that names what
     is wrong."""
     try:
         held = pins.pin(path)

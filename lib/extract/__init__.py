@@ -1,0 +1,1 @@
+"""From a corpus to per-position statistics: read, tokenize, bucket, forward, reduce."""

@@ -1,0 +1,1 @@
+"""Looking at an output: verify it, aggregate its run, draw the report, print the summary."""

@@ -1,0 +1,1 @@
+"""From per-position statistics to a committed output: rows, shards, records, manifest."""
