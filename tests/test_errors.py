@@ -19,7 +19,8 @@ import pytest
 
 from jobs import extract
 from lib.errors import UserError
-from lib.extract.models import is_seq2seq_config, load_error
+from lib.extract.hub import load_error
+from lib.extract.models import is_seq2seq_config
 from tests.conftest import write_rows
 
 

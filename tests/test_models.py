@@ -14,7 +14,7 @@ import torch
 
 from lib.config import DecoderConfig, ModelConfig
 from lib.errors import UserError
-from lib.extract import batching, models
+from lib.extract import batching, hub, models
 
 TEXTS = ["the cat sat on the mat", "a dog", "birds fly south in winter every year"]
 TARGETS = ["on the mat", "ran far away", "south"]
@@ -149,7 +149,7 @@ def test_a_tokenizer_may_be_smaller_than_the_embeddings_but_not_larger(
 def test_a_hub_id_with_no_hub_in_reach_fails_fast_in_one_line(monkeypatch, tmp_path, model_dirs):
     """No network (the hub's name does not resolve here, or the probe is told it failed): the
     cache alone is asked, and the error says how to run offline."""
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     started = time.perf_counter()
