@@ -2,7 +2,7 @@
 
 Five parts, on the same machine and models (each a module of lib/bench/):
 
-- efficiency (log-normal corpus, N = --rows): the job (lib.pipeline.run_job) on N and 3N rows,
+- efficiency (log-normal corpus, N = --rows): the job (lib.job.run_job) on N and 3N rows,
   so start-up cancels in the marginal rate, against (c) the model's dense throughput on
   equal-length batches of the corpus's mean length: efficiency = marginal job rate / (c).
   pipeline_efficiency times the model's forward passes alone on exactly the job's batches over

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.verbose:
             logging.getLogger("lib").setLevel(logging.INFO)
-        from lib.pipeline import run_job  # torch and transformers load only for a valid config
+        from lib.job import run_job  # torch and transformers load only for a valid config
 
         manifest = run_job(config)
     except Interrupted as stop:

@@ -34,7 +34,7 @@ SERVER = r"""
 import gc, json, os, select, sys
 
 import jobs  # the package only: jobs.extract itself runs as __main__ in each child
-import lib.pipeline, lib.inspect.summary  # torch, transformers, accelerate, pyarrow: the slow imports
+import lib.job, lib.inspect.summary  # torch, transformers, accelerate, pyarrow: the slow imports
 import pandas, pyarrow.dataset  # imported by the job on first use
 import boto3, lib.storage.s3  # what a job writing to s3:// imports (tests/test_s3.py)
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer

@@ -283,15 +283,15 @@ def test_help_lists_every_key_and_print_config_round_trips(tmp_path, capsys):
 
 
 def test_runtime_threads_sets_torchs_threads_for_the_job_only(monkeypatch):
-    from lib import pipeline
+    from lib import job
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert pipeline._threads(3) == 3
+    assert job.threads(3) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     cores = len(os.sched_getaffinity(0))
-    assert pipeline._threads(None) == max(1, cores // 2)
+    assert job.threads(None) == max(1, cores // 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert pipeline._threads(None) == 1
+    assert job.threads(None) == 1
 
 
 def test_a_resume_with_changed_local_weights_is_refused(

@@ -368,7 +368,7 @@ def test_damaged_shards_are_found_and_recomputed(launcher, model, inputs, clean,
         rerun.stdout,
     ), rerun.stdout
     for name in ("tokens/part-00001.parquet", "tokens/part-00004.parquet"):
-        assert f"WARNING lib.pipeline: shard {name} failed its checksum" in rerun.stderr
+        assert f"WARNING lib.output.claim: shard {name} failed its checksum" in rerun.stderr
     assert {p: p.stat().st_ino for p in kept} == kept  # the sound shards were not rewritten
     assert_clean(out, clean)
 
@@ -420,7 +420,7 @@ def test_lost_bookkeeping_heals(case, metadata_reruns, clean):
     recomputed = METADATA_CASES[case][2]
     if recomputed:
         assert re.search(rf"recomputed\s+1 shards .*: {recomputed}\n", rerun.stdout), rerun.stdout
-        assert f"WARNING lib.pipeline: shard {recomputed} failed its checksum" in rerun.stderr
+        assert f"WARNING lib.output.claim: shard {recomputed} failed its checksum" in rerun.stderr
     else:
         assert "recomputed" not in rerun.stdout
     assert_clean(out, clean)

@@ -83,7 +83,7 @@ def test_oom_splits_batches_and_results_are_unchanged(
     assert max(rows for _, rows, _ in normal_attempts) > MAX_ROWS  # batches the device cannot hold
 
     attempts = inject(monkeypatch, lambda batch: batch.input_ids.shape[0] <= MAX_ROWS)
-    with caplog.at_level(logging.WARNING, logger="lib.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="lib.extract.stages"):
         result = run(model_dirs["gpt2"], corpus, tmp_path / "split")
 
     failed = [a for a in attempts if a[2]]

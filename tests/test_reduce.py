@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lib.extract import reduce
+from lib.extract.reduce import ReduceSpec
 
 VOCAB = 101
 K = 7
@@ -49,7 +50,9 @@ def numpy_stats(logits: np.ndarray, labels: np.ndarray, k: int) -> dict[str, np.
 
 def test_topk_mode_matches_numpy():
     logits, labels = random_case()
-    out = reduce.reduce_logits(logits, labels, K, output_dtype=torch.float32, full=False)
+    out = reduce.reduce_logits(
+        logits, labels, ReduceSpec(K, output_dtype=torch.float32, full=False)
+    )
     want = numpy_stats(logits.numpy(), labels.numpy(), K)
     np.testing.assert_allclose(out["logsumexp"].numpy(), want["logsumexp"], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(out["topk_ids"].numpy(), want["topk_ids"])
@@ -86,7 +89,9 @@ def test_token_rank_counts_only_strictly_greater_entries():
     logits[2] = torch.full((10,), 7.0)  # every entry equal: rank 0, log-probability log(1/10)
     logits[3] = torch.arange(10.0)  # token 0 is the smallest: 9 entries above it
     labels = torch.tensor([1, 2, 5, 0])
-    out = reduce.reduce_logits(logits, labels, 3, output_dtype=torch.float32, full=False)
+    out = reduce.reduce_logits(
+        logits, labels, ReduceSpec(3, output_dtype=torch.float32, full=False)
+    )
     assert out["token_rank"].tolist() == [2, 0, 0, 9]
     assert out["token_logprob"][2].item() == pytest.approx(np.log(0.1), abs=1e-6)
     # A tie in the top-k keeps the value order exact even where the ids among equals are arbitrary.
@@ -97,7 +102,9 @@ def test_token_rank_counts_only_strictly_greater_entries():
 def test_no_token_rows_are_flagged():
     logits, _ = random_case(n=6)
     labels = torch.tensor([-1, 3, -1, -1, 0, VOCAB - 1])
-    out = reduce.reduce_logits(logits, labels, K, output_dtype=torch.float16, full=False)
+    out = reduce.reduce_logits(
+        logits, labels, ReduceSpec(K, output_dtype=torch.float16, full=False)
+    )
     assert out["has_token"].tolist() == [False, True, False, False, True, True]
     # Labels of rows with a token are still computed correctly next to -1 rows.
     want = numpy_stats(logits.numpy(), labels.numpy(), K)
@@ -111,7 +118,7 @@ def test_masked_vocabulary_entries():
     """-inf logits (masked vocabulary entries) neither count in the rank nor break logsumexp."""
     logits = torch.tensor([[2.0, -torch.inf, 1.0, -torch.inf], [-torch.inf, 0.5, 0.5, 3.0]])
     out = reduce.reduce_logits(
-        logits, torch.tensor([2, 1]), 2, output_dtype=torch.float32, full=False
+        logits, torch.tensor([2, 1]), ReduceSpec(2, output_dtype=torch.float32, full=False)
     )
     assert out["token_rank"].tolist() == [1, 1]
     lse = [np.log(np.exp(2.0) + np.exp(1.0)), np.log(2 * np.exp(0.5) + np.exp(3.0))]
@@ -147,12 +154,15 @@ def test_chunked_reduce_equals_one_chunk(full):
     labels = torch.randint(0, VOCAB, (50,))
     labels[7] = -1
     with torch.inference_mode():
-        settings = dict(k=K, output_dtype=torch.float32, full=full, vocab_size=VOCAB)
-        whole = reduce.reduce_states(head, states, labels, chunk_bytes=2**30, **settings)
+        spec = ReduceSpec(K, torch.float32, full)
+        settings = dict(vocab_size=VOCAB)
+        whole = reduce.reduce_states(head, states, labels, spec, chunk_bytes=2**30, **settings)
         assert head.calls == [50]
         head.calls.clear()
         # Room for 3 positions' float32 logits per chunk: 17 chunks, the last one of 2 positions.
-        chunked = reduce.reduce_states(head, states, labels, chunk_bytes=3 * 4 * VOCAB, **settings)
+        chunked = reduce.reduce_states(
+            head, states, labels, spec, chunk_bytes=3 * 4 * VOCAB, **settings
+        )
     assert head.calls == [3] * 16 + [2]
     assert whole.keys() == chunked.keys()
     for name in whole:
@@ -177,8 +187,10 @@ def test_entropy_and_spread_match_float64_with_masked_entries(full):
         return head(chunk, out).index_fill_(1, torch.tensor([3, 50]), -torch.inf)
 
     with torch.inference_mode():
-        settings = dict(k=K, output_dtype=torch.float32, full=full, vocab_size=VOCAB, moments=True)
-        out = reduce.reduce_states(masked, states, labels, chunk_bytes=3 * 4 * VOCAB, **settings)
+        spec = ReduceSpec(K, torch.float32, full, moments=True)
+        out = reduce.reduce_states(
+            masked, states, labels, spec, vocab_size=VOCAB, chunk_bytes=3 * 4 * VOCAB
+        )
         logits = masked(states).numpy()
     want = numpy_stats(logits, labels.numpy(), K)
     for name in ("entropy", "logprob_std", "top1_logprob", "token_logprob", "logsumexp"):
@@ -191,10 +203,10 @@ def test_no_topk_keeps_the_other_statistics():
     """k=0 (document scores only): no top-k columns, the rest as with a top-k."""
     logits, labels = random_case()
     with_topk = reduce.reduce_logits(
-        logits.clone(), labels, K, output_dtype=torch.float32, full=False
+        logits.clone(), labels, ReduceSpec(K, output_dtype=torch.float32, full=False)
     )
     without = reduce.reduce_logits(
-        logits.clone(), labels, 0, output_dtype=torch.float32, full=False
+        logits.clone(), labels, ReduceSpec(0, output_dtype=torch.float32, full=False)
     )
     assert set(with_topk) - set(without) == {"topk_ids", "topk_logits"}
     for name, value in without.items():
@@ -212,7 +224,7 @@ def test_bfloat16_logits_give_float32_statistics():
     logits, labels = random_case(n=20, seed=1)
     # Large values, where bfloat16 arithmetic would be coarse.
     low = (logits * 10).to(torch.bfloat16)
-    out = reduce.reduce_logits(low, labels, K, output_dtype=torch.float32, full=False)
+    out = reduce.reduce_logits(low, labels, ReduceSpec(K, output_dtype=torch.float32, full=False))
     exact = numpy_stats(low.float().numpy(), labels.numpy(), K)
     assert out["logsumexp"].dtype == torch.float32 and out["token_logprob"].dtype == torch.float32
     np.testing.assert_allclose(out["logsumexp"].numpy(), exact["logsumexp"], rtol=0, atol=1e-4)
@@ -233,7 +245,7 @@ def test_bfloat16_logits_give_float32_statistics():
 def test_full_mode_returns_logits_in_output_dtype(output_dtype):
     logits, labels = random_case(n=9, seed=2)
     low = logits.to(torch.bfloat16)
-    out = reduce.reduce_logits(low, labels, K, output_dtype=output_dtype, full=True)
+    out = reduce.reduce_logits(low, labels, ReduceSpec(K, output_dtype=output_dtype, full=True))
     assert out["logits"].dtype == output_dtype
     assert out["logits"].shape == (9, VOCAB)
     assert torch.equal(out["logits"], low.float().to(output_dtype))
@@ -249,9 +261,7 @@ def test_empty_input(full):
             head,
             torch.zeros(0, 16),
             torch.zeros(0, dtype=torch.long),
-            k=K,
-            output_dtype=torch.float16,
-            full=full,
+            ReduceSpec(k=K, output_dtype=torch.float16, full=full),
             vocab_size=VOCAB,
             chunk_bytes=4 * VOCAB,
         )
@@ -276,10 +286,11 @@ def test_full_logits_stream_into_a_host_buffer():
     def head(x, out=None):
         return x @ weight.T
 
-    kwargs = dict(k=4, output_dtype=torch.float16, full=True, vocab_size=50, chunk_bytes=4 * 50 * 5)
-    plain = reduce.reduce_states(head, states, labels, **kwargs)
+    spec = ReduceSpec(4, torch.float16, full=True)
+    kwargs = dict(vocab_size=50, chunk_bytes=4 * 50 * 5)
+    plain = reduce.reduce_states(head, states, labels, spec, **kwargs)
     buffer = torch.full((23, 50), float("nan"), dtype=torch.float16)
-    streamed = reduce.reduce_states(head, states, labels, logits_out=buffer, **kwargs)
+    streamed = reduce.reduce_states(head, states, labels, spec, logits_out=buffer, **kwargs)
     assert streamed["logits"] is buffer
     assert torch.equal(buffer, plain["logits"])
     for name in ("logsumexp", "token_logprob", "token_rank", "has_token"):
@@ -291,9 +302,11 @@ def test_without_tokens_the_other_statistics_are_unchanged():
     torch.manual_seed(4)
     logits = torch.randn(9, 40)
     labels = torch.full((9,), -1)
-    full = reduce.reduce_logits(logits, labels, 5, output_dtype=torch.float32, full=False)
+    full = reduce.reduce_logits(
+        logits, labels, ReduceSpec(5, output_dtype=torch.float32, full=False)
+    )
     lean = reduce.reduce_logits(
-        logits, labels, 5, output_dtype=torch.float32, full=False, tokens=False
+        logits, labels, ReduceSpec(5, output_dtype=torch.float32, full=False), tokens=False
     )
     for name in ("logsumexp", "topk_ids", "topk_logits", "has_token"):
         assert torch.equal(full[name], lean[name]), name
@@ -362,11 +375,7 @@ def test_kept_counts_equal_float64_sorted_logits(top_p, min_k):
     out = reduce.reduce_logits(
         logits,
         torch.zeros(300, dtype=torch.long),
-        k,
-        output_dtype=torch.float32,
-        full=False,
-        top_p=top_p,
-        min_k=min_k,
+        ReduceSpec(k, output_dtype=torch.float32, full=False, top_p=top_p, min_k=min_k),
     )
     count, mass, margin = float64_kept(logits.numpy(), k, top_p, min_k)
     got = out["topk_count"].numpy()
@@ -385,7 +394,9 @@ def test_kept_counts_equal_float64_sorted_logits(top_p, min_k):
 def test_top_p_one_keeps_no_count():
     logits, labels = random_case()
     assert "topk_count" not in reduce.reduce_logits(
-        logits, labels, K, output_dtype=torch.float32, full=False
+        logits, labels, ReduceSpec(K, output_dtype=torch.float32, full=False)
     )
-    full = reduce.reduce_logits(logits, labels, K, output_dtype=torch.float32, full=True, top_p=0.5)
+    full = reduce.reduce_logits(
+        logits, labels, ReduceSpec(K, output_dtype=torch.float32, full=True, top_p=0.5)
+    )
     assert "topk_count" not in full

@@ -17,6 +17,7 @@ from jobs import verify as verify_job
 from lib import results
 from lib.extract import scores
 from lib.inspect.verify import verify
+from lib.output import rows
 from tests.reference import read_corpus, reference_rows, stats64
 
 
@@ -64,8 +65,8 @@ def test_document_columns_by_hand():
     np.testing.assert_allclose(columns["min_k_logprob"], [-5, np.nan, -0.5, -1.5])
     # z = (log p + entropy) / std: row 0 gives 0, -0.5, 0.5, -1, 0.5; lowest two: -1, -0.5.
     np.testing.assert_allclose(columns["min_k_plus_plus"], [-0.75, np.nan, 0, -0.25])
-    table = scores.documents_table(
-        scores.documents_schema(pa.string()),
+    table = rows.documents_table(
+        rows.documents_schema(pa.string()),
         pa.array(["a", "b", "c", "d", "e"]),
         np.array([0, 2, 3, 4]),
         columns,
@@ -87,8 +88,8 @@ def test_a_flat_distribution_has_z_zero_and_generate_has_no_bytes():
     columns = scores.document_columns(arrays, np.array([0]), None, np.array([False]), 0.2)
     assert columns["min_k_plus_plus"][0] == 0
     assert "n_bytes" not in columns and "bits_per_byte" not in columns
-    table = scores.documents_table(
-        scores.documents_schema(pa.int64()), pa.array([7]), np.array([0]), columns
+    table = rows.documents_table(
+        rows.documents_schema(pa.int64()), pa.array([7]), np.array([0]), columns
     )
     assert table.column("n_bytes").null_count == 1 and table.column("bits_per_byte").null_count == 1
     assert scores.partial(arrays, columns)["whole_bytes"] is None
@@ -269,14 +270,14 @@ def test_level_documents_alone_equals_level_both(tmp_path, model_dirs, corpus, c
     assert verify(alone, check_input=True).problems == []
     # jobs.verify counts each kind of row apart
     capsys.readouterr()
-    for out, rows in (
+    for out, wording in (
         (alone, "{d:,} document rows"),
         (both, "{t:,} token rows and {d:,} document rows"),
     ):
         manifest = json.loads((out / "_manifest.json").read_text())
         totals, shards = manifest["totals"], len(manifest["shards"])
         assert verify_job.main([str(out)]) == 0
-        line = rows.format(t=totals["output_rows"], d=totals["document_rows"])
+        line = wording.format(t=totals["output_rows"], d=totals["document_rows"])
         assert capsys.readouterr().out == f"OK {out}: {shards} shards, {line}\n"
     pd.testing.assert_frame_equal(
         results.load_documents(alone), results.load_documents(both), rtol=1e-5, atol=1e-5

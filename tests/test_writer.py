@@ -14,12 +14,13 @@ import pytest
 from lib import faults
 from lib.errors import OutputError, UserError
 from lib.output import layout, writer
+from lib.output import rows as output_rows
 
 K = 3
 
 
 def _schema(full: bool = False) -> pa.Schema:
-    return writer.output_schema(pa.string(), K, 11, "float16", full=full)
+    return output_rows.output_schema(pa.string(), K, 11, "float16", full=full)
 
 
 def _table(schema: pa.Schema, ids: list[str], rows: int = 4) -> pa.Table:
@@ -35,7 +36,7 @@ def _table(schema: pa.Schema, ids: list[str], rows: int = 4) -> pa.Table:
         "topk_ids": rng.integers(0, 11, size=(rows, K)).astype(np.int32),
         "topk_logits": rng.normal(size=(rows, K)).astype(np.float16),
     }
-    return writer.to_table(
+    return output_rows.to_table(
         schema,
         pa.array(ids),
         row,
@@ -132,7 +133,7 @@ def test_full_logits_round_trip(out_dir):
         "entropy": np.ones(rows, np.float32),
         "logits": np.arange(rows * 11, dtype=np.float16).reshape(rows, 11),
     }
-    table = writer.to_table(
+    table = output_rows.to_table(
         schema,
         pa.array(["x"]),
         np.zeros(rows, np.int64),
@@ -213,7 +214,7 @@ def test_plain_rows_with_top_p_keep_k_entries_padded():
     stats = _topk_stats(3, counts)
     stats["topk_logits"] = stats["topk_logits"].astype(np.float16)
     schema = _schema()  # the plain schema is the same with and without top_p
-    table = writer.to_table(
+    table = output_rows.to_table(
         schema, pa.array(["a"]), np.zeros(3, np.int64), np.arange(3), np.arange(3), stats
     )
     assert table.column("topk_ids").to_pylist()[0][1:] == [-1, -1]
@@ -225,11 +226,11 @@ def test_compact_shard_has_its_encodings_and_id_order(out_dir):
     from lib import results
     from lib.output import compact
 
-    schema = writer.output_schema(pa.string(), K, 11, "float16", full=False, encoding="compact")
+    schema = output_rows.output_schema(pa.string(), K, 11, "float16", full=False, encoding="compact")
     assert schema.field("entropy").type == pa.float16() and "topk_logits" not in schema.names
     counts = np.array([3, 1, 2, 3])
     stats = _topk_stats(4, counts)
-    table = writer.to_table(
+    table = output_rows.to_table(
         schema, pa.array(["a", "b"]), np.array([0, 0, 1, 1]), np.arange(4), np.arange(4), stats
     )
     shard = writer.ShardWriter(out_dir, "part-00004", schema, "parquet")

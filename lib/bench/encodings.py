@@ -67,18 +67,18 @@ def _stored_errors(decoded: dict, exact: np.ndarray, token_logprob: np.ndarray) 
 def storage_row(name: str, settings: dict, arrays: dict, vocab: int, root: Path) -> dict:
     """One encoding of the extracted rows: bytes (per column too), error, write and read rates.
 
-    Writing is the job's own path (writer.to_table, ShardWriter, commit: Parquet encoding,
+    Writing is the job's own path (rows.to_table, ShardWriter, commit: Parquet encoding,
     zstd, fsync, sha256); reading is results.load_arrays (decoded (N, k) arrays)."""
     from lib import results
     from lib.extract import reduce
-    from lib.output import writer
+    from lib.output import rows, writer
     from lib.output.layout import UNITS
 
     top_p = settings.get("top_p", 1.0)
     encoding = settings.get("encoding", "plain")
     dtype = settings.get("dtype", "float32")
     ids = pa.array(arrays["id"])
-    schema = writer.output_schema(ids.type, STORAGE_K, vocab, dtype, full=False, encoding=encoding)
+    schema = rows.output_schema(ids.type, STORAGE_K, vocab, dtype, full=False, encoding=encoding)
     stats = {key: arrays[key] for key in ("has_token", "token_logprob", "token_rank", "entropy")}
     stats["logsumexp"], stats["topk_ids"] = arrays["logsumexp"], arrays["topk_ids"]
     stats["topk_logits"] = arrays["topk_logits"].astype(dtype if encoding == "plain" else "float32")
@@ -98,7 +98,7 @@ def storage_row(name: str, settings: dict, arrays: dict, vocab: int, root: Path)
         shutil.rmtree(out, ignore_errors=True)
         (out / UNITS).mkdir(parents=True)
         started = time.perf_counter()
-        table = writer.to_table(
+        table = rows.to_table(
             schema, ids, np.arange(positions), arrays["position"], arrays["token_id"], stats
         )
         shard = writer.ShardWriter(out, "part-00000", schema, "parquet")

@@ -90,14 +90,15 @@ def device_free(recorded: dict[str, np.ndarray]) -> Iterator[None]:
     def no_forward(lm, batch) -> torch.Tensor:
         return torch.empty((len(batch.labels), 0))
 
-    def recorded_rows(head, states, labels, *, k, output_dtype, **_) -> dict:
+    def recorded_rows(head, states, labels, spec, **_) -> dict:
         nonlocal start
         n = states.shape[0]
         start = 0 if start + n > positions else start
         part = {name: values[start : start + n] for name, values in pool.items()}
         start += n
+        k = spec.k
         part["topk_ids"], part["topk_logits"] = part["topk_ids"][:, :k], part["topk_logits"][:, :k]
-        part["topk_logits"] = part["topk_logits"].to(output_dtype)
+        part["topk_logits"] = part["topk_logits"].to(spec.output_dtype)
         part["has_token"] = labels >= 0
         return part
 

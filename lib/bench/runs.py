@@ -28,7 +28,7 @@ def job_config(model: str, corpus: str, out: str, args, k: int | None = None) ->
 
 def run_job_timed(config: JobConfig) -> tuple[float, dict]:
     """Seconds and manifest of the job run in this process, on a clean output directory."""
-    from lib.pipeline import run_job
+    from lib.job import run_job
 
     # A finished output would resume as a no-op (a reused --work directory): always start clean.
     shutil.rmtree(config.output.dir, ignore_errors=True)
@@ -39,7 +39,7 @@ def run_job_timed(config: JobConfig) -> tuple[float, dict]:
 
 def rerun_timed(config: JobConfig) -> float:
     """Seconds for the same job over its finished output: the no-op that re-hashes every shard."""
-    from lib.pipeline import run_job
+    from lib.job import run_job
 
     started = time.perf_counter()
     manifest = run_job(config, progress=False)

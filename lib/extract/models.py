@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lib.config import DecoderConfig, ModelConfig
+from lib.config import DecoderConfig, JobConfig, ModelConfig
 from lib.errors import UserError
 from lib.extract import attention, batching, hub
 from lib.extract.batching import Batch
@@ -358,6 +358,40 @@ def check_lengths(lm: LoadedModel, task: str, max_length: int, max_new_tokens: i
         raise UserError(
             f"config key decoder.max_new_tokens: {max_new_tokens} steps need more than the "
             f"model's {limit} decoder positions; set it to at most {limit - 1}"
+        )
+
+
+def check_windows(lm: LoadedModel, task: str, config: JobConfig) -> None:
+    """`input.long_documents=windows` scores whole texts with a causal model."""
+    if config.input.long_documents != "windows":
+        return
+    why = None
+    if task != batching.CAUSAL:
+        why = "seq2seq models" if lm.is_seq2seq else "input.target_column (a continuation)"
+    elif config.output.rows == "examples":
+        why = "output.rows=examples"
+    elif lm.tokenizer.bos_token_id is None and lm.tokenizer.eos_token_id is None:
+        why = "a tokenizer with neither a BOS nor an EOS token to predict the first token from"
+    if why:
+        raise UserError(
+            f"config key input.long_documents: windows scores whole texts with a causal model, "
+            f"not with {why}; use input.long_documents=truncate"
+        )
+
+
+def check_config(lm: LoadedModel, task: str, config: JobConfig) -> None:
+    """Refuse, before any model work, what this model cannot do with this config."""
+    if config.output.k > lm.vocab_size:
+        raise UserError(
+            f"config key output.k: {config.output.k} is larger than the vocabulary ({lm.vocab_size})"
+        )
+    check_lengths(lm, task, config.input.max_length, config.decoder.max_new_tokens)
+    check_windows(lm, task, config)
+    if config.output.level != "tokens" and task == batching.START:
+        raise UserError(
+            f"config key output.level: {config.output.level} needs scored tokens, and "
+            "decoder.mode=start scores none (one decoder step, no target); use "
+            "decoder.mode=targets or generate, or output.level=tokens"
         )
 
 

@@ -10,6 +10,7 @@ mode the logits themselves are kept.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,18 @@ CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
 CPU_MAX_POSITIONS = 2048
 # Top-k on a CPU goes through the maxima of blocks of this many logits (see topk_by_blocks).
 TOPK_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class ReduceSpec:
+    """What the reduction keeps of each position, decided once from the output config."""
+
+    k: int  # top-k entries; 0: none (document rows need only the top-1)
+    output_dtype: torch.dtype  # of the stored logits
+    full: bool = False  # keep the logits themselves
+    moments: bool = False  # `logprob_std`, which Min-K%++ divides by (document rows)
+    top_p: float = 1.0  # below 1: `topk_count`, the entries holding this mass (kept_counts)
+    min_k: int = 1  # with top_p: keep at least this many
 
 
 def chunk_positions(vocab_size: int, chunk_bytes: int) -> int:
@@ -77,27 +90,22 @@ def kept_counts(
 def reduce_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    k: int,
+    spec: ReduceSpec,
     *,
-    output_dtype: torch.dtype,
-    full: bool,
     scratch: torch.Tensor | None = None,
-    tokens: bool = True,
-    moments: bool = False,
     spare: torch.Tensor | None = None,
-    top_p: float = 1.0,
-    min_k: int = 1,
+    tokens: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Statistics for (n, V) logits and their (n,) next-token labels (-1: no token).
 
     `scratch`, an (n, V) float32 buffer, holds the probabilities; when it is given the caller
     reuses `logits`' storage too (the counts overwrite it), so full-mode logits are copied out.
     `tokens=False` (no position has a next token, as in seq2seq `start` mode) skips the token
-    statistics. `k=0` keeps no top-k (document scores need only the top-1). `moments=True` adds
-    `logprob_std`, the spread of log p over the vocabulary that Min-K%++ divides by; it needs a
-    third (n, V) buffer, `spare` (allocated when not given). `top_p` below 1 adds `topk_count`
-    (see kept_counts).
+    statistics. `spec.moments` needs a third (n, V) buffer, `spare` (allocated when not given).
     """
+    # long: one pass over the vocabulary per statistic, buffers reused in place; split, the
+    # order of the in-place steps would be spread over several functions
+    k, full, moments = spec.k, spec.full, spec.moments
     logits = logits.float()
     # softmax is one fused pass, as log_softmax is; with the probabilities the entropy is a
     # single multiply-sum with the logits, H = logsumexp - sum p x, with no exp pass of its own
@@ -109,20 +117,20 @@ def reduce_logits(
     if full or k == 0:
         top1 = logits.argmax(dim=-1, keepdim=True)
         if full:
-            out["logits"] = logits.to(output_dtype, copy=scratch is not None)
+            out["logits"] = logits.to(spec.output_dtype, copy=scratch is not None)
     else:
         # CUDA's own top-k is a fast radix select; the block pass is measured on CPUs only.
         on_cpu = logits.device.type == "cpu"
         values, ids = topk_by_blocks(logits, k) if on_cpu else logits.topk(k, dim=-1)
         top1 = ids[:, :1]
-        out["topk_logits"] = values.to(output_dtype)
+        out["topk_logits"] = values.to(spec.output_dtype)
         out["topk_ids"] = ids.to(torch.int32)
     top1_logit = logits.gather(1, top1)
     # max + log(sum exp(x - max)), read off the top-1 entry, whose probability is at least 1/V
     lse = top1_logit - probs.gather(1, top1).log()
     out["logsumexp"] = lse.squeeze(1)
-    if top_p < 1 and "topk_logits" in out:
-        out["topk_count"] = kept_counts(values, out["logsumexp"], top_p, min_k)
+    if spec.top_p < 1 and "topk_logits" in out:
+        out["topk_count"] = kept_counts(values, out["logsumexp"], spec.top_p, spec.min_k)
     out["top1_logprob"] = (top1_logit - lse).squeeze(1)
     out["token_logprob"] = (token_logit - lse).squeeze(1)
     token_rank = None
@@ -191,17 +199,12 @@ def reduce_states(
     head: Callable[..., torch.Tensor],
     states: torch.Tensor,
     labels: torch.Tensor,
+    spec: ReduceSpec,
     *,
-    k: int,
-    output_dtype: torch.dtype,
-    full: bool,
     vocab_size: int,
     chunk_bytes: int | None = None,
     logits_out: torch.Tensor | None = None,
     tokens: bool = True,
-    moments: bool = False,
-    top_p: float = 1.0,
-    min_k: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Run `head` and `reduce_logits` over `states` in chunks of positions and concatenate.
 
@@ -220,38 +223,23 @@ def reduce_states(
     if on_cpu and states.shape[0] > step:
         # Buffers reused by every chunk: on CPU each fresh (step, V) tensor is a malloc of
         # megabytes, and their churn fragmented glibc's heap into gigabytes of resident memory.
-        count = 3 if moments else 2  # logits, probabilities (and the moments' spare)
+        count = 3 if spec.moments else 2  # logits, probabilities (and the moments' spare)
         buffers = [torch.empty((step, vocab_size), dtype=torch.float32) for _ in range(count)]
     parts = []
     for i in range(0, max(1, states.shape[0]), step):
-        chunk = states[i : i + step]
+        chunk, chunk_labels = states[i : i + step], labels[i : i + step]
         if buffers is None:
-            part = reduce_logits(
-                head(chunk),
-                labels[i : i + step],
-                k,
-                output_dtype=output_dtype,
-                full=full,
-                tokens=tokens,
-                moments=moments,
-                top_p=top_p,
-                min_k=min_k,
-            )
+            part = reduce_logits(head(chunk), chunk_labels, spec, tokens=tokens)
         else:
             logits_buffer, scratch, *spare = (b[: chunk.shape[0]] for b in buffers)
             logits = head(chunk, out=logits_buffer)
             part = reduce_logits(
                 logits,
-                labels[i : i + step],
-                k,
-                output_dtype=output_dtype,
-                full=full,
+                chunk_labels,
+                spec,
                 scratch=scratch,
-                tokens=tokens,
-                moments=moments,
                 spare=spare[0] if spare else None,
-                top_p=top_p,
-                min_k=min_k,
+                tokens=tokens,
             )
         if logits_out is not None:
             logits_out[i : i + step].copy_(part.pop("logits"), non_blocking=True)

@@ -10,31 +10,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyarrow as pa
 
 ECE_BINS = 15  # equal-width bins of the top-1 probability
 _LN2 = math.log(2)
-
-
-def documents_schema(id_type: pa.DataType) -> pa.Schema:
-    """One row per scored input row."""
-    f64 = pa.float64()
-    return pa.schema(
-        [
-            pa.field("id", id_type, nullable=False),
-            pa.field("n_tokens", pa.int32(), nullable=False),
-            pa.field("truncated", pa.bool_(), nullable=False),
-            pa.field("n_bytes", pa.int64()),
-            pa.field("sum_logprob", f64, nullable=False),
-            pa.field("mean_logprob", f64),
-            pa.field("perplexity", f64),
-            pa.field("bits_per_byte", f64),
-            pa.field("mean_entropy", f64),
-            pa.field("top1_accuracy", f64),
-            pa.field("min_k_logprob", f64),
-            pa.field("min_k_plus_plus", f64),
-        ]
-    )
 
 
 def _lowest_mean(values: np.ndarray, rows: np.ndarray, counts: np.ndarray, fraction: float):
@@ -99,24 +77,6 @@ def document_columns(
         some = counts > 0
         columns[name][some] = _lowest_mean(values, doc, counts[some], min_k_fraction)
     return columns
-
-
-def documents_table(
-    schema: pa.Schema, ids: pa.Array, scored_rows: np.ndarray, columns: dict[str, np.ndarray]
-) -> pa.Table:
-    """Arrow rows from `document_columns`; NaN becomes null, a missing column all null."""
-    data = {"id": ids.take(pa.array(scored_rows))}
-    for field in schema:
-        if field.name == "id":
-            continue
-        values = columns.get(field.name)
-        if values is None:
-            data[field.name] = pa.nulls(len(scored_rows), field.type)
-        elif pa.types.is_floating(field.type):
-            data[field.name] = pa.array(values, field.type, mask=np.isnan(values))
-        else:
-            data[field.name] = pa.array(values, field.type)
-    return pa.Table.from_pydict(data, schema=schema)
 
 
 def calibration_bins(
