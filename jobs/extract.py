@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("lib").setLevel(logging.INFO)
         from lib.job import run_job  # torch and transformers load only for a valid config
 
-        manifest = run_job(config)
+        done = run_job(config)
     except Interrupted as stop:
         name = signal.Signals(stop.signum).name
         where = (
@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    if manifest:
-        print_summary(manifest, config.output.dir)
+    if done is not None:
+        print_summary(done.manifest, config.output.dir, already_complete=done.already_complete)
         if config.output.report:
-            _write_report(config.output.dir, rewrite=not manifest.get("already_complete"))
+            _write_report(config.output.dir, rewrite=not done.already_complete)
     return 0
 
 

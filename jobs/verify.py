@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if report.storage:  # compact or top_p output: what its top-k costs on disk
         s = report.storage
         storage = (
-            f"; {s['bytes_per_position']:.1f} bytes/position, {s['bytes_per_entry']:.2f} "
-            f"bytes/entry ({s['entries_per_position']:.1f} top-k entries/position)"
+            f"; {s.bytes_per_position:.1f} bytes/position, {s.bytes_per_entry:.2f} "
+            f"bytes/entry ({s.entries_per_position:.1f} top-k entries/position)"
         )
     if report.document_rows is None:
         rows = f"{report.output_rows:,} rows"

@@ -42,6 +42,15 @@ SWITCH_INTERVAL = 0.0005  # seconds; see extract()
 RANK_WAIT = datetime.timedelta(days=7)  # the longest one rank waits for another
 
 
+@dataclass(frozen=True)
+class Done:
+    """What `run_job` returns on the main process: the manifest, and whether this run found
+    the job complete (and wrote nothing)."""
+
+    manifest: manifest.Manifest
+    already_complete: bool = False
+
+
 @dataclass
 class Plan:
     """What every rank learns before it extracts: inputs, units, model, outputs."""
@@ -165,8 +174,8 @@ def extract(
 
 
 # -- the whole job -----------------------------------------------------------------------------
-def run_job(config: JobConfig, progress: bool = True) -> dict:
-    """Run the whole job on this process's share and, on the main process, return the manifest.
+def run_job(config: JobConfig, progress: bool = True) -> Done | None:
+    """Run the whole job on this process's share; the main process returns what it did.
 
     `progress=False` hides the progress bar (the main process shows it otherwise)."""
     from accelerate import PartialState
@@ -203,27 +212,27 @@ def _run(
     try:
         held = claim.share(state, held, error)
         if isinstance(held, claim.Finished):
-            return {**held.manifest, "already_complete": True} if state.is_main_process else {}
+            return Done(held.manifest, already_complete=True) if state.is_main_process else None
         if not state.is_main_process:  # this rank's handles hold the bytes the main one hashed
             for item, entry, stamp in zip(job.inputs, held.inputs, held.stamps, strict=True):
                 item.pin.confirm(entry, stamp)
-        done = resume.committed(out_dir, job.units, config.output.format, config.output.level)
+        committed = resume.committed(out_dir, job.units, config.output.format, config.output.level)
         rank, ranks = state.process_index, state.num_processes
-        mine = [u for u in job.units if u.index % ranks == rank and u.index not in done]
+        mine = [u for u in job.units if u.index % ranks == rank and u.index not in committed]
         check = (lease or Lease(out_dir / layout.LOCK, held.run_id)).check
         committer = units.Committer(held.fingerprint, rank, held.run_id, check)
         forward = extract(config, job, mine, committer, progress=progress and state.is_main_process)
         state.wait_for_everyone()
-        result = {}
+        done = None
         if state.is_main_process:  # 4. finish
             result = finish(config, job, held, time.perf_counter() - started, state.num_processes)
             if forward.first_batch_at is not None:
-                result["throughput"]["startup_s"] = round(
-                    forward.first_batch_at - _process_start(), 3
-                )
+                startup = forward.first_batch_at - _process_start()
+                result.throughput["startup_s"] = round(startup, 3)
             manifest.write(out_dir, result)
+            done = Done(result)
         state.wait_for_everyone()
-        return result
+        return done
     finally:
         if out_dir.is_dir():
             layout.remove_own_temporaries(out_dir)
@@ -232,7 +241,9 @@ def _run(
 
 
 # -- 4. finish ---------------------------------------------------------------------------------
-def finish(config: JobConfig, job: Plan, held: claim.Claim, wall: float, world_size: int) -> dict:
+def finish(
+    config: JobConfig, job: Plan, held: claim.Claim, wall: float, world_size: int
+) -> manifest.Manifest:
     """Main process, after every rank is done: once the inputs on disk are proven to be the ones
     read and the data folders hold only the job's shards, the manifest."""
     out_dir = location(config.output.dir)
@@ -240,23 +251,21 @@ def finish(config: JobConfig, job: Plan, held: claim.Claim, wall: float, world_s
     pins.recheck(held.inputs, corpus.find_input_files(config.input.path))
     recheck_s = time.perf_counter() - recheck_started
     resume.refuse_foreign(out_dir, job.units, config.output.format, config.output.level)
-    result = manifest.finalize(
-        out_dir,
-        job.units,
-        config=config,
+    facts = manifest.RunFacts(
         schema=job.outputs.token_schema,
         documents_schema=job.outputs.documents_schema,
         id_type=job.id_type,
         identity=job.lm.identity,
         fingerprint=held.fingerprint,
         run_id=held.run_id,
+        recomputed=held.recomputed,
         wall=wall,
         world_size=world_size,
-        recomputed=held.recomputed,
     )
-    result["throughput"]["input_checksum_s"] = round(held.checksum_s, 6)
-    result["throughput"]["model_checksum_s"] = round(held.model_checksum_s, 6)
-    result["throughput"]["input_recheck_s"] = round(recheck_s, 6)
+    result = manifest.finalize(out_dir, job.units, config, facts)
+    result.throughput["input_checksum_s"] = round(held.checksum_s, 6)
+    result.throughput["model_checksum_s"] = round(held.model_checksum_s, 6)
+    result.throughput["input_recheck_s"] = round(recheck_s, 6)
     return result
 
 

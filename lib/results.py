@@ -1,8 +1,7 @@
 """Reading a finished output directory back into pandas, numpy and torch.
 
 The data shards are `tokens/part-*.parquet` or `tokens/part-*.arrow` (the manifest's `format`,
-else the files present; output of the first layout keeps them in OUT itself); bookkeeping files
-start with `_` or `.` and are never read as data. Only committed shards are visible, so a
+else the files present); bookkeeping files start with `_` or `.` and are never read as data. Only committed shards are visible, so a
 directory without `_SUCCESS` reads as the rows finished so far.
 
 Null conventions in `load_arrays` (numpy has no nullable integers): `token_id` and `token_rank`
@@ -40,15 +39,15 @@ _DECODED = ("topk_ids", "topk_logprobs", "topk_count")  # what the compact colum
 
 
 def read_manifest(out_dir: str | AnyPath) -> dict | None:
-    """The job's `_manifest.json`, or None while the job has not finished."""
-    return layout.read_manifest(storage.location(out_dir))
+    """The job's `_manifest.json` as written (JSON), or None while the job has not finished."""
+    return layout.read_json(storage.location(out_dir) / layout.MANIFEST)
 
 
 def output_format(out_dir: str | AnyPath, folder: str = layout.TOKENS) -> str:
     """`parquet` or `arrow`: the manifest says, else the shard files present do."""
-    manifest = read_manifest(out_dir)
-    if manifest is not None and manifest.get("format") in layout.EXTENSIONS:
-        return manifest["format"]
+    manifest = layout.read_manifest(storage.location(out_dir))
+    if manifest is not None:
+        return manifest.format
     shards = layout.shard_files(storage.location(out_dir), folder)
     present = {fmt for fmt in ("parquet", "arrow") if any(p.suffix == f".{fmt}" for p in shards)}
     if len(present) != 1:
@@ -222,8 +221,8 @@ def _stored_columns(columns: list[str] | None) -> list[str] | None:
 
 def _topk_width(out_dir: str | AnyPath) -> int | None:
     """`output.k` from the manifest; None while the job has not finished."""
-    manifest = read_manifest(out_dir)
-    return manifest["config"]["output"]["k"] if manifest else None
+    manifest = layout.read_manifest(storage.location(out_dir))
+    return manifest.config.output.k if manifest else None
 
 
 def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -356,16 +355,17 @@ def join_input(
     `input_path` and `id_column` default to the job's own (from the manifest); `columns` are the
     input columns to attach, by default the text column (and the target column if the job had one).
     """
-    manifest = read_manifest(out_dir)
-    job_input = manifest["config"]["input"] if manifest else {}
+    manifest = layout.read_manifest(storage.location(out_dir))
+    job_input = manifest.config.input if manifest else None
     if input_path is None:
-        if not job_input:
+        if job_input is None:
             raise UserError(f"{out_dir}: no _manifest.json, so pass input_path (and id_column)")
-        input_path = job_input["path"]
-    id_column = id_column or job_input.get("id_column")
+        input_path = job_input.path
+    if job_input is not None:
+        id_column = id_column or job_input.id_column
     if columns is None:
-        columns = [job_input.get("text_column", "text")]
-        if job_input.get("target_column"):
-            columns.append(job_input["target_column"])
+        columns = [job_input.text_column if job_input else "text"]
+        if job_input is not None and job_input.target_column:
+            columns.append(job_input.target_column)
     inputs = input_frame(input_path, id_column, columns)
     return load_frame(out_dir).merge(inputs, on="id", how="left", validate="many_to_one")

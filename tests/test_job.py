@@ -22,9 +22,9 @@ def _config(model: str, corpus: str, out, *overrides: str):
 def test_a_null_batch_budget_is_the_devices_default(tmp_path, model_dirs):
     corpus = write_rows(tmp_path / "c.parquet", ["one text", "another text"])
     config = _config(model_dirs["gpt2"], corpus, tmp_path / "out", "batching.max_tokens=null")
-    manifest = job.run_job(config, progress=False)
+    manifest = job.run_job(config, progress=False).manifest
     # the budget the run used is recorded; the caller's config keeps its null
-    assert manifest["config"]["batching"]["max_tokens"] == batching.CPU_MAX_TOKENS == 4096
+    assert manifest.config.batching.max_tokens == batching.CPU_MAX_TOKENS == 4096
     assert config.batching.max_tokens is None
     assert batching.max_tokens_for(None, torch.device("cuda")) == 16384
     assert batching.max_tokens_for(96, torch.device("cpu")) == 96

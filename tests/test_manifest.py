@@ -14,6 +14,7 @@ from lib.config import load_config
 from lib.errors import UserError
 from lib.extract.corpus import WorkUnit
 from lib.output import layout, manifest
+from lib.output.records import Manifest, ShardEntry, UnitRecord, UnitSpan
 
 UNITS = [WorkUnit(0, "a.parquet", 0, 4, 0), WorkUnit(1, "a.parquet", 4, 6, 4)]
 
@@ -33,26 +34,27 @@ def _scores(tokens: int, logprob: float, correct: int) -> dict:
     }
 
 
-def _record(unit: WorkUnit, run_id: str, skipped: list, tokens: int) -> dict:
-    entry = {
-        "file": layout.shard_name(unit.name, "parquet"),
-        "rows": tokens,
-        "bytes": 10,
-        "sha256": "0" * 64,
-    }
-    return {
-        "files": [entry],
-        "scores": _scores(tokens, -1.0, tokens // 2),
-        "rank": unit.index % 2,
-        "run_id": run_id,
-        "input_rows": unit.rows,
-        "scored_rows": unit.rows - len(skipped),
-        "skipped_rows": len(skipped),
-        "truncated_rows": 1,
-        "tokens": tokens,
-        "padded_tokens": tokens + 2,
-        "skipped": skipped,
-    }
+def _record(unit: WorkUnit, run_id: str, skipped: list, tokens: int) -> UnitRecord:
+    entry = ShardEntry(layout.shard_name(unit.name, "parquet"), tokens, 10, "0" * 64)
+    return UnitRecord(
+        fingerprint="fp",
+        rank=unit.index % 2,
+        run_id=run_id,
+        unit=UnitSpan(unit.index, unit.file, unit.start, unit.stop),
+        input_rows=unit.rows,
+        scored_rows=unit.rows - len(skipped),
+        skipped_rows=len(skipped),
+        truncated_rows=1,
+        tokens=tokens,
+        padded_tokens=tokens + 2,
+        started_at=0.0,
+        committed_at=1.0,
+        lengths={},
+        batches=[],
+        scores=_scores(tokens, -1.0, tokens // 2),
+        skipped=skipped,
+        files=[entry],
+    )
 
 
 @pytest.fixture
@@ -62,46 +64,48 @@ def out_dir(tmp_path):
     records = [_record(UNITS[0], "old", [["d1", "null_text"]], 9), _record(UNITS[1], "now", [], 5)]
     for unit, record in zip(UNITS, records, strict=True):
         layout.shard_path(tmp_path, unit.name, "parquet").write_bytes(b"x")
-        layout.record_path(tmp_path, unit.name).write_text(json.dumps(record))
+        layout.record_path(tmp_path, unit.name).write_text(json.dumps(record.to_json()))
     return tmp_path
 
 
-def _finalize(out_dir, **changes):
-    config = load_config(None, ["model.path=m", "input.path=i", f"output.dir={out_dir}"])
-    settings = dict(
-        config=config,
+def _config(out_dir):
+    return load_config(None, ["model.path=m", "input.path=i", f"output.dir={out_dir}"])
+
+
+def _finalize(out_dir) -> manifest.Manifest:
+    facts = manifest.RunFacts(
         schema=pa.schema([pa.field("id", pa.string())]),
         documents_schema=None,
         id_type=pa.string(),
         identity={"path": "m"},
         fingerprint="fp",
         run_id="now",
+        recomputed=["tokens/part-00001.parquet"],
         wall=2.0,
         world_size=2,
-        recomputed=["tokens/part-00001.parquet"],
     )
-    return manifest.finalize(out_dir, UNITS, **{**settings, **changes})
+    return manifest.finalize(out_dir, UNITS, _config(out_dir), facts)
 
 
 def test_totals_shards_and_this_runs_throughput(out_dir):
     result = _finalize(out_dir)
-    assert result["totals"] == {
+    assert result.to_json()["totals"] == {
         "input_rows": 6,
         "scored_rows": 5,
         "skipped_rows": 1,
         "truncated_rows": 2,
         "output_rows": 14,
     }
-    assert [s["file"] for s in result["shards"]] == [
-        "tokens/part-00000.parquet",
-        "tokens/part-00001.parquet",
-    ]
-    assert set(result["shards"][0]) == {"file", "rows", "bytes", "sha256", "rank"}
+    shards = result.to_json()["shards"]
+    assert [s["file"] for s in shards] == ["tokens/part-00000.parquet", "tokens/part-00001.parquet"]
+    assert set(shards[0]) == {"file", "rows", "bytes", "sha256", "rank"}
+    assert [s["rank"] for s in shards] == [0, 1]
     # Only the units this run computed count towards its throughput.
-    run = result["throughput"]
+    run = result.throughput
     assert (run["units"], run["rows"], run["tokens"], run["padded_tokens"]) == (1, 2, 5, 7)
     assert run["tokens_per_s"] == 2.5
-    assert result["recomputed"] == ["tokens/part-00001.parquet"]
+    assert result.recomputed == ["tokens/part-00001.parquet"]
+    assert Manifest.from_json(result.to_json()) == result
     skipped = pq.read_table(out_dir / layout.SKIPPED)
     assert skipped.to_pylist() == [{"id": "d1", "reason": "null_text"}]
 
@@ -115,7 +119,7 @@ def test_a_missing_record_is_one_line_saying_what_to_do(out_dir):
 def test_scores_merge_every_units_partial_sums(out_dir):
     """Units of 9 and 5 tokens (log p = -1 each, 4 and 2 correct), 4 bytes a token: the corpus
     figures are over all 14, whichever run or rank computed them."""
-    scores = _finalize(out_dir)["scores"]
+    scores = _finalize(out_dir).scores
     assert scores["tokens"] == 14
     assert scores["mean_logprob"] == pytest.approx(-1.0)
     assert scores["perplexity"] == pytest.approx(math.e)
@@ -132,12 +136,13 @@ def test_scores_merge_every_units_partial_sums(out_dir):
 
 
 def test_success_is_written_after_the_manifest(out_dir, monkeypatch):
+    written = _finalize(out_dir)
     faults.reset()  # count from this test on
     monkeypatch.setenv("LOGIT_EXTRACT_FAIL_AT", "before_success=EIO")
     with pytest.raises(OSError):
-        manifest.write(out_dir, {"format_version": 2})
-    assert layout.read_manifest(out_dir) == {"format_version": 2}
+        manifest.write(out_dir, written)
+    assert layout.read_manifest(out_dir) == written
     assert not (out_dir / layout.SUCCESS).exists()
     monkeypatch.delenv("LOGIT_EXTRACT_FAIL_AT")
-    manifest.write(out_dir, {"format_version": 2})
+    manifest.write(out_dir, written)
     assert (out_dir / layout.SUCCESS).exists()

@@ -16,6 +16,7 @@ from lib.config import load_config
 from lib.errors import UserError
 from lib.extract.corpus import InputFile, WorkUnit
 from lib.output import layout, resume
+from lib.output.records import Manifest, ShardEntry, Totals, UnitRecord, UnitSpan
 
 UNITS = [WorkUnit(0, "in.parquet", 0, 3, 0), WorkUnit(1, "in.parquet", 3, 5, 3)]
 FILES = [{"path": "in.parquet", "size": 10, "rows": 5, "sha256": "a" * 64}]
@@ -35,18 +36,29 @@ def _commit(out_dir: Path, unit: WorkUnit, fp: str = "fp1", data: bytes = b"rows
     shard = layout.shard_path(out_dir, unit.name, "parquet")
     shard.write_bytes(data)
     sha256, size = storage.sha256(shard)
-    entry = {"file": layout.shard_name(unit.name, "parquet"), "bytes": size, "sha256": sha256}
-    record = {"files": [entry], "fingerprint": fp}
-    layout.record_path(out_dir, unit.name).write_text(json.dumps(record))
+    entry = ShardEntry(layout.shard_name(unit.name, "parquet"), 1, size, sha256)
+    span = UnitSpan(unit.index, unit.file, unit.start, unit.stop)
+    record = UnitRecord(fp, 0, "run1", span, 1, 1, 0, 0, 1, 1, 0.0, 0.0, {}, [], {}, [])
+    record.files = [entry]
+    layout.record_path(out_dir, unit.name).write_text(json.dumps(record.to_json()))
 
 
-def _finish(out_dir: Path, fp: str = "fp1") -> None:
+def _manifest(out_dir: Path, fp: str) -> Manifest:
+    """A manifest whose contents beyond its fingerprint do not matter here."""
+    totals = Totals(5, 5, 0, 0, 2)
+    config = _config(out_dir)
+    return Manifest(3, fp, config, {}, [], None, "parquet", 1, [], totals, {}, {}, [])
+
+
+def _finish(out_dir: Path, fp: str = "fp1") -> Manifest:
     _prepare(out_dir, fp)
     for unit in UNITS:
         _commit(out_dir, unit, fp)
-    (out_dir / layout.MANIFEST).write_text(json.dumps({"fingerprint": fp}))
+    manifest = _manifest(out_dir, fp)
+    (out_dir / layout.MANIFEST).write_text(json.dumps(manifest.to_json()))
     (out_dir / layout.SKIPPED).write_bytes(b"")
     (out_dir / layout.SUCCESS).write_bytes(b"")
+    return manifest
 
 
 def _names(out_dir: Path) -> list[str]:
@@ -66,9 +78,9 @@ def test_fresh_directory_gets_a_job_record_and_its_folders(tmp_path):
 
 def test_finished_job_is_recognised_without_writing(tmp_path):
     out = tmp_path / "out"
-    _finish(out)
+    manifest = _finish(out)
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
-    assert resume.finished(out, "fp1", UNITS, "parquet", "tokens") == {"fingerprint": "fp1"}
+    assert resume.finished(out, "fp1", UNITS, "parquet", "tokens") == manifest
     assert resume.finished(out, "fp2", UNITS, "parquet", "tokens") is None
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
 
@@ -173,15 +185,6 @@ def test_a_changed_model_is_named(tmp_path, now, message):
         resume.prepare_output(out, "fp2", FILES, UNITS, _config(out), "run2", model=after)
 
 
-def test_output_of_the_first_layout_is_refused_with_a_way_forward(tmp_path):
-    (tmp_path / "part-00000.parquet").write_bytes(b"x")
-    (tmp_path / layout.JOB).write_text(json.dumps({"fingerprint": "old"}))
-    with pytest.raises(UserError, match="earlier version.*output.overwrite=true"):
-        _prepare(tmp_path)
-    _prepare(tmp_path, "fp1", "output.overwrite=true")
-    assert not (tmp_path / "part-00000.parquet").exists()
-
-
 def test_temporaries_of_dead_writers_go_and_live_ones_stay(tmp_path):
     out = tmp_path / "out"
     _prepare(out)
@@ -190,8 +193,7 @@ def test_temporaries_of_dead_writers_go_and_live_ones_stay(tmp_path):
     mine = layout.temp_path(out, out / "x.json")
     for path in (dead, other_host, mine):
         path.write_bytes(b"partial")
-    (out / layout.UNITS / ".part-00001.json.tmp").write_text("{")  # the first layout's
-    assert layout.remove_dead_temporaries(out) == 4
+    assert layout.remove_dead_temporaries(out) == 3
     assert layout.temporaries(out) == []
 
 

@@ -87,7 +87,7 @@ def check_self_contained(page: str) -> None:
 
 
 def test_report_of_a_topk_run(topk, capsys):
-    manifest = layout.read_manifest(topk)
+    manifest = results.read_manifest(topk)
     page = (topk / layout.REPORT).read_text()
     assert check_images(page) >= 8
     check_self_contained(page)
@@ -156,7 +156,7 @@ def test_report_of_arrow_full_seq2seq(arrow_full, capsys):
     page = page_path.read_text()
     assert check_images(page) >= 8
     check_self_contained(page)
-    manifest = layout.read_manifest(out)
+    manifest = results.read_manifest(out)
     found = numbers(page)
     assert found["scored_rows"] == f"{manifest['totals']['scored_rows']:,}"
     assert found["output_rows"] == f"{manifest['totals']['output_rows']:,}"
@@ -188,7 +188,7 @@ def test_partial_output_is_drawn_from_committed_shards(topk, tmp_path):
     assert path == out / layout.REPORT and drawn.info.partial
     assert "Partial output" in page and check_images(page) >= 9
     found = numbers(page)
-    assert found["scored_rows"] == f"{sum(r['scored_rows'] for r in records):,}"
+    assert found["scored_rows"] == f"{sum(r.scored_rows for r in records):,}"
     kept = sum(pq.read_metadata(p).num_rows for p in shards if p.exists())
     assert found["positions"] == f"{kept:,}" == found["output_rows"]
     assert found["documents"] == "40"

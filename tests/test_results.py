@@ -233,37 +233,6 @@ def test_format_from_files_without_manifest(outputs, tmp_path):
         results.load_frame(empty)
 
 
-def test_output_of_the_first_layout_is_still_read(outputs, tmp_path, capsys):
-    """Shards directly in OUT with a manifest naming them there, as the first version wrote."""
-    import json
-
-    from jobs import verify
-
-    old = Path(shutil.copytree(outputs["parquet-topk"], tmp_path / "old"))
-    for shard in (old / "tokens").iterdir():
-        shard.rename(old / shard.name)
-    (old / "tokens").rmdir()
-    manifest = json.loads((old / "_manifest.json").read_text())
-    manifest["format_version"] = 1
-    manifest["shards"] = [
-        {"file": s["file"].removeprefix("tokens/"), "rows": s["rows"], "rank": s["rank"]}
-        for s in manifest["shards"]
-    ]
-    (old / "_manifest.json").write_text(json.dumps(manifest))
-    pd.testing.assert_frame_equal(results.load_frame(old), direct_frame(outputs["parquet-topk"]))
-    assert verify.main([str(old)]) == 0
-    assert "OK" in capsys.readouterr().out
-    config = manifest["config"]
-    argv = [
-        f"{section}.{key}={value}"
-        for section in ("model", "input", "output")
-        for key, value in config[section].items()
-        if value is not None
-    ]
-    assert extract.main([*argv, f"output.dir={old}"]) == 2
-    assert "holds output of an earlier version" in capsys.readouterr().err
-
-
 @pytest.fixture(scope="module")
 def top_p_outputs(tmp_path_factory, peaked_dir, corpus) -> dict[str, Path]:
     """One top_p job of the peaked 32k model in both encodings: plain (float32, padded k-wide

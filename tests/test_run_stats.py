@@ -3,10 +3,13 @@ batch equal the same figures computed at once."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from lib.inspect import run_stats
+from lib.output.records import UnitRecord, UnitSpan
 
 
 @pytest.mark.parametrize("values", [[5.0], [-3.0, 2.5, 7.25], np.linspace(-40, 0.3, 999)])
@@ -45,6 +48,13 @@ def test_fixed_range_histogram_counts_outliers_in_its_edge_bins():
     assert hist.quantile(0.5) == pytest.approx(0.5, abs=0.25)  # within a bin of the median
 
 
+def _record(**fields) -> UnitRecord:
+    """A unit record with the given fields, the rest empty."""
+    span = UnitSpan(0, "a.parquet", 0, 1)
+    record = UnitRecord("fp", 0, "a", span, 1, 1, 0, 0, 0, 0, 0.0, 0.0, {}, [], {}, [])
+    return dataclasses.replace(record, **fields)
+
+
 def test_calibration_sums_the_records_partial_scores():
     parts = [
         {
@@ -58,22 +68,16 @@ def test_calibration_sums_the_records_partial_scores():
             "calibration_correct": [1, 0, 0],
         },
     ]
-    calibration = run_stats.Calibration.from_records([{"scores": p} for p in parts])
+    calibration = run_stats.Calibration.from_records([_record(scores=p) for p in parts])
     np.testing.assert_allclose(calibration.counts, [3, 1, 3])
     # ECE: sum over bins of |correct - confidence| / positions
     assert calibration.ece == pytest.approx((0.6 + 0.5 + 0.6) / 7)
-    assert run_stats.Calibration.from_records([{"scores": parts[0]}, {}]) is None
+    assert run_stats.Calibration.from_records([_record(scores=parts[0]), _record()]) is None
 
 
 def test_unit_rates_count_from_the_previous_commit_of_the_rank():
     def record(rank, start, commit, tokens, run="a"):
-        return {
-            "rank": rank,
-            "run_id": run,
-            "started_at": start,
-            "committed_at": commit,
-            "tokens": tokens,
-        }
+        return _record(rank=rank, run_id=run, started_at=start, committed_at=commit, tokens=tokens)
 
     records = [
         record(0, 100.0, 110.0, 1000),

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from lib.config import load_config
 from lib.inspect.summary import print_summary
+from lib.output.records import Manifest, ShardEntry, Totals
 
 
-def _manifest(mode: str, units: int, shards: int, perplexity: float) -> dict:
-    return {
-        "config": {"decoder": {"mode": mode}, "output": {"level": "tokens"}},
-        "totals": {
-            "input_rows": 3,
-            "scored_rows": 3,
-            "skipped_rows": 0,
-            "truncated_rows": 1,
-            "output_rows": 40,
-        },
-        "shards": [{}] * shards,
-        "world_size": 1,
-        "throughput": {
+def _manifest(mode: str, units: int, shards: int, perplexity: float) -> Manifest:
+    config = load_config(None, ["model.path=m", "input.path=i", "output.dir=o"])
+    config.decoder.mode = mode
+    entry = ShardEntry("tokens/part-00000.parquet", 40, 1, "0" * 64)
+    return Manifest(
+        format_version=3,
+        fingerprint="fp",
+        config=config,
+        model={},
+        schema=[],
+        documents_schema=None,
+        format="parquet",
+        world_size=1,
+        shards=[entry] * shards,
+        totals=Totals(3, 3, 0, 1, 40),
+        recomputed=[],
+        throughput={
             "rows": 3,
             "units": units,
             "tokens": 42,
@@ -27,14 +33,14 @@ def _manifest(mode: str, units: int, shards: int, perplexity: float) -> dict:
             "rows_per_s": 88.2,
             "wall_s": 0.34,
         },
-        "scores": {
+        scores={
             "tokens": 40,
             "perplexity": perplexity,
             "bits_per_byte": 1.25,
             "top1_accuracy": 0.5,
             "ece": 0.0421,
         },
-    }
+    )
 
 
 def _fields(capsys) -> dict[str, str]:
@@ -61,9 +67,9 @@ def test_generate_mode_has_no_accuracy_or_calibration(capsys):
     """The model scores its own greedy tokens: its top-1, unless its generation config steers
     decoding (BART's no_repeat_ngram_size), when the figures say something again."""
     manifest = _manifest("generate", 1, 1, 3.2)
-    manifest["scores"]["top1_accuracy"] = 1.0
+    manifest.scores["top1_accuracy"] = 1.0
     print_summary(manifest, "out/x")
     assert _fields(capsys)["scores"] == "40 tokens scored: perplexity 3.2, 1.250 bits/byte"
-    manifest["scores"]["top1_accuracy"] = 0.975
+    manifest.scores["top1_accuracy"] = 0.975
     print_summary(manifest, "out/x")
     assert _fields(capsys)["scores"].endswith(", top-1 97.5%, ECE 0.042")

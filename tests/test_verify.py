@@ -132,13 +132,11 @@ def test_flipped_bytes_that_still_decode(damaged, capsys):
 def test_missing_success_and_temporary_files(damaged, capsys):
     (damaged / "_SUCCESS").unlink()
     (damaged / "_tmp" / "part-00003.parquet@host@12@34.tmp").write_bytes(b"PAR1")
-    (damaged / "_units" / ".part-00003.json.tmp").write_text("{")
     status, problems, _ = check(damaged, capsys=capsys)
     assert status == 1
     assert problems == [
         f"{damaged}: _SUCCESS is missing: the job has not finished",
         f"{damaged}: temporary file _tmp/part-00003.parquet@host@12@34.tmp left behind",
-        f"{damaged}: temporary file _units/.part-00003.json.tmp left behind",
     ]
 
 

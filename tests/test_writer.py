@@ -15,8 +15,15 @@ from lib import faults
 from lib.errors import OutputError, UserError
 from lib.output import layout, writer
 from lib.output import rows as output_rows
+from lib.output.records import UnitRecord, UnitSpan
 
 K = 3
+
+
+def _record(rank: int = 0) -> UnitRecord:
+    """A unit record whose counts do not matter here."""
+    span = UnitSpan(7, "in.parquet", 0, 7)
+    return UnitRecord("f", rank, "r", span, 7, 7, 0, 0, 0, 0, 0.0, 0.0, {}, [], {}, [])
 
 
 def _schema(full: bool = False) -> pa.Schema:
@@ -93,26 +100,21 @@ def test_commit_makes_the_shard_visible_only_after_close(out_dir, fmt):
     assert shard.tmp.name == f"part-00007.{fmt}@{layout.writer_tag()}.tmp"
     assert not (out_dir / layout.UNITS / "part-00007.json").exists()
 
-    returned = shard.commit({"rank": 3}, _ok)
+    returned = writer.commit([shard], _record(rank=3), _ok)
     assert _visible(out_dir) == [f"tokens/part-00007.{fmt}"]
     assert not shard.tmp.exists()
     record = json.loads((out_dir / layout.UNITS / "part-00007.json").read_text())
     data = (out_dir / "tokens" / f"part-00007.{fmt}").read_bytes()
-    assert (
-        record
-        == returned
-        == {
-            "files": [
-                {
-                    "file": f"tokens/part-00007.{fmt}",
-                    "rows": 7,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            ],
-            "rank": 3,
+    assert record == returned.to_json()
+    assert record["files"] == [
+        {
+            "file": f"tokens/part-00007.{fmt}",
+            "rows": 7,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
         }
-    )
+    ]
+    assert record["rank"] == 3 and UnitRecord.from_json(record) == returned
     expected = pa.concat_tables([first, second])
     if fmt == "parquet":
         read = pq.read_table(out_dir)  # a plain read of OUT: only the shard
@@ -143,7 +145,7 @@ def test_full_logits_round_trip(out_dir):
     )
     shard = writer.ShardWriter(out_dir, "part-00000", schema, "arrow")
     shard.write(table)
-    shard.commit({}, _ok)
+    writer.commit([shard], _record(), _ok)
     read = ds.dataset(out_dir, format="arrow").to_table()
     assert read.column("logits").to_pylist()[2] == list(range(22, 33))
 
@@ -166,7 +168,7 @@ def test_a_failed_write_or_commit_names_the_file_and_leaves_nothing(out_dir, mon
     shard = writer.ShardWriter(out_dir, "part-00002", schema, "parquet")
     with pytest.raises(OutputError, match=r"cannot write .*: No space left on device"):
         shard.write(_table(schema, ["a"]))
-        shard.commit({}, _ok)
+        writer.commit([shard], _record(), _ok)
     assert _owned(out_dir) == []
 
 
@@ -179,7 +181,7 @@ def test_a_lost_lease_stops_the_commit(out_dir):
         raise UserError("lost its lease")
 
     with pytest.raises(UserError, match="lost its lease"):
-        shard.commit({}, lost)
+        writer.commit([shard], _record(), lost)
     assert _owned(out_dir) == []
 
 
@@ -226,7 +228,9 @@ def test_compact_shard_has_its_encodings_and_id_order(out_dir):
     from lib import results
     from lib.output import compact
 
-    schema = output_rows.output_schema(pa.string(), K, 11, "float16", full=False, encoding="compact")
+    schema = output_rows.output_schema(
+        pa.string(), K, 11, "float16", full=False, encoding="compact"
+    )
     assert schema.field("entropy").type == pa.float16() and "topk_logits" not in schema.names
     counts = np.array([3, 1, 2, 3])
     stats = _topk_stats(4, counts)
@@ -237,7 +241,7 @@ def test_compact_shard_has_its_encodings_and_id_order(out_dir):
     shard.write(table)
     with pytest.raises(RuntimeError, match="written in one table"):
         shard.write(table)  # one id order per file: a second table would decode wrongly
-    shard.commit({}, _ok)
+    writer.commit([shard], _record(), _ok)
     path = out_dir / "tokens" / "part-00004.parquet"
     metadata = pq.read_metadata(path)
     encodings = {

@@ -42,7 +42,7 @@ def bench_case(spec: ModelSpec, model: str, case: str, root: Path, args) -> dict
         "model": spec.name,
         "rows_N": sizes["N"],
         "tokens_per_row": round(tokens["3N"] / sizes["3N"], 1),
-        "padding_efficiency": manifest["throughput"]["padding_efficiency"],
+        "padding_efficiency": manifest.throughput["padding_efficiency"],
         "job_marginal_tok_s": round(job_rate),
         "naive_marginal_tok_s": round(naive_rate),
         "steady_speedup": round(job_rate / naive_rate, 2),

@@ -72,11 +72,9 @@ def bench_model(spec: ModelSpec, model: str, root: Path, corpora: dict, args, fu
         times[size], manifest = run_job_timed(
             job_config(model, corpora[size], str(root / f"out-{spec.name}-{size}"), args)
         )
-        result["padding_efficiency"] = manifest["throughput"]["padding_efficiency"]
+        result["padding_efficiency"] = manifest.throughput["padding_efficiency"]
     # Integrity costs: hashing the input at start, and the rerun that re-hashes every shard.
-    result["input_checksum_share"] = round(
-        manifest["throughput"]["input_checksum_s"] / times["3N"], 4
-    )
+    result["input_checksum_share"] = round(manifest.throughput["input_checksum_s"] / times["3N"], 4)
     result["complete_rerun_s"] = round(
         rerun_timed(job_config(model, corpora["3N"], str(root / f"out-{spec.name}-3N"), args)), 3
     )

@@ -56,7 +56,7 @@ def host_ceiling(root: Path, training_texts: list[str], args) -> dict:
         for k in (64, 1):
             runs = [run_job_timed(job_config(model, corpus, out, args, k=k)) for _ in range(2)]
             # the same rows as the real job's, or the figure would be of less work
-            assert all(m["totals"]["output_rows"] == len(recorded["id"]) for _, m in runs)
+            assert all(m.totals.output_rows == len(recorded["id"]) for _, m in runs)
             result[f"host_only_k{k}_tok_s"] = round(tokens / min(seconds for seconds, _ in runs))
     return result
 
@@ -121,7 +121,7 @@ def startup(root: Path, training_texts: list[str], args) -> dict:
         child_seconds(["-c", "import torch, transformers, accelerate"], args)[0]
         for _ in range(args.repeats)
     )
-    startup_s = min(manifest["throughput"]["startup_s"] for _, manifest in runs)
+    startup_s = min(manifest.throughput["startup_s"] for _, manifest in runs)
     return {
         "model": spec.name,
         "startup_s": startup_s,

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lib.config import JobConfig
+from lib.output.records import Manifest
 
 
 def job_config(model: str, corpus: str, out: str, args, k: int | None = None) -> JobConfig:
@@ -26,15 +27,15 @@ def job_config(model: str, corpus: str, out: str, args, k: int | None = None) ->
     return config
 
 
-def run_job_timed(config: JobConfig) -> tuple[float, dict]:
+def run_job_timed(config: JobConfig) -> tuple[float, Manifest]:
     """Seconds and manifest of the job run in this process, on a clean output directory."""
     from lib.job import run_job
 
     # A finished output would resume as a no-op (a reused --work directory): always start clean.
     shutil.rmtree(config.output.dir, ignore_errors=True)
     started = time.perf_counter()
-    manifest = run_job(config, progress=False)
-    return time.perf_counter() - started, manifest
+    done = run_job(config, progress=False)
+    return time.perf_counter() - started, done.manifest
 
 
 def rerun_timed(config: JobConfig) -> float:
@@ -42,8 +43,8 @@ def rerun_timed(config: JobConfig) -> float:
     from lib.job import run_job
 
     started = time.perf_counter()
-    manifest = run_job(config, progress=False)
-    assert manifest.get("already_complete"), "the rerun recomputed a finished output"
+    done = run_job(config, progress=False)
+    assert done.already_complete, "the rerun recomputed a finished output"
     return time.perf_counter() - started
 
 

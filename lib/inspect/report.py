@@ -129,8 +129,8 @@ def _bars(hist: Histogram, title: str, xlabel: str, transform=None, log_y: bool 
 def run_panel(info: RunInfo) -> Panel:
     """Rows scored, truncated and skipped (by reason), with the run's headline numbers."""
     total, run = totals(info), timing(info)
-    parts = [("scored, complete", total["scored_rows"] - total["truncated_rows"])]
-    parts.append(("scored, truncated", total["truncated_rows"]))
+    parts = [("scored, complete", total.scored_rows - total.truncated_rows)]
+    parts.append(("scored, truncated", total.truncated_rows))
     parts += [(f"skipped: {reason}", n) for reason, n in sorted(info.skipped.items())]
 
     def draw(ax: Axes) -> None:
@@ -146,34 +146,34 @@ def run_panel(info: RunInfo) -> Panel:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
     numbers = [
-        ("input_rows", "input rows", _count(total["input_rows"])),
-        ("scored_rows", "scored", _count(total["scored_rows"])),
-        ("skipped_rows", "skipped", _count(total["skipped_rows"])),
+        ("input_rows", "input rows", _count(total.input_rows)),
+        ("scored_rows", "scored", _count(total.scored_rows)),
+        ("skipped_rows", "skipped", _count(total.skipped_rows)),
         *[
             (f"skipped_{reason}", f"skipped: {reason}", _count(n))
             for reason, n in sorted(info.skipped.items())
         ],
-        ("truncated_rows", "truncated", _count(total["truncated_rows"])),
-        ("output_rows", "output rows", _count(total["output_rows"])),
-        ("tokens", "tokens" + (" (this run)" if info.manifest else ""), _count(run["tokens"])),
-        ("padded_tokens", "padded tokens", _count(run["padded_tokens"])),
-        ("wall_s", "wall time", f"{_num(run['wall_s'], 4)} s"),
-        ("tokens_per_s", "tokens/s", _num(run["tokens_per_s"], 4)),
-        ("processes", "processes", str(run["processes"])),
+        ("truncated_rows", "truncated", _count(total.truncated_rows)),
+        ("output_rows", "output rows", _count(total.output_rows)),
+        ("tokens", "tokens" + (" (this run)" if info.manifest else ""), _count(run.tokens)),
+        ("padded_tokens", "padded tokens", _count(run.padded_tokens)),
+        ("wall_s", "wall time", f"{_num(run.wall_s, 4)} s"),
+        ("tokens_per_s", "tokens/s", _num(run.tokens_per_s, 4)),
+        ("processes", "processes", str(run.processes)),
         ("units", "units committed", _count(len(info.records))),
     ]
-    if info.manifest and total["shard_tokens"] != run["tokens"]:  # a resumed run
-        numbers.append(("shard_tokens", "tokens (all shards)", _count(total["shard_tokens"])))
+    if info.manifest and total.shard_tokens != run.tokens:  # a resumed run
+        numbers.append(("shard_tokens", "tokens (all shards)", _count(total.shard_tokens)))
     caption = "Every input row is scored (complete or cut at input.max_length) or skipped."
     return Panel("run", "The run", caption, numbers, [draw], height=2.0)
 
 
 def lengths_panel(info: RunInfo) -> Panel:
     """Histogram of tokenized lengths (texts, and targets) from the unit records."""
-    max_length = info.config.get("input", {}).get("max_length")
+    max_length = info.config.input.max_length
     kinds = {}
     for kind in ("text", "target"):
-        found = [r["lengths"][kind] for r in info.records if kind in r.get("lengths", {})]
+        found = [r.lengths[kind] for r in info.records if kind in r.lengths]
         if found:
             width = found[0]["bin_width"]
             size = max(len(f["counts"]) for f in found)
@@ -184,11 +184,11 @@ def lengths_panel(info: RunInfo) -> Panel:
     total = totals(info)
     numbers = [
         ("max_length", "input.max_length", str(max_length)),
-        ("truncated_rows", "truncated rows", _count(total["truncated_rows"])),
+        ("truncated_rows", "truncated rows", _count(total.truncated_rows)),
         (
             "truncated_share",
             "truncated share",
-            _share(total["truncated_rows"], total["scored_rows"]),
+            _share(total.truncated_rows, total.scored_rows),
         ),
     ]
     for kind, (width, counts) in kinds.items():
@@ -224,7 +224,7 @@ def _lengths_draw(kinds: dict, max_length: int | None) -> Draw:
 
 def batching_panel(info: RunInfo) -> Panel:
     """Padding efficiency per batch, and padded width against rows per batch."""
-    batches = np.array([b for r in info.records for b in r.get("batches", [])], dtype=np.float64)
+    batches = np.array([b for r in info.records for b in r.batches], dtype=np.float64)
     caption = (
         "Left: real over padded tokens per forward batch (1 = no padding). Right: each batch's "
         "padded width against its rows; the dashed curve is the batching.max_tokens budget."
@@ -235,7 +235,7 @@ def batching_panel(info: RunInfo) -> Panel:
     rows, real, padded = batches[:, 0], batches[:, 1], batches[:, 2]
     efficiency = real / np.maximum(padded, 1)
     width = padded / np.maximum(rows, 1)
-    max_tokens = info.config.get("batching", {}).get("max_tokens")
+    max_tokens = info.config.batching.max_tokens
     numbers = [
         ("batches", "batches", _count(len(batches))),
         ("padding_efficiency", "padding efficiency", _share(real.sum(), padded.sum())),
@@ -276,7 +276,7 @@ def throughput_panel(info: RunInfo) -> Panel:
         return Panel("throughput", "Throughput over the run", caption, [], draws)
     rates = np.concatenate([points[:, 1] for points in lines.values()])
     numbers = [
-        ("tokens_per_s", "tokens/s (run)", _num(run["tokens_per_s"], 4)),
+        ("tokens_per_s", "tokens/s (run)", _num(run.tokens_per_s, 4)),
         ("units_timed", "units timed", _count(len(rates))),
         ("ranks", "ranks", str(len({rank for rank, _ in lines}))),
         ("unit_rate_min", "slowest unit, tokens/s", _num(float(rates.min()), 4)),
@@ -293,8 +293,8 @@ def throughput_panel(info: RunInfo) -> Panel:
             ax.plot(
                 points[:, 0], points[:, 1], marker="o", ms=3, ls=style, color=color, label=label
             )
-        if math.isfinite(run["tokens_per_s"]):
-            ax.axhline(run["tokens_per_s"], color="#666", ls="--", lw=1, label="overall")
+        if math.isfinite(run.tokens_per_s):
+            ax.axhline(run.tokens_per_s, color="#666", ls="--", lw=1, label="overall")
         ax.set_ylim(bottom=0)
         ax.set_title("tokens/s per committed unit")
         ax.set_xlabel("seconds since the first unit started")
@@ -596,22 +596,20 @@ def _header(info: RunInfo) -> str:
 
 def _model_name(info: RunInfo) -> str:
     """The model path, with its architecture when the manifest names it."""
-    model = (info.manifest or {}).get("model") or {}
-    path = model.get("path") or info.config.get("model", {}).get("path", "?")
+    model = info.manifest.model if info.manifest else {}
+    path = model.get("path") or info.config.model.path
     return f"{path} ({model['architecture']})" if model.get("architecture") else str(path)
 
 
 def _identity(info: RunInfo) -> str:
     """Model and tokenizer identity, then the resolved config."""
-    model = (info.manifest or {}).get("model") or {
-        "path": info.config.get("model", {}).get("path", "?")
-    }
+    model = info.manifest.model if info.manifest else {"path": info.config.model.path}
     items = [
         (key, label, str(model[key])) for key, label in _IDENTITY if model.get(key) is not None
     ]
     config = [
         (f"{section}.{key}", f"{section}.{key}", "null" if value is None else str(value))
-        for section, values in info.config.items()
+        for section, values in info.config.to_dict().items()
         for key, value in values.items()
     ]
     return (

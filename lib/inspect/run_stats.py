@@ -21,9 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lib import storage
+from lib.config import JobConfig, from_record
 from lib.errors import UserError, first_line
 from lib.extract import scores
 from lib.output import compact, layout
+from lib.output.records import Manifest, UnitRecord
 from lib.overlap import Background
 from lib.storage import AnyPath
 
@@ -156,11 +158,11 @@ class Calibration:
         return cls(counts, confidence, accuracy, stored, "manifest")
 
     @classmethod
-    def from_records(cls, records: list[dict]) -> Calibration | None:
+    def from_records(cls, records: list[UnitRecord]) -> Calibration | None:
         """Summed from the unit records' partial scores, where every record has them."""
         keys = ("calibration_counts", "calibration_confidence", "calibration_correct")
-        parts = [r.get("scores") for r in records]
-        if not parts or not all(isinstance(p, dict) and set(keys) <= set(p) for p in parts):
+        parts = [r.scores for r in records]
+        if not parts or not all(set(keys) <= set(p) for p in parts):
             return None
         sums = [np.sum([p[key] for p in parts], axis=0, dtype=np.float64) for key in keys]
         return cls(*sums, source="unit records")
@@ -172,9 +174,9 @@ class RunInfo:
     """The bookkeeping side of an output directory: manifest or job record, unit records."""
 
     out_dir: AnyPath
-    manifest: dict | None
-    config: dict
-    records: list[dict]
+    manifest: Manifest | None
+    config: JobConfig  # the manifest's, else the job record's (the defaults where neither is)
+    records: list[UnitRecord]
     partial: bool
     skipped: dict[str, int]
     fmt: str | None
@@ -188,38 +190,33 @@ def read_run(out_dir: str | AnyPath) -> RunInfo:
     if not out_dir.is_dir():
         raise UserError(f"{out_dir} is not a directory")
     manifest = layout.read_manifest(out_dir)
-    job = layout.read_json(out_dir / layout.JOB)
+    job = layout.read_json(out_dir / layout.JOB) or {}
     markers = (out_dir / layout.TOKENS, out_dir / layout.UNITS, out_dir / layout.DOCUMENTS)
-    if manifest is None and job is None and not any(p.is_dir() for p in markers):
-        if not layout.legacy_shards(out_dir):
-            raise UserError(f"{out_dir} is not an output directory of this job (no {layout.JOB})")
-    config = (manifest or job or {}).get("config", {})
-    fingerprint = (manifest or job or {}).get("fingerprint")
+    if manifest is None and not job and not any(p.is_dir() for p in markers):
+        raise UserError(f"{out_dir} is not an output directory of this job (no {layout.JOB})")
+    if manifest is not None:
+        config, fingerprint = manifest.config, manifest.fingerprint
+    else:
+        config = from_record(job.get("config") or {}) or JobConfig()
+        fingerprint = job.get("fingerprint")
     records = _records(out_dir, fingerprint)
     partial = manifest is None or not (out_dir / layout.SUCCESS).exists()
-    fmt = (manifest or {}).get("format") or config.get("output", {}).get("format")
+    fmt = manifest.format if manifest else config.output.format
     return RunInfo(out_dir, manifest, config, records, partial, _skipped(out_dir, records), fmt)
 
 
-def _records(out_dir: AnyPath, fingerprint: str | None) -> list[dict]:
+def _records(out_dir: AnyPath, fingerprint: str | None) -> list[UnitRecord]:
     """The unit records of this job whose shard is committed, in unit order."""
     names = [path.stem for path in sorted((out_dir / layout.UNITS).glob("part-*.json"))]
     visible = layout.visible_shards(out_dir, "both")
     found = []
     for record in layout.read_records(out_dir, names).values():
-        if record is None or record.get("fingerprint") not in (None, fingerprint):
+        if record is None or record.fingerprint != fingerprint:
             continue
-        files = [entry.get("file") for entry in record_files(record)]
-        if not all(isinstance(f, str) and f in visible for f in files):
+        if not all(entry.file in visible for entry in record.files):
             continue  # a record without its shards is not committed
         found.append(record)
     return found
-
-
-def record_files(record: dict) -> list[dict]:
-    """A record's shard entries ({file, rows, ...}): under `files`, or the record itself in
-    records of one shard."""
-    return record["files"] if isinstance(record.get("files"), list) else [record]
 
 
 def _skipped(out_dir: AnyPath, records: list[dict]) -> dict[str, int]:
@@ -233,80 +230,98 @@ def _skipped(out_dir: AnyPath, records: list[dict]) -> dict[str, int]:
             return {item["values"]: item["counts"] for item in counts}
         except (OSError, pa.ArrowException, KeyError):
             pass
-    return dict(Counter(reason for r in records for _, reason in r.get("skipped", [])))
+    return dict(Counter(reason for r in records for _, reason in r.skipped))
 
 
-def totals(info: RunInfo) -> dict:
+@dataclass(frozen=True)
+class RunTotals:
+    """Rows over the output, and the tokens of every committed unit (this run's or not)."""
+
+    input_rows: int
+    scored_rows: int
+    skipped_rows: int
+    truncated_rows: int
+    output_rows: int
+    shard_tokens: int
+    shard_padded_tokens: int
+
+
+def totals(info: RunInfo) -> RunTotals:
     """Rows and tokens: the manifest's when the job finished, else summed over committed units."""
+    records = info.records
+    tokens = sum(r.tokens for r in records), sum(r.padded_tokens for r in records)
     if info.manifest is not None and not info.partial:
-        return {**info.manifest["totals"], **_tokens(info.records)}
-    keys = ("input_rows", "scored_rows", "skipped_rows", "truncated_rows")
-    summed = {key: sum(r.get(key, 0) for r in info.records) for key in keys}
-    summed["output_rows"] = sum(record_files(r)[0].get("rows", 0) for r in info.records)
-    return {**summed, **_tokens(info.records)}
+        t = info.manifest.totals
+        rows = t.input_rows, t.scored_rows, t.skipped_rows, t.truncated_rows, t.output_rows
+    else:
+        rows = (
+            sum(r.input_rows for r in records),
+            sum(r.scored_rows for r in records),
+            sum(r.skipped_rows for r in records),
+            sum(r.truncated_rows for r in records),
+            sum(r.files[0].rows for r in records),
+        )
+    return RunTotals(*rows, *tokens)
 
 
-def _tokens(records: list[dict]) -> dict:
-    """Real and padded tokens of every committed unit, this run's or not."""
-    return {
-        "shard_tokens": sum(r.get("tokens", 0) for r in records),
-        "shard_padded_tokens": sum(r.get("padded_tokens", 0) for r in records),
-    }
+@dataclass(frozen=True)
+class Timing:
+    """This run's tokens, wall time, rate and processes."""
+
+    tokens: int
+    padded_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    processes: int
 
 
-def timing(info: RunInfo) -> dict:
+def timing(info: RunInfo) -> Timing:
     """Wall time, tokens/s and processes: the manifest's, else from the records' timestamps."""
     if info.manifest is not None and not info.partial:
-        run = info.manifest["throughput"]
-        return {
-            "tokens": run["tokens"],
-            "padded_tokens": run["padded_tokens"],
-            "wall_s": run["wall_s"],
-            "tokens_per_s": run["tokens_per_s"],
-            "processes": info.manifest.get("world_size", 1),
-        }
-    timed = [r for r in info.records if "started_at" in r and "committed_at" in r]
+        run = info.manifest.throughput
+        return Timing(
+            run["tokens"],
+            run["padded_tokens"],
+            run["wall_s"],
+            run["tokens_per_s"],
+            info.manifest.world_size,
+        )
+    records = info.records
     wall = (
-        max(r["committed_at"] for r in timed) - min(r["started_at"] for r in timed)
-        if timed
+        max(r.committed_at for r in records) - min(r.started_at for r in records)
+        if records
         else math.nan
     )
-    tokens = sum(r.get("tokens", 0) for r in info.records)
-    return {
-        "tokens": tokens,
-        "padded_tokens": sum(r.get("padded_tokens", 0) for r in info.records),
-        "wall_s": wall,
-        "tokens_per_s": tokens / wall if wall and wall > 0 else math.nan,
-        "processes": len({r.get("rank", 0) for r in info.records}) or 1,
-    }
+    tokens = sum(r.tokens for r in records)
+    return Timing(
+        tokens,
+        sum(r.padded_tokens for r in records),
+        wall,
+        tokens / wall if wall and wall > 0 else math.nan,
+        len({r.rank for r in records}) or 1,
+    )
 
 
 def stored_calibration(info: RunInfo) -> Calibration | None:
     """The job's own calibration figures: the manifest's, or a partial output's unit records'."""
-    scores = (info.manifest or {}).get("scores") if not info.partial else None
-    if isinstance(scores, dict):
-        return Calibration.from_scores(scores)
+    if info.manifest is not None and not info.partial:
+        return Calibration.from_scores(info.manifest.scores)
     return Calibration.from_records(info.records) if info.partial else None
 
 
-def unit_rates(records: list[dict]) -> dict[tuple[int, str], np.ndarray]:
+def unit_rates(records: list[UnitRecord]) -> dict[tuple[int, str], np.ndarray]:
     """(run, rank) -> rows of (commit time, tokens/s) per unit: a unit's tokens over the time
     since its rank's previous commit (or since its reading began, if later)."""
-    timed = sorted(
-        (r for r in records if "started_at" in r and "committed_at" in r),
-        key=lambda r: r["committed_at"],
-    )
-    start = min((r["started_at"] for r in timed), default=0.0)
+    timed = sorted(records, key=lambda r: r.committed_at)
+    start = min((r.started_at for r in timed), default=0.0)
     lines: dict[tuple[int, str], list] = {}
     last: dict[tuple[int, str], float] = {}
     for record in timed:
-        key = (record.get("rank", 0), record.get("run_id", ""))
-        begin = max(record["started_at"], last.get(key, -math.inf))
-        last[key] = record["committed_at"]
-        seconds = max(record["committed_at"] - begin, 1e-6)
-        lines.setdefault(key, []).append(
-            (record["committed_at"] - start, record["tokens"] / seconds)
-        )
+        key = (record.rank, record.run_id)
+        begin = max(record.started_at, last.get(key, -math.inf))
+        last[key] = record.committed_at
+        seconds = max(record.committed_at - begin, 1e-6)
+        lines.setdefault(key, []).append((record.committed_at - start, record.tokens / seconds))
     return {key: np.array(points) for key, points in lines.items()}
 
 
@@ -396,7 +411,7 @@ def scan_tokens(info: RunInfo) -> TokenStats | None:
         stats.mass = Histogram(MASS_BINS, 0.0, 1.0)
     if "entropy" in columns or "logits" in columns:
         stats.entropy = Histogram(lo=0.0)
-    max_length = info.config.get("input", {}).get("max_length", 512)
+    max_length = info.config.input.max_length
     examples = pa.types.is_list(schema.field("logsumexp").type)  # output.rows=examples
     # Decoding (in a thread) and the arithmetic here both release the GIL: they overlap.
     batches = record_batches(files, columns, _batch_rows(schema, max_length))

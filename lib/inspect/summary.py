@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lib.output.records import Manifest
+
 
 def _count(n: int, one: str, many: str | None = None) -> str:
     """`1 shard`, `2 shards`."""
@@ -13,45 +15,46 @@ def _figure(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
 
 
-def _output_rows(manifest: dict) -> str:
-    totals, shards = manifest["totals"], _count(len(manifest["shards"]), "shard")
-    level = manifest.get("config", {}).get("output", {}).get("level", "tokens")
+def _output_rows(manifest: Manifest) -> str:
+    totals, shards = manifest.totals, _count(len(manifest.shards), "shard")
+    level = manifest.config.output.level
     if level == "tokens":
-        return f"{totals['output_rows']:,} in {shards}"
+        return f"{totals.output_rows:,} in {shards}"
     if level == "documents":
-        return f"{totals['document_rows']:,} document rows in {shards}"
-    tokens, documents = totals["output_rows"], totals["document_rows"]
-    return f"{tokens:,} token rows and {documents:,} document rows in {shards}"
+        return f"{totals.document_rows:,} document rows in {shards}"
+    return (
+        f"{totals.output_rows:,} token rows and {totals.document_rows:,} document rows in {shards}"
+    )
 
 
-def print_summary(manifest: dict, out_dir: str) -> None:
+def print_summary(manifest: Manifest, out_dir: str, *, already_complete: bool = False) -> None:
     """Rows, tokens, padding efficiency, throughput, wall time, the corpus scores and where
     the output is."""
-    totals = manifest["totals"]
-    run = manifest["throughput"]
-    if manifest.get("already_complete"):
+    totals = manifest.totals
+    run = manifest.throughput
+    if already_complete:
         print(f"already complete: {out_dir} (nothing rewritten)")
     lines = [
         (
             "rows",
-            f"{totals['input_rows']:,} input = {totals['scored_rows']:,} scored "
-            f"+ {totals['skipped_rows']:,} skipped ({totals['truncated_rows']:,} truncated)",
+            f"{totals.input_rows:,} input = {totals.scored_rows:,} scored "
+            f"+ {totals.skipped_rows:,} skipped ({totals.truncated_rows:,} truncated)",
         ),
         ("output rows", _output_rows(manifest)),
     ]
-    if not manifest.get("already_complete"):
+    if not already_complete:
         lines += [
             (
                 "this run",
                 f"{run['rows']:,} rows in {_count(run['units'], 'unit')}, "
-                f"{_count(manifest.get('world_size', 1), 'process', 'processes')}",
+                f"{_count(manifest.world_size, 'process', 'processes')}",
             ),
             ("tokens", f"{run['tokens']:,} ({run['padded_tokens']:,} padded)"),
             ("padding efficiency", f"{run['padding_efficiency']:.1%}"),
             ("throughput", f"{run['tokens_per_s']:,.0f} tokens/s, {run['rows_per_s']:,.1f} rows/s"),
             ("wall time", f"{run['wall_s']:.1f} s"),
         ]
-    scores = manifest.get("scores") or {}
+    scores = manifest.scores
     if scores.get("tokens"):
         bits = scores.get("bits_per_byte")
         text = f"{scores['tokens']:,} tokens scored: perplexity {_figure(scores['perplexity'])}"
@@ -59,16 +62,16 @@ def print_summary(manifest: dict, out_dir: str) -> None:
             text += f", {bits:.3f} bits/byte"
         # A model scoring its own greedy tokens is its own top-1: the figures say nothing
         # (unless its generation config steers decoding away from the raw top-1).
-        generate = manifest.get("config", {}).get("decoder", {}).get("mode") == "generate"
+        generate = manifest.config.decoder.mode == "generate"
         if not generate or scores["top1_accuracy"] < 1:
             text += f", top-1 {scores['top1_accuracy']:.1%}, ECE {scores['ece']:.3f}"
         lines.append(("scores", text))
-    if manifest.get("recomputed"):
-        names = ", ".join(manifest["recomputed"])
+    if manifest.recomputed:
+        names = ", ".join(manifest.recomputed)
         lines.append(
             (
                 "recomputed",
-                f"{len(manifest['recomputed'])} shards that failed their checksum: {names}",
+                f"{len(manifest.recomputed)} shards that failed their checksum: {names}",
             )
         )
     lines.append(("output", out_dir))

@@ -20,6 +20,7 @@ from lib import storage
 from lib.errors import UserError, first_line
 from lib.extract import corpus
 from lib.output import layout
+from lib.output.records import Manifest, ShardEntry, Totals
 from lib.storage import AnyPath
 
 EXAMPLES = 3  # ids quoted in a problem line
@@ -33,7 +34,7 @@ class Report:
     output_rows: int = 0  # token rows
     document_rows: int | None = None  # at output.level documents or both
     input_rows: int | None = None  # set when the input was checked
-    storage: dict | None = None  # compact or top_p position rows: bytes per position, entry
+    storage: StorageFigures | None = None  # compact or top_p position rows
 
 
 def _examples(values: pa.Array) -> str:
@@ -94,37 +95,13 @@ def _read_keys(path: AnyPath, fmt: str) -> tuple[pa.Schema, pa.Table]:
     return schema, table
 
 
-def _checksum_problem(path: AnyPath, entry: dict) -> str | None:
+def _checksum_problem(path: AnyPath, entry: ShardEntry) -> str | None:
     """How a shard differs from the size and sha256 its manifest entry recorded, if it does."""
-    if "sha256" not in entry:
-        return None  # output of the first layout carries no checksums
     sha256, size = storage.sha256(path)
-    if size != entry.get("bytes"):
-        return f"has {size:,} bytes, the job committed {entry.get('bytes'):,}"
-    if sha256 != entry["sha256"]:
+    if size != entry.bytes:
+        return f"has {size:,} bytes, the job committed {entry.bytes:,}"
+    if sha256 != entry.sha256:
         return "does not match its checksum (damaged or changed after it was committed)"
-    return None
-
-
-def _check_manifest(manifest: object) -> str | None:
-    """What is missing from a manifest, None when it has every key this check reads."""
-    if not isinstance(manifest, dict):
-        return "is not a JSON object"
-    for key, kind in (("schema", list), ("shards", list), ("totals", dict), ("format", str)):
-        if not isinstance(manifest.get(key), kind):
-            return f"has no valid {key!r}"
-    if manifest["format"] not in layout.EXTENSIONS:
-        return f"names an unknown format {manifest['format']!r}"
-    for shard in manifest["shards"]:
-        if not (
-            isinstance(shard, dict)
-            and isinstance(shard.get("file"), str)
-            and isinstance(shard.get("rows"), int)
-        ):
-            return f"has a malformed shard entry {shard!r}"
-    for key in ("input_rows", "scored_rows", "skipped_rows", "output_rows"):
-        if not isinstance(manifest["totals"].get(key), int):
-            return f"has no totals.{key}"
     return None
 
 
@@ -147,41 +124,33 @@ def _check_keys(
         )
 
 
-def _level(manifest: dict) -> str:
-    level = ((manifest.get("config") or {}).get("output") or {}).get("level", "tokens")
-    return level if level in ("tokens", "documents", "both") else "tokens"
-
-
-def _folders(manifest: dict) -> tuple[str, ...]:
-    return layout.folders(_level(manifest))
+def _folders(manifest: Manifest) -> tuple[str, ...]:
+    return layout.folders(manifest.config.output.level)
 
 
 def _check_shards(
-    out_dir: AnyPath, manifest: dict, problems: list[str]
+    out_dir: AnyPath, manifest: Manifest, problems: list[str]
 ) -> tuple[pa.Array, dict[str, int], bool]:
     """Check every shard, folder by folder, against the manifest.
 
     Returns the distinct ids of the first folder's rows, the rows of each folder's shards and
     whether every listed shard was read.
     """
-    entries = {s["file"]: s for s in manifest["shards"]}
-    if len(entries) != len(manifest["shards"]):
+    entries = {s.file: s for s in manifest.shards}
+    if len(entries) != len(manifest.shards):
         problems.append("the manifest lists a shard more than once")
     folders = _folders(manifest)
-    on_disk = layout.data_entries(out_dir, _level(manifest))
-    if not on_disk and layout.legacy_shards(out_dir):
-        on_disk = [layout.relative(out_dir, p) for p in layout.legacy_shards(out_dir)]
+    on_disk = layout.data_entries(out_dir, manifest.config.output.level)
     for name in sorted(set(entries) - set(on_disk)):
         problems.append(f"shard {name} is listed in the manifest but missing")
     for name in sorted(set(on_disk) - set(entries)):
         problems.append(f"{name} is not listed in the manifest (readers would read it as rows)")
     results = []
     for folder in folders:
-        schema = manifest.get("documents_schema") if folder == layout.DOCUMENTS else None
-        legacy = folder == layout.TOKENS  # shards of the first layout lie at OUT itself
-        mine = [n for n in on_disk if n.startswith(f"{folder}/") or (legacy and "/" not in n)]
+        schema = manifest.documents_schema if folder == layout.DOCUMENTS else None
+        mine = [n for n in on_disk if n.startswith(f"{folder}/")]
         results.append(
-            _check_folder(out_dir, mine, entries, schema or manifest["schema"], manifest, problems)
+            _check_folder(out_dir, mine, entries, schema or manifest.schema, manifest, problems)
         )
     rows = {folder: r[1] for folder, r in zip(folders, results, strict=True)}
     all_read = all(r[2] for r in results) and set(entries) <= set(on_disk)
@@ -189,10 +158,15 @@ def _check_shards(
 
 
 def _check_folder(
-    out_dir: AnyPath, names: list[str], entries: dict, schema: list, manifest: dict, problems: list
+    out_dir: AnyPath,
+    names: list[str],
+    entries: dict[str, ShardEntry],
+    schema: list,
+    manifest: Manifest,
+    problems: list,
 ) -> tuple[pa.Array, int, bool]:
     """One folder's shards: checksums, schema, rows and keys, and no id in two shards."""
-    fmt = manifest["format"]
+    fmt = manifest.format
     unique_ids, owners, readable, rows = [], [], [], 0
     for name in names:
         fmt_here = (
@@ -208,7 +182,7 @@ def _check_folder(
             problems.append(f"shard {name} is not readable: {first_line(exc)}")
             continue
         rows += keys.num_rows
-        _check_keys(name, shard_schema, keys, schema, entry and entry["rows"], problems)
+        _check_keys(name, shard_schema, keys, schema, entry and entry.rows, problems)
         ids = pc.unique(keys.column("id").combine_chunks())
         unique_ids.append(ids)
         owners.append(np.full(len(ids), len(readable), dtype=np.int64))
@@ -241,37 +215,53 @@ def _footer_entries(path: AnyPath) -> int:
     )
 
 
-def storage_figures(out_dir: AnyPath, manifest: dict, problems: list[str]) -> dict | None:
+@dataclass(frozen=True)
+class StorageFigures:
+    """What the token shards' top-k costs: bytes per position and per stored entry."""
+
+    bytes: int
+    positions: int
+    entries: int
+
+    @property
+    def bytes_per_position(self) -> float:
+        return self.bytes / max(self.positions, 1)
+
+    @property
+    def bytes_per_entry(self) -> float:
+        return self.bytes / max(self.entries, 1)
+
+    @property
+    def entries_per_position(self) -> float:
+        return self.entries / max(self.positions, 1)
+
+
+def storage_figures(
+    out_dir: AnyPath, manifest: Manifest, problems: list[str]
+) -> StorageFigures | None:
     """Bytes of the token shards per position and per stored top-k entry, from the manifest
     (compact shards' entries checked against their footers), for output.encoding=compact or
     output.top_p below 1; None otherwise."""
-    output = (manifest.get("config") or {}).get("output") or {}
-    if output.get("encoding", "plain") == "plain" and output.get("top_p", 1.0) == 1.0:
+    output = manifest.config.output
+    if output.encoding == "plain" and output.top_p == 1.0:
         return None  # plain k-wide rows: k entries a position
-    if output.get("rows") == "examples":
+    if output.rows == "examples":
         return None
-    totals = manifest["totals"]
-    shards = [s for s in manifest["shards"] if not s["file"].startswith(f"{layout.DOCUMENTS}/")]
-    size = sum(s.get("bytes", 0) for s in shards)  # recorded at commit; checked above
-    positions = totals["output_rows"]
-    entries = totals.get("topk_entries", positions * output.get("k", 0))
-    if output.get("encoding") == "compact":
+    totals = manifest.totals
+    shards = [s for s in manifest.shards if not s.file.startswith(f"{layout.DOCUMENTS}/")]
+    size = sum(s.bytes for s in shards)  # recorded at commit; checked above
+    positions = totals.output_rows
+    entries = totals.topk_entries if totals.topk_entries is not None else positions * output.k
+    if output.encoding == "compact":
         try:
-            in_footers = sum(_footer_entries(out_dir / s["file"]) for s in shards)
+            in_footers = sum(_footer_entries(out_dir / s.file) for s in shards)
         except Exception:  # an unreadable shard is a finding of the shard checks already
             in_footers = None
         if in_footers is not None and in_footers != entries:
             problems.append(
                 f"manifest totals.topk_entries is {entries:,}, the shards' footers hold {in_footers:,}"
             )
-    return {
-        "bytes": size,
-        "positions": positions,
-        "entries": entries,
-        "bytes_per_position": size / max(positions, 1),
-        "bytes_per_entry": size / max(entries, 1),
-        "entries_per_position": entries / max(positions, 1),
-    }
+    return StorageFigures(size, positions, entries)
 
 
 def _read_skipped(out_dir: AnyPath, problems: list[str]) -> pa.Array | None:
@@ -321,7 +311,11 @@ def _same_type(values: pa.Array, like: pa.DataType) -> pa.Array:
 
 
 def _check_input(
-    ids_in: pa.Array, scored: pa.Array, skipped: pa.Array | None, totals: dict, problems: list[str]
+    ids_in: pa.Array,
+    scored: pa.Array,
+    skipped: pa.Array | None,
+    totals: Totals,
+    problems: list[str],
 ) -> None:
     """Every input id is in exactly one of output and skipped, and nothing else is."""
     skipped = pa.array([], ids_in.type) if skipped is None else skipped
@@ -330,10 +324,9 @@ def _check_input(
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         problems.append(f"output ids have type {scored.type}, the input ids {ids_in.type}")
         return
-    if totals["input_rows"] != len(ids_in):
+    if totals.input_rows != len(ids_in):
         problems.append(
-            f"manifest totals.input_rows is {totals['input_rows']}, "
-            f"the input has {len(ids_in)} rows"
+            f"manifest totals.input_rows is {totals.input_rows}, the input has {len(ids_in)} rows"
         )
     in_scored = pc.is_in(ids_in, value_set=scored)
     in_skipped = pc.is_in(ids_in, value_set=skipped)
@@ -357,37 +350,41 @@ def _check_input(
             )
 
 
-def _check_totals(manifest: dict, scored: pa.Array, all_read: bool, problems: list[str]) -> None:
+def _check_totals(
+    manifest: Manifest, scored: pa.Array, all_read: bool, problems: list[str]
+) -> None:
     """The manifest's totals against its shard list and the ids the shards hold."""
-    totals = manifest["totals"]
+    totals = manifest.totals
     first = _folders(manifest)[0]
     listed = sum(
-        s["rows"]
-        for s in manifest["shards"]
-        if not s["file"].startswith(f"{layout.DOCUMENTS}/") or first == layout.DOCUMENTS
+        s.rows
+        for s in manifest.shards
+        if not s.file.startswith(f"{layout.DOCUMENTS}/") or first == layout.DOCUMENTS
     )
-    if totals["output_rows"] != listed:
+    if totals.output_rows != listed:
         problems.append(
-            f"manifest totals.output_rows is {totals['output_rows']}, its shards hold {listed}"
+            f"manifest totals.output_rows is {totals.output_rows}, its shards hold {listed}"
         )
-    if totals["input_rows"] != totals["scored_rows"] + totals["skipped_rows"]:
+    if totals.input_rows != totals.scored_rows + totals.skipped_rows:
         problems.append(
-            f"manifest totals: input_rows {totals['input_rows']} != scored_rows "
-            f"{totals['scored_rows']} + skipped_rows {totals['skipped_rows']}"
+            f"manifest totals: input_rows {totals.input_rows} != scored_rows "
+            f"{totals.scored_rows} + skipped_rows {totals.skipped_rows}"
         )
     # Every scored row has at least one output row (a row with none is skipped), so the
     # shards must hold exactly scored_rows distinct ids (when all of them could be read).
-    if all_read and len(scored) != totals["scored_rows"]:
+    if all_read and len(scored) != totals.scored_rows:
         problems.append(
-            f"manifest totals.scored_rows is {totals['scored_rows']}, the shards hold rows of "
+            f"manifest totals.scored_rows is {totals.scored_rows}, the shards hold rows of "
             f"{len(scored)} ids"
         )
 
 
-def _check_skipped(skipped: pa.Array, scored: pa.Array, totals: dict, problems: list[str]) -> None:
-    if len(skipped) != totals["skipped_rows"]:
+def _check_skipped(
+    skipped: pa.Array, scored: pa.Array, totals: Totals, problems: list[str]
+) -> None:
+    if len(skipped) != totals.skipped_rows:
         problems.append(
-            f"manifest totals.skipped_rows is {totals['skipped_rows']}, {layout.SKIPPED} "
+            f"manifest totals.skipped_rows is {totals.skipped_rows}, {layout.SKIPPED} "
             f"has {len(skipped)} rows"
         )
     if len(scored) and len(skipped):
@@ -402,12 +399,13 @@ def _check_skipped(skipped: pa.Array, scored: pa.Array, totals: dict, problems: 
             )
 
 
-def _read_input_ids(manifest: dict, path: str | None, column: str | None, problems: list[str]):
+def _read_input_ids(
+    manifest: Manifest, path: str | None, column: str | None, problems: list[str]
+) -> pa.Array | None:
     """The input's ids (path and id column default to the manifest's); None, with a problem
     line, when they cannot be read."""
-    config_input = (manifest.get("config") or {}).get("input") or {}
-    path = path or config_input.get("path")
-    column = column if column is not None else config_input.get("id_column")
+    path = path or manifest.config.input.path
+    column = column if column is not None else manifest.config.input.id_column
     if not path:
         problems.append("no input to check: give --input PATH (the manifest names none)")
         return None
@@ -420,16 +418,19 @@ def _read_input_ids(manifest: dict, path: str | None, column: str | None, proble
     return None
 
 
-def _read_manifest(out_dir: AnyPath, problems: list[str]) -> dict | None:
+def _read_manifest(out_dir: AnyPath, problems: list[str]) -> Manifest | None:
     if not (out_dir / layout.MANIFEST).exists():
         problems.append(f"{layout.MANIFEST} is missing")
         return None
-    manifest = layout.read_json(out_dir / layout.MANIFEST)
-    malformed = "is not readable JSON" if manifest is None else _check_manifest(manifest)
-    if malformed:
-        problems.append(f"{layout.MANIFEST} {malformed}")
+    data = layout.read_json(out_dir / layout.MANIFEST)
+    if data is None:
+        problems.append(f"{layout.MANIFEST} is not readable JSON")
         return None
-    return manifest
+    try:
+        return Manifest.from_json(data)
+    except ValueError as exc:
+        problems.append(f"{layout.MANIFEST} {exc}")
+        return None
 
 
 def verify(
@@ -468,7 +469,7 @@ def verify(
     report = Report(
         problems,
         warnings,
-        len(manifest["shards"]),
+        len(manifest.shards),
         rows.get(layout.TOKENS, 0),
         rows.get(layout.DOCUMENTS),
     )
@@ -480,12 +481,12 @@ def verify(
         _check_skipped(
             skipped,
             pa.array([], skipped.type) if check_input else scored,
-            manifest["totals"],
+            manifest.totals,
             problems,
         )
     if check_input:
         ids_in = _read_input_ids(manifest, input_path, id_column, problems)
         if ids_in is not None:
             report.input_rows = len(ids_in)
-            _check_input(ids_in, scored, skipped, manifest["totals"], problems)
+            _check_input(ids_in, scored, skipped, manifest.totals, problems)
     return report

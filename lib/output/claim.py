@@ -14,6 +14,7 @@ from lib.errors import UserError, output_error
 from lib.extract.corpus import InputFile, WorkUnit
 from lib.output import layout, resume
 from lib.output.lease import Lease
+from lib.output.records import Manifest
 from lib.storage import AnyPath
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class Claim:
 class Finished:
     """The job was complete already: its manifest."""
 
-    manifest: dict
+    manifest: Manifest
 
 
 def claim(

@@ -11,10 +11,9 @@
     OUT/report.html                the run report (lib/inspect/report.py), after the job or on demand
 
 Readers that skip names starting with `_` or `.` (pyarrow, pandas, Polars, DuckDB with a
-`tokens/*` glob, Hugging Face datasets) see only the shards. Output of the first layout, with
-`part-*` files at OUT itself, is still read by `lib.results` and `jobs.verify`.
+`tokens/*` glob, Hugging Face datasets) see only the shards.
 
-OUT is a local path or an object-store URI (lib/storage.py): on an object store a shard is
+OUT is a local path or an object-store URI (lib/storage): on an object store a shard is
 uploaded under its final name and appears only when its upload completes, so `_tmp` stays empty.
 """
 
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from lib import storage
 from lib.errors import output_error
 from lib.output.lease import Process, tag_alive
+from lib.output.records import Manifest, UnitRecord
 from lib.storage import AnyPath, s3
 
 TOKENS = "tokens"
@@ -92,25 +92,15 @@ def temp_path(out_dir: AnyPath, final: AnyPath) -> AnyPath:
 
 def is_ours(name: str) -> bool:
     """Whether an entry of OUT is one this job writes (anything else is the user's)."""
-    return name in _OURS or name.startswith(("part-", ".part-", "._"))
-
-
-def legacy_shards(out_dir: AnyPath) -> list[AnyPath]:
-    """Shards of the first layout, directly in OUT."""
-    return sorted(p for p in out_dir.glob("part-*") if p.is_file())
+    return name in _OURS
 
 
 def shard_files(out_dir: AnyPath, folder: str = TOKENS) -> list[AnyPath]:
-    """The committed shards of a folder, in name order (the order readers use); for tokens,
-    the first layout's too."""
+    """The committed shards of a folder, in name order (the order readers use)."""
     path = out_dir / folder
     if not storage.is_remote(path) and not path.is_dir():
-        found = []
-    else:
-        found = sorted(
-            p for p in storage.listing(path) if p.name.startswith("part-") and p.is_file()
-        )
-    return found or (legacy_shards(out_dir) if folder == TOKENS else [])
+        return []
+    return sorted(p for p in storage.listing(path) if p.name.startswith("part-") and p.is_file())
 
 
 def read_as_data(name: str) -> bool:
@@ -147,21 +137,11 @@ def relative(out_dir: AnyPath, path: AnyPath) -> str:
 
 # -- temporaries -----------------------------------------------------------------------------
 def temporaries(out_dir: AnyPath) -> list[AnyPath]:
-    """Every temporary file in OUT: in `_tmp`, and hidden `*.tmp` files of the first layout."""
-    found = []
-    if storage.is_remote(out_dir):
-        folders = (out_dir / TMP,)  # object-store output never had the first layout
-    else:
-        folders = (out_dir, out_dir / UNITS, out_dir / TOKENS, out_dir / DOCUMENTS, out_dir / TMP)
-    for folder in folders:
-        if storage.is_remote(folder) or folder.is_dir():
-            found += [
-                p
-                for p in folder.iterdir()
-                if p.is_file()
-                and (folder == out_dir / TMP or p.name.startswith(".") and p.name.endswith(".tmp"))
-            ]
-    return sorted(found)
+    """Every temporary file in OUT: they all live in `_tmp`."""
+    folder = out_dir / TMP
+    if not storage.is_remote(folder) and not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file())
 
 
 def temporary_writer_alive(path: AnyPath) -> bool | None:
@@ -220,19 +200,30 @@ def read_json(path: AnyPath) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def read_manifest(out_dir: AnyPath) -> dict | None:
-    """OUT/_manifest.json, None when it is missing or unreadable."""
-    return read_json(out_dir / MANIFEST)
+def read_manifest(out_dir: AnyPath) -> Manifest | None:
+    """OUT/_manifest.json, None when it is missing, unreadable or malformed."""
+    try:
+        return Manifest.from_json(read_json(out_dir / MANIFEST))
+    except ValueError:
+        return None
 
 
-def read_records(out_dir: AnyPath, names: list[str]) -> dict[str, dict | None]:
-    """Unit records by name (None where missing or unreadable); on an object store, where each
-    is a request, many at once."""
+def read_record(path: AnyPath) -> UnitRecord | None:
+    """A unit record, None when it is missing, unreadable or malformed."""
+    try:
+        return UnitRecord.from_json(read_json(path))
+    except ValueError:
+        return None
+
+
+def read_records(out_dir: AnyPath, names: list[str]) -> dict[str, UnitRecord | None]:
+    """Unit records by name (None where missing, unreadable or malformed); on an object store,
+    where each is a request, many at once."""
     paths = [record_path(out_dir, name) for name in names]
     if storage.is_remote(out_dir) and len(paths) > 1:
         with ThreadPoolExecutor(_PARALLEL_READS) as pool:
-            return dict(zip(names, pool.map(read_json, paths), strict=True))
-    return {name: read_json(path) for name, path in zip(names, paths, strict=True)}
+            return dict(zip(names, pool.map(read_record, paths), strict=True))
+    return {name: read_record(path) for name, path in zip(names, paths, strict=True)}
 
 
 def write_json(path: AnyPath, data: dict, out_dir: AnyPath) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -10,15 +13,44 @@ from lib.config import JobConfig
 from lib.errors import UserError
 from lib.extract import corpus, scores
 from lib.output import layout
+from lib.output.records import Manifest, ShardEntry, Totals, UnitRecord
 from lib.storage import AnyPath
 
-_COUNTS = ("input_rows", "scored_rows", "skipped_rows", "truncated_rows")
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the manifest says besides the unit records: the schemas, the model, the claim."""
+
+    schema: pa.Schema  # the token shards'
+    documents_schema: pa.Schema | None
+    id_type: pa.DataType
+    identity: dict
+    fingerprint: str
+    run_id: str
+    recomputed: list[str]
+    wall: float  # seconds this run took
+    world_size: int
+
+
+@dataclass
+class _Sums:
+    """The unit records added up, in unit order."""
+
+    shards: list[ShardEntry] = field(default_factory=list)
+    partials: list[dict] = field(default_factory=list)
+    skipped: list[list] = field(default_factory=list)
+    run: dict = field(
+        default_factory=lambda: dict.fromkeys(("units", "rows", "tokens", "padded_tokens"), 0)
+    )
 
 
 def _record(
-    out_dir: AnyPath, unit: corpus.WorkUnit, fmt: str, level: str, visible: dict, record: dict
-) -> dict:
-    names = layout.shard_names(unit.name, fmt, level)
+    out_dir: AnyPath,
+    unit: corpus.WorkUnit,
+    names: list[str],
+    visible: dict,
+    record: UnitRecord | None,
+) -> UnitRecord:
     if record is None or not all(name in visible for name in names):
         raise UserError(
             f"output.dir {out_dir}: shard {unit.name} or its record is missing after all ranks "
@@ -27,12 +59,11 @@ def _record(
     return record
 
 
-def _write_skipped(out_dir: AnyPath, ids: list, reasons: list[str], id_type: pa.DataType) -> None:
-    skipped = pa.table(
-        {"id": pa.array(ids, type=id_type), "reason": pa.array(reasons, pa.string())}
-    )
+def _write_skipped(out_dir: AnyPath, skipped: list[list], id_type: pa.DataType) -> None:
+    ids, reasons = [item for item, _ in skipped], [reason for _, reason in skipped]
+    table = pa.table({"id": pa.array(ids, type=id_type), "reason": pa.array(reasons, pa.string())})
     sink = pa.BufferOutputStream()
-    pq.write_table(skipped, sink)
+    pq.write_table(table, sink)
     layout.write_atomic(out_dir / layout.SKIPPED, sink.getvalue().to_pybytes(), out_dir)
 
 
@@ -40,76 +71,70 @@ def _fields(schema: pa.Schema) -> list[dict]:
     return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
 
 
+def _sum(records: list[UnitRecord], level: str, run_id: str) -> tuple[_Sums, Totals]:
+    sums = _Sums()
+    totals = Totals(0, 0, 0, 0, 0, 0 if level != "tokens" else None)
+    for record in records:
+        sums.shards += [dataclasses.replace(entry, rank=record.rank) for entry in record.files]
+        sums.partials.append(record.scores)
+        sums.skipped += record.skipped
+        totals.input_rows += record.input_rows
+        totals.scored_rows += record.scored_rows
+        totals.skipped_rows += record.skipped_rows
+        totals.truncated_rows += record.truncated_rows
+        totals.output_rows += record.files[0].rows
+        if level != "tokens":
+            totals.document_rows += record.files[-1].rows
+        if record.run_id == run_id:  # this run's work only: a resume reports its own
+            sums.run["units"] += 1
+            sums.run["rows"] += record.input_rows
+            sums.run["tokens"] += record.tokens
+            sums.run["padded_tokens"] += record.padded_tokens
+    entries = [record.topk_entries for record in records]
+    if entries and None not in entries:
+        totals.topk_entries = sum(entries)
+    return sums, totals
+
+
 def finalize(
-    out_dir: AnyPath,
-    units: list[corpus.WorkUnit],
-    *,
-    config: JobConfig,
-    schema: pa.Schema,
-    documents_schema: pa.Schema | None,
-    id_type: pa.DataType,
-    identity: dict,
-    fingerprint: str,
-    run_id: str,
-    wall: float,
-    world_size: int,
-    recomputed: list[str],
-) -> dict:
+    out_dir: AnyPath, units: list[corpus.WorkUnit], config: JobConfig, facts: RunFacts
+) -> Manifest:
     """After every rank is done (main process): write `_skipped.parquet` and build the manifest."""
-    fmt = config.output.format
-    shards, skipped_ids, skipped_reasons, partial_scores = [], [], [], []
-    totals = dict.fromkeys((*_COUNTS, "output_rows"), 0)
-    run = {"units": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}
-    visible = layout.visible_shards(out_dir, config.output.level)
-    records = layout.read_records(out_dir, [unit.name for unit in units])
-    topk_entries = []  # stored top-k entries per unit; None in records of older jobs
-    for unit in units:
-        record = _record(out_dir, unit, fmt, config.output.level, visible, records[unit.name])
-        shards += [{**entry, "rank": record["rank"]} for entry in record["files"]]
-        partial_scores.append(record["scores"])
-        for key in _COUNTS:
-            totals[key] += record[key]
-        totals["output_rows"] += record["files"][0]["rows"]
-        topk_entries.append(record.get("topk_entries"))
-        if config.output.level != "tokens":
-            totals["document_rows"] = totals.get("document_rows", 0) + record["files"][-1]["rows"]
-        for item_id, reason in record["skipped"]:
-            skipped_ids.append(item_id)
-            skipped_reasons.append(reason)
-        if record["run_id"] == run_id:
-            run["units"] += 1
-            run["rows"] += record["input_rows"]
-            run["tokens"] += record["tokens"]
-            run["padded_tokens"] += record["padded_tokens"]
-    if topk_entries and None not in topk_entries:
-        totals["topk_entries"] = sum(topk_entries)
-    _write_skipped(out_dir, skipped_ids, skipped_reasons, id_type)
-    return {
-        "format_version": layout.FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "config": config.to_dict(),
-        "model": identity,
-        "schema": _fields(schema),
-        **({"documents_schema": _fields(documents_schema)} if documents_schema else {}),
-        "format": fmt,
-        "world_size": world_size,
-        "shards": shards,
-        "totals": totals,
-        "scores": scores.merge(partial_scores),
-        # This run's work only: a resumed run reports what it computed itself.
-        "throughput": {
+    fmt, level = config.output.format, config.output.level
+    visible = layout.visible_shards(out_dir, level)
+    found = layout.read_records(out_dir, [unit.name for unit in units])
+    records = [
+        _record(out_dir, unit, layout.shard_names(unit.name, fmt, level), visible, found[unit.name])
+        for unit in units
+    ]
+    sums, totals = _sum(records, level, facts.run_id)
+    _write_skipped(out_dir, sums.skipped, facts.id_type)
+    run, wall = sums.run, facts.wall
+    return Manifest(
+        format_version=layout.FORMAT_VERSION,
+        fingerprint=facts.fingerprint,
+        config=config,
+        model=facts.identity,
+        schema=_fields(facts.schema),
+        documents_schema=_fields(facts.documents_schema) if facts.documents_schema else None,
+        format=fmt,
+        world_size=facts.world_size,
+        shards=sums.shards,
+        totals=totals,
+        scores=scores.merge(sums.partials),
+        throughput={
             **run,
             "wall_s": round(wall, 3),
             "padding_efficiency": round(run["tokens"] / max(run["padded_tokens"], 1), 4),
             "tokens_per_s": round(run["tokens"] / max(wall, 1e-9), 1),
             "rows_per_s": round(run["rows"] / max(wall, 1e-9), 2),
         },
-        "recomputed": recomputed,
-    }
+        recomputed=facts.recomputed,
+    )
 
 
-def write(out_dir: AnyPath, manifest: dict) -> None:
+def write(out_dir: AnyPath, manifest: Manifest) -> None:
     """The manifest, then `_SUCCESS` last: a directory with `_SUCCESS` is complete."""
-    layout.write_json(out_dir / layout.MANIFEST, manifest, out_dir)
+    layout.write_json(out_dir / layout.MANIFEST, manifest.to_json(), out_dir)
     faults.point("before_success")
     layout.write_atomic(out_dir / layout.SUCCESS, b"", out_dir)

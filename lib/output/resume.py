@@ -23,6 +23,7 @@ from lib.errors import UserError, output_error
 from lib.extract import pins
 from lib.extract.corpus import InputFile, WorkUnit
 from lib.output import compact, layout
+from lib.output.records import Manifest, UnitRecord
 from lib.storage import AnyPath
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def check_layout(input_path: str, out_dir: AnyPath, inputs: list[InputFile]) -> 
 
 # -- is the job already done? ------------------------------------------------------------------
 def _shard_ok(
-    names: list[str], fp: str, visible: dict[str, AnyPath], record: dict | None
+    names: list[str], fp: str, visible: dict[str, AnyPath], record: UnitRecord | None
 ) -> bool | None:
     """True when a unit's shards (`names`, relative to OUT) are all proven by its `record`,
     False when one is there but the set is not proven, None when none is there. `visible`: the
@@ -197,12 +198,14 @@ def _shard_ok(
     present = [name in visible for name in names]
     if not any(present):
         return None
-    if record is None or record.get("fingerprint") != fp or not all(present):
+    if record is None or record.fingerprint != fp or not all(present):
         return False
-    entries = record.get("files")
-    if not isinstance(entries, list) or [e.get("file") for e in entries] != names:
+    if [entry.file for entry in record.files] != names:
         return False
-    return all(storage.matches(visible[entry["file"]], entry) for entry in entries)
+    return all(
+        storage.matches(visible[e.file], size=e.bytes, digest=e.sha256, etag=e.etag)
+        for e in record.files
+    )
 
 
 def _records(out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str, visible: dict):
@@ -215,14 +218,16 @@ def _records(out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str, visi
     return layout.read_records(out_dir, names)
 
 
-def finished(out_dir: AnyPath, fp: str, units: list[WorkUnit], fmt: str, level: str) -> dict | None:
+def finished(
+    out_dir: AnyPath, fp: str, units: list[WorkUnit], fmt: str, level: str
+) -> Manifest | None:
     """The manifest of a finished job with this fingerprint whose every shard still matches its
     checksum; None otherwise. Reads only: a finished job re-run writes nothing."""
     if not (out_dir / layout.SUCCESS).exists():
         return None
     job = layout.read_json(out_dir / layout.JOB)
     manifest = layout.read_manifest(out_dir)
-    if not job or job.get("fingerprint") != fp or not manifest or manifest.get("fingerprint") != fp:
+    if not job or job.get("fingerprint") != fp or not manifest or manifest.fingerprint != fp:
         return None
     if not (out_dir / layout.SKIPPED).is_file():
         return None
@@ -311,15 +316,6 @@ def _refuse_or_clear(
     previous = layout.read_json(out_dir / layout.JOB)
     entries = [p.name for p in out_dir.iterdir() if p.name != layout.LOCK]
     overwrite = config.output.overwrite
-    if layout.legacy_shards(out_dir):
-        if not overwrite:
-            raise UserError(
-                f"output.dir {out_dir} holds output of an earlier version (shards directly in it, "
-                "not in tokens/); lib.results and jobs.verify still read it; to resume, start "
-                "again in a new directory or with output.overwrite=true"
-            )
-        layout.clear(out_dir)
-        return []
     if previous is not None and previous.get("fingerprint") != fp:
         if overwrite:
             layout.clear(out_dir)
@@ -345,11 +341,8 @@ def _refuse_or_clear(
         )
     if previous is None and entries:
         foreign = [name for name in entries if not layout.is_ours(name)]
-        manifest = layout.read_manifest(out_dir)
-        theirs = _foreign_records(out_dir, fp) or (manifest or {}).get("fingerprint") not in (
-            None,
-            fp,
-        )
+        manifest = layout.read_json(out_dir / layout.MANIFEST) or {}
+        theirs = _foreign_records(out_dir, fp) or manifest.get("fingerprint") not in (None, fp)
         if foreign or theirs:
             if not overwrite:
                 what = "other files" if foreign and not theirs else "another job's output"

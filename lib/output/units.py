@@ -20,6 +20,7 @@ from lib.errors import UserError
 from lib.extract import scores
 from lib.extract.stages import Computed, Reduced, Unit
 from lib.output import writer
+from lib.output.records import UnitRecord, UnitSpan
 from lib.output.rows import Kind, Outputs, by_position
 from lib.overlap import Workers
 from lib.storage import AnyPath
@@ -169,36 +170,31 @@ class UnitWriter:
             shards = [self._shard(state, kind)() for kind in self.outputs.kinds]
             record = self._record(unit, end, scores.partial(arrays, columns))
             if self.outputs.topk:  # for bytes per entry (jobs.verify)
-                record["topk_entries"] = _topk_entries(arrays, self.k)
+                record.topk_entries = _topk_entries(arrays, self.k)
             writer.commit(shards, record, self.committer.check_lease)
         except BaseException:
             state.abort()
             raise
 
-    def _record(self, unit: Unit, end: Computed, unit_scores: dict) -> dict:
+    def _record(self, unit: Unit, end: Computed, unit_scores: dict) -> UnitRecord:
         """The unit's record, less its shards' entries (`writer.commit` adds those)."""
         skipped = [[unit.ids[row].as_py(), reason] for row, reason in unit.skipped]
         work = unit.work
-        return {
-            "fingerprint": self.committer.fingerprint,
-            "rank": self.committer.rank,
-            "run_id": self.committer.run_id,
-            "unit": {
-                "index": work.index,
-                "file": work.file,
-                "start": work.start,
-                "stop": work.stop,
-            },
-            "input_rows": work.rows,
-            "scored_rows": work.rows - len(skipped),
-            "skipped_rows": len(skipped),
-            "truncated_rows": int(unit.truncated_rows.sum()),
-            "tokens": end.tokens,
-            "padded_tokens": end.padded_tokens,
-            "started_at": round(unit.started_at, 3),
-            "committed_at": round(time.time(), 3),
-            "lengths": unit.lengths,
-            "batches": [[b.rows, b.tokens, b.padded] for b in end.batches],
-            "scores": unit_scores,
-            "skipped": skipped,
-        }
+        return UnitRecord(
+            fingerprint=self.committer.fingerprint,
+            rank=self.committer.rank,
+            run_id=self.committer.run_id,
+            unit=UnitSpan(work.index, work.file, work.start, work.stop),
+            input_rows=work.rows,
+            scored_rows=work.rows - len(skipped),
+            skipped_rows=len(skipped),
+            truncated_rows=int(unit.truncated_rows.sum()),
+            tokens=end.tokens,
+            padded_tokens=end.padded_tokens,
+            started_at=round(unit.started_at, 3),
+            committed_at=round(time.time(), 3),
+            lengths=unit.lengths,
+            batches=[[b.rows, b.tokens, b.padded] for b in end.batches],
+            scores=unit_scores,
+            skipped=skipped,
+        )

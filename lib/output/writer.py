@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from lib import faults, storage
 from lib.errors import output_error
 from lib.output import compact, layout
+from lib.output.records import ShardEntry, UnitRecord
 from lib.storage import AnyPath
 
 
@@ -81,20 +82,15 @@ class ShardWriter:
         self.rows += table.num_rows
         faults.point("shard_write")
 
-    def _finish(self) -> dict:
+    def _finish(self) -> ShardEntry:
         """Close, fsync and hash the temporary; its entry for the unit record."""
         faults.point("shard_close", self.tmp)
         self._writer.close()
         sha256, size = self._sink.close()
-        file = layout.relative(self.out_dir, self.final)
-        return {"file": file, "rows": self.rows, "bytes": size, "sha256": sha256}
+        return ShardEntry(layout.relative(self.out_dir, self.final), self.rows, size, sha256)
 
     def _publish(self) -> str | None:
         return self._sink.publish()
-
-    def commit(self, record: dict, check_lease: Callable[[], None]) -> dict:
-        """`commit([self], ...)`: a unit with one shard."""
-        return commit([self], record, check_lease)
 
     def abort(self) -> None:
         """Discard the temporary file; a writer closed by an exception would leave partial rows."""
@@ -113,23 +109,25 @@ class ShardWriter:
                 storage.remove(self.tmp)
 
 
-def commit(shards: list[ShardWriter], record: dict, check_lease: Callable[[], None]) -> dict:
-    """Close, fsync and hash a unit's shards, write its record, then make the shards visible
-    under their names; `check_lease` raises if another job took the directory over. A failure
-    discards every temporary. Returns the record."""
+def commit(
+    shards: list[ShardWriter], record: UnitRecord, check_lease: Callable[[], None]
+) -> UnitRecord:
+    """Close, fsync and hash a unit's shards, write its record (their entries added), then make
+    the shards visible under their names; `check_lease` raises if another job took the
+    directory over. A failure discards every temporary. Returns the record."""
     first = shards[0]
     try:
-        record = {"files": [shard._finish() for shard in shards], **record}
+        record.files = [shard._finish() for shard in shards]
         faults.point("before_rename")
         check_lease()
         path = layout.record_path(first.out_dir, first.name)
-        layout.write_json(path, record, first.out_dir)
+        layout.write_json(path, record.to_json(), first.out_dir)
         faults.point("between_record_and_shard")
         etags = [shard._publish() for shard in shards]
         if any(etags):  # S3 names the object it now holds: a rerun compares that, not bytes
-            for entry, etag in zip(record["files"], etags, strict=True):
-                entry["etag"] = etag
-            layout.write_json(path, record, first.out_dir)
+            for entry, etag in zip(record.files, etags, strict=True):
+                entry.etag = etag
+            layout.write_json(path, record.to_json(), first.out_dir)
     except OSError as exc:
         for shard in shards:
             shard.abort()  # e.g. a full disk while closing: never rename a file that may be short

@@ -24,7 +24,8 @@ import pyarrow.fs as pafs
 from lib import faults
 from lib.storage import s3
 from lib.storage.errors import storage_error
-from lib.storage.paths import AnyPath, ObjectPath, etag, is_remote, is_s3, location
+from lib.storage.paths import AnyPath, ObjectPath, is_remote, is_s3, location
+from lib.storage.paths import etag as object_etag
 
 _HASH_BLOCK = 8 << 20
 
@@ -77,17 +78,17 @@ def sha256(path: AnyPath) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def matches(path: AnyPath, entry: dict) -> bool:
+def matches(path: AnyPath, *, size: int, digest: str, etag: str | None = None) -> bool:
     """Whether the file still is the one a record describes. On S3 the ETag the job recorded
     when it published the object: any write makes a new one, and S3 checks the bytes under it
-    itself. Elsewhere every byte is hashed (`bytes`, `sha256`)."""
+    itself. Elsewhere every byte is hashed."""
     try:
-        if entry.get("etag") and is_s3(path):
-            return path.stat().st_size == entry.get("bytes") and etag(path) == entry["etag"]
-        digest, size = sha256(path)
+        if etag and is_s3(path):
+            return path.stat().st_size == size and object_etag(path) == etag
+        found, found_size = sha256(path)
     except OSError:
         return False
-    return size == entry.get("bytes") and digest == entry.get("sha256")
+    return found_size == size and found == digest
 
 
 def remove(path: AnyPath) -> None:
