@@ -1,79 +1,16 @@
-"""Check an output directory: `python -m jobs.verify OUT_DIR [--input [PATH] [--id-column COL]]`.
-
-Prints one line per problem and exits 1, or prints one OK line and exits 0; a path that does not
-exist, is a file or is a location nothing reads is one `error:` line, exit 2. `--input` also checks
-that every input id is scored or skipped, exactly once; without a PATH it takes the input path
-and id column from the manifest's config.
-"""
+"""`python -m jobs.verify`: `logit-extract verify` (check an output directory)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from lib.errors import UserError, first_line, one_line
-from lib.inspect.verify import verify
+from lib import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check an output directory; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.verify",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("out_dir", help="the job's output.dir")
-    parser.add_argument(
-        "--input",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PATH",
-        help="input Parquet file, directory or glob (default: the manifest's input.path)",
-    )
-    parser.add_argument(
-        "--id-column",
-        default=None,
-        help="input id column (default: the manifest's input.id_column)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        report = verify(
-            args.out_dir,
-            input_path=args.input or None,
-            id_column=args.id_column,
-            check_input=args.input is not None or args.id_column is not None,
-        )
-    except UserError as exc:  # e.g. a scheme nothing installed reads
-        print("error: " + one_line(str(exc)), file=sys.stderr)
-        return 2
-    except OSError as exc:  # a store that cannot be listed or read
-        print(f"error: {args.out_dir}: {one_line(first_line(exc))}", file=sys.stderr)
-        return 1
-    for warning in report.warnings:
-        print(f"warning: {args.out_dir}: {warning}", file=sys.stderr)
-    for problem in report.problems:
-        print(f"{args.out_dir}: {problem}", file=sys.stderr)
-    if report.problems:
-        return 1
-    checked = (
-        f", {report.input_rows:,} input ids accounted for" if report.input_rows is not None else ""
-    )
-    storage = ""
-    if report.storage:  # compact or top_p output: what its top-k costs on disk
-        s = report.storage
-        storage = (
-            f"; {s.bytes_per_position:.1f} bytes/position, {s.bytes_per_entry:.2f} "
-            f"bytes/entry ({s.entries_per_position:.1f} top-k entries/position)"
-        )
-    if report.document_rows is None:
-        rows = f"{report.output_rows:,} rows"
-    elif report.output_rows:
-        rows = f"{report.output_rows:,} token rows and {report.document_rows:,} document rows"
-    else:
-        rows = f"{report.document_rows:,} document rows"
-    print(f"OK {args.out_dir}: {report.shards} shards, {rows}{checked}{storage}")
-    return 0
+    """The command's exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    return cli.run("verify", argv, prog="python -m jobs.verify")
 
 
 if __name__ == "__main__":

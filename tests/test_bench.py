@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs import bench
-from lib.bench import baselines, encodings, runs, workloads
+from lib import cli
+from lib.bench import baselines, command, encodings, runs, workloads
 
 
 def test_case_corpora_have_their_length_mix():
@@ -62,7 +62,9 @@ def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
     threads = torch.get_num_threads()
     try:  # in this process: `make bench` runs the same main(), without a second torch import
         argv = ["--quick", "--work", str(work), "--json", str(out)]
-        assert bench.main(argv, run_python=_python_through(launcher)) == 0
+        parser = cli.Parser()
+        command.add_arguments(parser)
+        assert command.benchmark(parser.parse_args(argv), _python_through(launcher)) == 0
     finally:
         torch.set_num_threads(threads)
     stdout = capsys.readouterr().out

@@ -332,3 +332,41 @@ def test_every_package_is_installed():
         for init in (ROOT / top).rglob("__init__.py")
     )
     assert sorted(listed) == found
+
+
+def test_one_command_lists_its_subcommands_and_maps_errors_to_exit_statuses(capsys, tmp_path):
+    """`logit-extract --help` names every command; an unknown one, a bad argument, a path that
+    is not an output and a file that cannot be read are one line each with their statuses."""
+    from lib import cli
+
+    assert cli.main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    for name in ("extract", "verify", "report", "bench", "sample"):
+        assert f"\n  {name} " in help_text
+    assert cli.main([]) == 2
+    assert cli.main(["frob"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "error: unknown command 'frob'; commands are extract, verify, report, bench, sample\n"
+    )
+    assert cli.main(["verify"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the following arguments are required: out_dir (usage: ")
+    assert len(err.splitlines()) == 1
+    assert cli.main(["verify", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing'} does not exist\n"
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "not an output directory" in capsys.readouterr().err
+
+
+def test_the_console_script_is_installed():
+    """pyproject's [project.scripts]: `make` installs `logit-extract` into the venv."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "logit-extract"
+    found = str(script) if script.exists() else shutil.which("logit-extract")
+    assert found, "logit-extract is not installed (pip install -e .)"
+    result = subprocess.run([found, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: logit-extract COMMAND" in result.stdout

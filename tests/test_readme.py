@@ -226,13 +226,16 @@ def test_extract_command_lines_are_valid_configs(capsys):
 
 
 def test_bench_command_lines_parse():
-    from jobs import bench
+    from lib import cli
+    from lib.bench import command
 
     lines = commands("make bench")
     assert len(lines) >= 7
+    parser = cli.Parser()
+    command.add_arguments(parser)
     for args in lines:
         settings = dict(arg.split("=", 1) for arg in args)
-        bench._parser().parse_args(shlex.split(settings.get("ARGS", "")))
+        parser.parse_args(shlex.split(settings.get("ARGS", "")))
 
 
 def test_report_and_verify_command_lines_run(outputs, folder, capsys):
