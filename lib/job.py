@@ -12,21 +12,19 @@ bounded queues, so memory stays flat however large the corpus is. Ranks under
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import torch
 
+from lib import runtime
 from lib.config import JobConfig
 from lib.errors import Interrupted, UserError
-from lib.extract import batching, corpus, models, pins, stages
+from lib.extract import batching, corpus, models, pins, reduce, stages
 from lib.extract.reduce import ReduceSpec
 from lib.output import claim, layout, manifest, resume, rows, units
 from lib.output.lease import Lease, started_at
@@ -88,15 +86,6 @@ def plan(config: JobConfig, out_dir: AnyPath, device: torch.device) -> Plan:
         seq2seq=lm.is_seq2seq,
         decoder_start=lm.decoder_start_token_id,
     )
-    spec = ReduceSpec(
-        k=out.k if out.level != "documents" else 0,
-        # compact rows quantize float32 log-probabilities; plain rows store the logits as set
-        output_dtype=torch.float32 if out.encoding == "compact" else getattr(torch, out.dtype),
-        full=out.logits == "full" and out.level != "documents",
-        moments=out.level != "tokens",
-        top_p=out.top_p,
-        min_k=out.min_k,
-    )
     units = corpus.plan_units(inputs, out.shard_rows)
     identity = lm.identity
     log.info(
@@ -110,7 +99,7 @@ def plan(config: JobConfig, out_dir: AnyPath, device: torch.device) -> Plan:
         device,
         task,
     )
-    return Plan(inputs, units, id_type, lm, task, outputs, spec)
+    return Plan(inputs, units, id_type, lm, task, outputs, reduce.spec_for(out))
 
 
 # -- 3. the stages --------------------------------------------------------------------------------
@@ -155,7 +144,7 @@ def extract(
         # While the loader or writer runs Python code, the main thread waits for the GIL after
         # every operator it dispatches, by up to the switch interval (5 ms by default); a
         # shorter one keeps the device fed (measured: a d64 T5 job took 5% less time at 0.5 ms).
-        with _switch_interval(SWITCH_INTERVAL):
+        with runtime.switch_interval(SWITCH_INTERVAL):
             for item in forward(loaded, stages.Progress(bar, sum(u.rows for u in mine))):
                 sink.put(item)
     except BaseException:
@@ -191,7 +180,7 @@ def run_job(config: JobConfig, progress: bool = True) -> Done | None:
     # the batch budget this device gets, as the manifest and the report will show it
     budget = batching.max_tokens_for(config.batching.max_tokens, state.device)
     config = replace(config, batching=replace(config.batching, max_tokens=budget))
-    with _torch_threads(config.runtime.threads):
+    with runtime.torch_threads(config.runtime.threads):
         job = plan(config, out_dir, state.device)  # 1. plan
         try:
             return _run(config, job, out_dir, state, started, progress=progress)
@@ -281,41 +270,6 @@ def _shut_down(loaded: Background, sink: Sink) -> Interrupted | None:
             return interrupted
         except Interrupted as signal_now:
             interrupted = signal_now
-
-
-@contextlib.contextmanager
-def _switch_interval(seconds: float) -> Iterator[None]:
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
-
-
-@contextlib.contextmanager
-def _torch_threads(requested: int | None) -> Iterator[None]:
-    """torch's threads set for the job, and the caller's own setting back after it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads(requested))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def threads(requested: int | None) -> int:
-    """runtime.threads, else OMP_NUM_THREADS (torchrun sets it), else the cores this process
-    may use over the ranks on this host."""
-    if requested:
-        return requested
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _process_start() -> float:

@@ -35,59 +35,57 @@ def reference_rows(
     out = {}
     for _, rec in frame.iterrows():
         text, row_id = rec["text"], rec[id_column]
-        target = rec.get("target")
         if text is None:
             continue
         ids = tok(prefix + text, truncation=True, max_length=max_length)["input_ids"]
         if not ids:
             continue
-        if mode == "causal":
-            logits = model(input_ids=torch.tensor([ids])).logits[0]
-            steps = [
-                (p, ids[p + 1] if p + 1 < len(ids) else None, logits[p]) for p in range(len(ids))
-            ]
-        elif mode == "continuation":
-            tgt = tok(target, add_special_tokens=False, truncation=True, max_length=max_length)[
-                "input_ids"
-            ]
-            if not tgt:
-                continue
-            seq = ids + tgt
-            logits = model(input_ids=torch.tensor([seq])).logits[0]
-            steps = [(p, seq[p + 1], logits[p]) for p in range(len(ids) - 1, len(seq) - 1)]
-        elif mode == "start":
-            start = model.config.decoder_start_token_id
-            logits = model(
-                input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start]])
-            ).logits[0]
-            steps = [(0, None, logits[0])]
-        elif mode == "targets":
-            tgt = tok(text_target=target, truncation=True, max_length=max_length)["input_ids"]
-            start = model.config.decoder_start_token_id
-            logits = model(
-                input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[start] + tgt[:-1]])
-            ).logits[0]
-            steps = [(p, tgt[p], logits[p]) for p in range(len(tgt))]
-        elif mode == "generate":
-            gen = model.generate(
-                input_ids=torch.tensor([ids]),
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=max_new_tokens,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            tokens = gen.sequences[0, -len(gen.logits) :].tolist()
-            steps = []
-            for p, (token, logits) in enumerate(zip(tokens, gen.logits, strict=False)):
-                steps.append((p, token, logits[0]))
-                if token == model.generation_config.eos_token_id:
-                    break
-        else:
-            raise ValueError(mode)
+        steps = _steps(model, tok, mode, ids, rec.get("target"), max_length, max_new_tokens)
         for position, token, logits in steps:
             out[(row_id, position)] = (token, logits.float().numpy())
     return out
+
+
+def _steps(model, tok, mode: str, ids: list[int], target, max_length: int, max_new_tokens: int):
+    """(position, token or None, logits) of one row, unbatched, as `mode` scores it."""
+    if mode == "causal":
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+        return [(p, ids[p + 1] if p + 1 < len(ids) else None, logits[p]) for p in range(len(ids))]
+    if mode == "continuation":
+        tgt = tok(target, add_special_tokens=False, truncation=True, max_length=max_length)
+        seq = ids + tgt["input_ids"]
+        if len(seq) == len(ids):
+            return []
+        logits = model(input_ids=torch.tensor([seq])).logits[0]
+        return [(p, seq[p + 1], logits[p]) for p in range(len(ids) - 1, len(seq) - 1)]
+    start = model.config.decoder_start_token_id
+    if mode == "start":
+        decoder = torch.tensor([[start]])
+        return [
+            (0, None, model(input_ids=torch.tensor([ids]), decoder_input_ids=decoder).logits[0, 0])
+        ]
+    if mode == "targets":
+        tgt = tok(text_target=target, truncation=True, max_length=max_length)["input_ids"]
+        decoder = torch.tensor([[start] + tgt[:-1]])
+        logits = model(input_ids=torch.tensor([ids]), decoder_input_ids=decoder).logits[0]
+        return [(p, tgt[p], logits[p]) for p in range(len(tgt))]
+    if mode == "generate":
+        gen = model.generate(
+            input_ids=torch.tensor([ids]),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        tokens = gen.sequences[0, -len(gen.logits) :].tolist()
+        steps = []
+        for p, (token, logits) in enumerate(zip(tokens, gen.logits, strict=False)):
+            steps.append((p, token, logits[0]))
+            if token == model.generation_config.eos_token_id:
+                break
+        return steps
+    raise ValueError(mode)
 
 
 def stats64(logits: np.ndarray) -> dict[str, float]:

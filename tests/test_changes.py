@@ -20,8 +20,7 @@ from lib import sample
 from lib.errors import out_of_host_memory
 from lib.inspect.verify import verify
 from lib.output.lease import Process
-from tests.launcher import Run
-from tests.test_integrity import (
+from tests.integrity import (
     PAUSE,
     UNITS,
     Clean,
@@ -35,6 +34,7 @@ from tests.test_integrity import (
     wait_until,
     write_corpus,
 )
+from tests.launcher import Run
 
 pytestmark = pytest.mark.slow
 

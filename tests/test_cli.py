@@ -200,8 +200,11 @@ def test_default_config_on_the_fixtures(tmp_path, model_dirs, corpus):
         dict(zip(zip(frame["id"], frame["position"], strict=True), frame["token_id"], strict=True))
         == want_tokens
     )
+    _values_are_consistent(out, frame, manifest, rows)
 
-    # Values are consistent with each other: descending top-k, logsumexp above the best logit.
+
+def _values_are_consistent(out, frame: pd.DataFrame, manifest: dict, rows) -> None:
+    """Descending top-k, logsumexp above the best logit, a shard's rows in input order."""
     topk = pd.DataFrame(frame["topk_logits"].tolist()).to_numpy("float32")
     assert (topk[:, :-1] >= topk[:, 1:]).all()
     assert (frame["logsumexp"].to_numpy() >= topk[:, 0] - 1e-2).all()
@@ -283,15 +286,15 @@ def test_help_lists_every_key_and_print_config_round_trips(tmp_path, capsys):
 
 
 def test_runtime_threads_sets_torchs_threads_for_the_job_only(monkeypatch):
-    from lib import job
+    from lib import runtime
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert job.threads(3) == 3
+    assert runtime.threads(3) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     cores = len(os.sched_getaffinity(0))
-    assert job.threads(None) == max(1, cores // 2)
+    assert runtime.threads(None) == max(1, cores // 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert job.threads(None) == 1
+    assert runtime.threads(None) == 1
 
 
 def test_a_resume_with_changed_local_weights_is_refused(

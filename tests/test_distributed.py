@@ -77,6 +77,11 @@ def test_two_processes_equal_one(model_dirs, tmp_path):
     documents = ds.dataset(double / "documents").to_table().sort_by("id")
     assert documents.num_rows == 43
     assert documents.equals(ds.dataset(single / "documents").to_table().sort_by("id"))
+    _same_manifest_but_ranks(double, single)
+
+
+def _same_manifest_but_ranks(double, single) -> None:
+    """The two-process manifest lists the single run's shards, rows, totals and scores."""
     manifest = json.loads((double / "_manifest.json").read_text())
     reference = json.loads((single / "_manifest.json").read_text())
     assert manifest["world_size"] == 2

@@ -42,6 +42,7 @@ def _edit_config(path: Path, **changes) -> None:
 @pytest.fixture(scope="module")
 def bad_models(tmp_path_factory, model_dirs) -> dict[str, Path]:
     """Checkpoints this job must refuse, each built from the session's tiny GPT-2 in a second."""
+    # long: one short recipe per broken checkpoint, read best side by side
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, BertConfig, BertModel

@@ -64,33 +64,40 @@ def _stored_errors(decoded: dict, exact: np.ndarray, token_logprob: np.ndarray) 
     }
 
 
+def _stats(arrays: dict, settings: dict) -> dict[str, np.ndarray]:
+    """The reduction's arrays as an encoding stores them (and their kept counts, with top_p)."""
+    from lib.extract import reduce
+
+    encoding, dtype = settings.get("encoding", "plain"), settings.get("dtype", "float32")
+    stats = {key: arrays[key] for key in ("has_token", "token_logprob", "token_rank", "entropy")}
+    stats["logsumexp"], stats["topk_ids"] = arrays["logsumexp"], arrays["topk_ids"]
+    stats["topk_logits"] = arrays["topk_logits"].astype(dtype if encoding == "plain" else "float32")
+    if settings.get("top_p", 1.0) < 1:
+        counts = reduce.kept_counts(
+            torch.tensor(arrays["topk_logits"]),
+            torch.tensor(arrays["logsumexp"]),
+            settings["top_p"],
+            settings["min_k"],
+        )
+        stats["topk_count"] = counts.numpy()
+    return stats
+
+
 def storage_row(name: str, settings: dict, arrays: dict, vocab: int, root: Path) -> dict:
     """One encoding of the extracted rows: bytes (per column too), error, write and read rates.
 
     Writing is the job's own path (rows.to_table, ShardWriter, commit: Parquet encoding,
     zstd, fsync, sha256); reading is results.load_arrays (decoded (N, k) arrays)."""
     from lib import results
-    from lib.extract import reduce
     from lib.output import rows, writer
     from lib.output.layout import UNITS
 
-    top_p = settings.get("top_p", 1.0)
     encoding = settings.get("encoding", "plain")
     dtype = settings.get("dtype", "float32")
     ids = pa.array(arrays["id"])
     schema = rows.output_schema(ids.type, STORAGE_K, vocab, dtype, full=False, encoding=encoding)
-    stats = {key: arrays[key] for key in ("has_token", "token_logprob", "token_rank", "entropy")}
-    stats["logsumexp"], stats["topk_ids"] = arrays["logsumexp"], arrays["topk_ids"]
-    stats["topk_logits"] = arrays["topk_logits"].astype(dtype if encoding == "plain" else "float32")
+    stats = _stats(arrays, settings)
     exact = arrays["topk_logits"].astype(np.float64) - arrays["logsumexp"][:, None]
-    if top_p < 1:
-        counts = reduce.kept_counts(
-            torch.tensor(arrays["topk_logits"]),
-            torch.tensor(arrays["logsumexp"]),
-            top_p,
-            settings["min_k"],
-        )
-        stats["topk_count"] = counts.numpy()
     positions = len(arrays["position"])
     out = root / f"out-storage-{name.replace(' ', '-')}"
 

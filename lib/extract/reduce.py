@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lib.config import OutputConfig
+
 # Float32 logits held at once per chunk of positions. On a GPU the chunk bounds memory for
 # large vocabularies. On a CPU the head's matrix product wants many rows: on 2 cores with a
 # 32k vocabulary and d_model 256, head plus reduction took 3.9-4.2 s at 32 MB (256 positions)
@@ -37,6 +39,22 @@ class ReduceSpec:
     moments: bool = False  # `logprob_std`, which Min-K%++ divides by (document rows)
     top_p: float = 1.0  # below 1: `topk_count`, the entries holding this mass (kept_counts)
     min_k: int = 1  # with top_p: keep at least this many
+
+
+def spec_for(output: OutputConfig) -> ReduceSpec:
+    """What the output section asks of the reduction."""
+    tokens = output.level != "documents"
+    return ReduceSpec(
+        k=output.k if tokens else 0,
+        # compact rows quantize float32 log-probabilities; plain rows store the logits as set
+        output_dtype=torch.float32
+        if output.encoding == "compact"
+        else getattr(torch, output.dtype),
+        full=output.logits == "full" and tokens,
+        moments=output.level != "tokens",
+        top_p=output.top_p,
+        min_k=output.min_k,
+    )
 
 
 def chunk_positions(vocab_size: int, chunk_bytes: int) -> int:
