@@ -164,8 +164,9 @@ def _options(tp: Any) -> tuple:
     )
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the field type `tp`; ints are accepted where floats are."""
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """`value` checked against a config field's type `tp` (ints are taken where floats are);
+    a UserError naming `key` otherwise."""
     for option in _options(tp):
         if option is type(None) and value is None:
             return None
@@ -211,7 +212,7 @@ def _set(config: JobConfig, key: str, value: Any, raw: str | None = None) -> Non
         # not true, and `input.prefix=say: ` keeps its space; quotes ('say: ') are YAML's.
         quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
         value = value if quoted and isinstance(value, str) else raw
-    setattr(section, name, _coerce(key, value, tp))
+    setattr(section, name, coerce(key, value, tp))
 
 
 def _flatten(data: Any, where: str) -> dict[str, Any]:

@@ -5,6 +5,9 @@
 - `LOGIT_EXTRACT_FAIL_AT=point[:N][=ERRNO]`: raise OSError (default ENOSPC) the N-th time, or
   MemoryError with `=MemoryError` (an allocation that failed).
 - `LOGIT_EXTRACT_PAUSE_AT=point=SECONDS`: sleep every time `point` is reached, to widen a race.
+- `LOGIT_EXTRACT_HOLD_AT=point[:N]=PATH`: from the N-th time `point` is reached, wait there
+  until PATH exists: a test does its part while the job is held, then lets it go, however slow
+  the machine.
 
 Points: `forward`, `shard_write`, `shard_close`, `write`, `fsync`, `rename`, `before_rename`,
 `between_record_and_shard`, `before_success`.
@@ -38,7 +41,8 @@ def point(name: str, path: os.PathLike | str | None = None) -> None:
     crash = os.environ.get("LOGIT_EXTRACT_CRASH_AT")
     fail = os.environ.get("LOGIT_EXTRACT_FAIL_AT")
     pause = os.environ.get("LOGIT_EXTRACT_PAUSE_AT")
-    if not (crash or fail or pause):
+    hold = os.environ.get("LOGIT_EXTRACT_HOLD_AT")
+    if not (crash or fail or pause or hold):
         return
     with _counting:
         _seen[name] += 1
@@ -59,3 +63,8 @@ def point(name: str, path: os.PathLike | str | None = None) -> None:
         spec, _, seconds = pause.partition("=")
         if spec == name:
             time.sleep(float(seconds or 1))
+    if hold:
+        spec, _, release = hold.partition("=")
+        match, nth = _nth(spec, name)
+        while match and seen >= nth and not os.path.exists(release):
+            time.sleep(0.01)

@@ -23,7 +23,7 @@ class Background:
 
     def __init__(self, items: Iterable, maxsize: int, name: str):
         self._items = items
-        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -32,7 +32,7 @@ class Background:
     def _put(self, item) -> bool:
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=_POLL_S)
+                self.queue.put(item, timeout=_POLL_S)
                 return True
             except queue.Full:
                 continue
@@ -57,7 +57,7 @@ class Background:
 
     def __iter__(self) -> Iterator:
         while True:
-            item = self._queue.get()
+            item = self.queue.get()
             if item is _END:
                 if self._error is not None:
                     raise self._error
@@ -74,7 +74,7 @@ class Sink:
     """Hand items to `consume(items)` running in a thread, at most `maxsize` waiting."""
 
     def __init__(self, consume: Callable[[Iterable], None], maxsize: int, name: str):
-        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._consume = consume
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -86,7 +86,7 @@ class Sink:
             # between a notify's wake-up and its bookkeeping leaves a stale waiter, which the
             # next notify (even close()'s end marker) is spent on; polling recovers from that.
             try:
-                item = self._queue.get(timeout=_POLL_S)
+                item = self.queue.get(timeout=_POLL_S)
             except queue.Empty:
                 continue
             if item is _END:
@@ -105,7 +105,7 @@ class Sink:
             if self.error is not None:
                 raise self.error
             try:
-                self._queue.put(item, timeout=_POLL_S)
+                self.queue.put(item, timeout=_POLL_S)
                 return
             except queue.Full:
                 continue
@@ -114,7 +114,7 @@ class Sink:
         """Let the consumer finish what is queued, then wait for it (errors stay in `error`)."""
         while self._thread.is_alive():
             try:
-                self._queue.put(_END, timeout=_POLL_S)
+                self.queue.put(_END, timeout=_POLL_S)
                 break
             except queue.Full:
                 continue

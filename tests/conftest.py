@@ -117,7 +117,7 @@ def s3(s3_server, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     storage.filesystem.cache_clear()
-    lib_s3._clients.clear()
+    lib_s3.forget_clients()
     yield s3_server
     storage.filesystem.cache_clear()
-    lib_s3._clients.clear()
+    lib_s3.forget_clients()

@@ -16,7 +16,7 @@ import pytest
 
 from lib import sample
 from lib.inspect.verify import verify
-from tests.launcher import REAL_CLI, Result, Run
+from tests.launcher import Result, Run
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,12 @@ ROWS = 48  # 20 + 28 rows in two files
 SHARD_ROWS = 6  # 4 + 5 = 9 units, two of them ending a file early
 UNITS = 9
 NULL_ROW = 7  # a null text: skipped, so _skipped.parquet has a row
-PAUSE = 1.5 if REAL_CLI else 0.25  # seconds per shard for a job that must outlive new starts
-HOLD = 12 if REAL_CLI else 4  # seconds a job waits before its end while others start
+
+
+def held(point: str, release: Path) -> dict[str, str]:
+    """The environment that holds a job at `point` (`name[:N]`) until `release` exists
+    (lib/faults.py): the test does its part meanwhile, however slow the machine."""
+    return {"LOGIT_EXTRACT_HOLD_AT": f"{point}={release}"}
 
 
 # -- the corpus, the clean run and what "identical" means --------------------------------------

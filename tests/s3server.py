@@ -51,7 +51,7 @@ class S3Server:
 
     def _wait(self) -> bool:
         """Whether the server answers; False (and stopped) if it exited or never answered."""
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)

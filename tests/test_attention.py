@@ -52,7 +52,7 @@ def test_equals_transformers_sdpa(model_dirs, dtype, path, monkeypatch):
     if path != "per-key-length":  # the extra-dimension path, which CUDA takes
         monkeypatch.setattr(attention, "attention_per_key_length", lambda *args: None)
     if path == "cuda-columns":  # the head size CUDA gets, a multiple of 8
-        monkeypatch.setattr(attention, "_extra_columns", lambda query: 8 - query.shape[-1] % 8)
+        monkeypatch.setattr(attention, "extra_columns", lambda query: 8 - query.shape[-1] % 8)
     ours, theirs = _t5(model_dirs["t5"], dtype), _t5(model_dirs["t5"], dtype, switched=False)
     ids, mask, decoder_ids = _padded_batch([40, 9, 26, 3], [5, 5, 2, 1], seed=1)
     kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
@@ -120,7 +120,7 @@ def test_per_key_length_path_takes_only_right_padding():
 def _cross_projections(model) -> list[int]:
     """A counter of the calls to the decoder's cross-attention key projections."""
     calls = [0]
-    for module in attention._cross_attentions(model):
+    for module in attention.cross_attentions(model):
         module.k.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
     return calls
 
@@ -137,7 +137,7 @@ def test_folded_cross_attention_equals_projected(model_dirs, dtype, implementati
         theirs.set_attn_implementation("eager")
         ours.set_attn_implementation("eager")
     assert attention.use_folded_cross_attention(ours)
-    assert len(attention._cross_attentions(ours)) == ours.config.num_decoder_layers
+    assert len(attention.cross_attentions(ours)) == ours.config.num_decoder_layers
     projections = _cross_projections(ours)
     ids, mask, decoder_ids = _padded_batch([40, 9, 26, 3], [1, 1, 1, 1], seed=2)
     for decoder_length in (1, 3, 40):  # head_dim 8: 40 decoder positions over 40 keys do not fold
@@ -172,7 +172,7 @@ def test_a_wrong_fold_is_undone(model_dirs, monkeypatch):
     monkeypatch.setattr(attention, "folded_cross_attention", ignore_padding)
     model = _t5(model_dirs["t5"])
     assert not attention.use_folded_cross_attention(model)
-    assert all("forward" not in vars(m) for m in attention._cross_attentions(model))
+    assert all("forward" not in vars(m) for m in attention.cross_attentions(model))
     causal = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"], attn_implementation="sdpa")
     assert not attention.use_folded_cross_attention(causal)
 
@@ -181,7 +181,7 @@ def test_a_folded_model_is_freed_without_a_garbage_collection(model_dirs):
     """Its device memory goes when the last reference does (repeated jobs in one process)."""
     model = _t5(model_dirs["t5"])
     assert attention.use_folded_cross_attention(model)
-    gone = [weakref.ref(module) for module in [model, *attention._cross_attentions(model)]]
+    gone = [weakref.ref(module) for module in [model, *attention.cross_attentions(model)]]
     gc.disable()
     try:
         del model

@@ -21,12 +21,12 @@ from lib.errors import out_of_host_memory
 from lib.inspect.verify import verify
 from lib.output.lease import Process
 from tests.integrity import (
-    PAUSE,
     UNITS,
     Clean,
     assert_clean,
     clean_run,
     edit_in_place,
+    held,
     job_args,
     job_state,
     leftovers,
@@ -55,9 +55,12 @@ def clean(launcher, model, inputs, tmp_path_factory) -> Clean:
     return clean_run(launcher, model, inputs, tmp_path_factory.mktemp("clean") / "out")
 
 
-def slow_job(launcher, args: list[str]) -> Run:
-    """A job slowed at every shard, so that a fault lands while it runs."""
-    return launcher.start(args, {"LOGIT_EXTRACT_PAUSE_AT": f"shard_write={PAUSE}"})
+def held_job(launcher, args: list[str], out: Path, go: Path) -> Run:
+    """A job whose writer waits at its second shard until `go` exists: the fault lands while
+    it runs, however slow the machine."""
+    job = launcher.start(args, held("shard_write:2", go))
+    wait_until(lambda: shards(out), job, "a first shard")
+    return job
 
 
 def replace(path: Path, source: Path) -> None:
@@ -83,9 +86,10 @@ def test_an_input_replaced_mid_run_fails_the_job_then_finishes_once_restored(
     pq.write_table(pa.table({"text": texts, "doc_id": [f"new-{i}" for i in range(30)]}), other)
     out = tmp_path / "out"
     args = job_args(model, str(corpus), out)
-    job = slow_job(launcher, args)
-    wait_until(lambda: shards(out), job, "a first shard")
+    go = tmp_path / "go"
+    job = held_job(launcher, args, out, go)
     replace(corpus / "b.parquet", other)
+    go.touch()
     failed = job.wait()
     failed.assert_one_error(
         2, f"input file {corpus / 'b.parquet'} changed while the job ran", "restore it"
@@ -111,9 +115,10 @@ def test_an_input_rewritten_in_place_mid_run_fails_the_job_then_finishes_once_re
     original = path.read_bytes()
     out = tmp_path / "out"
     args = job_args(model, str(corpus), out)
-    job = slow_job(launcher, args)
-    wait_until(lambda: shards(out), job, "a first shard")
+    go = tmp_path / "go"
+    job = held_job(launcher, args, out, go)
     edit_in_place(path)
+    go.touch()
     job.wait().assert_one_error(2, f"input file {path} changed while the job ran")
     assert not (out / "_SUCCESS").exists()
 
@@ -132,10 +137,11 @@ def test_an_input_added_mid_run_fails_the_job_then_finishes_once_removed(
     corpus = Path(write_corpus(tmp_path / "corpus"))
     out = tmp_path / "out"
     args = job_args(model, str(corpus), out)
-    job = slow_job(launcher, args)
-    wait_until(lambda: shards(out), job, "a first shard")
+    go = tmp_path / "go"
+    job = held_job(launcher, args, out, go)
     added = corpus / "c.parquet"
     shutil.copy(corpus / "a.parquet", added)
+    go.touch()
     job.wait().assert_one_error(2, f"input file {added} appeared under input.path")
     added.unlink()
     launcher.start(args).wait().assert_ok()
@@ -203,10 +209,11 @@ def test_a_foreign_file_dropped_mid_run_keeps_success_away(
     identical to the clean run."""
     out = tmp_path / "out"
     args = job_args(model, inputs, out)
-    job = slow_job(launcher, args)
-    wait_until(lambda: shards(out), job, "a first shard")
+    go = tmp_path / "go"
+    job = held_job(launcher, args, out, go)
     foreign = out / "tokens" / "extra.parquet"
     shutil.copy(out / "tokens" / "part-00000.parquet", foreign)
+    go.touch()
     job.wait().assert_one_error(2, "tokens/extra.parquet is not a shard of this job")
     assert not (out / "_SUCCESS").exists() and len(shards(out)) == UNITS + 1
     foreign.unlink()

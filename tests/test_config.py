@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.config import JobConfig, _coerce, describe_keys, load_config, parse_override
+from lib.config import JobConfig, coerce, describe_keys, load_config, parse_override
 from lib.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,12 +96,12 @@ def test_overrides_are_typed(text, attr, value):
 
 
 def test_coerce_accepts_int_for_float_but_not_bool_for_int():
-    assert _coerce("x.y", 3, float) == 3.0 and isinstance(_coerce("x.y", 3, float), float)
-    assert _coerce("x.y", None, int | None) is None
+    assert coerce("x.y", 3, float) == 3.0 and isinstance(coerce("x.y", 3, float), float)
+    assert coerce("x.y", None, int | None) is None
     with pytest.raises(UserError, match="x.y: expected an integer, got true"):
-        _coerce("x.y", True, int)
+        coerce("x.y", True, int)
     with pytest.raises(UserError, match="x.y: expected a number, got 'fast'"):
-        _coerce("x.y", "fast", float)
+        coerce("x.y", "fast", float)
 
 
 def test_yaml_file_and_overrides_combine(tmp_path):

@@ -121,7 +121,7 @@ def test_the_holder_renews_and_notices_a_takeover(tmp_path, monkeypatch):
     mine.acquire(tmp_path)
     old = time.time() - 100
     os.utime(path, (old, old))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while path.stat().st_mtime < old + 50 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert path.stat().st_mtime > old + 50  # touched by the renewal thread
@@ -138,7 +138,7 @@ def test_a_killed_holder_not_yet_reaped_is_dead(tmp_path):
     """A zombie still has a pid and a start time until its parent waits for it."""
     path = tmp_path / "_lock.json"
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300
     stat = Path(f"/proc/{child.pid}/stat")
     while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < deadline:
         time.sleep(0.01)

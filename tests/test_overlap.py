@@ -127,19 +127,19 @@ def test_sink_survives_a_wake_up_lost_to_a_signal():
     writer must still see every item and the end, and close() must return."""
     got: list = []
     sink = Sink(got.extend, maxsize=4, name="writer")
-    condition = sink._queue.not_empty
-    deadline = time.monotonic() + 5
+    condition = sink.queue.not_empty
+    deadline = time.monotonic() + 60
     while not condition._waiters and time.monotonic() < deadline:
         time.sleep(0.01)  # the writer waits for its first item
     with condition:  # Queue.put, cut short where the signal lands
-        sink._queue._put("first")
-        sink._queue.unfinished_tasks += 1
+        sink.queue._put("first")
+        sink.queue.unfinished_tasks += 1
         condition._waiters[0].release()  # notify() woke the writer; remove() never ran
     while len(condition._waiters) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)  # the writer took the item and waits again, behind the stale waiter
     closer = threading.Thread(target=sink.close, daemon=True)
     closer.start()
-    closer.join(5)
+    closer.join(60)
     assert not closer.is_alive(), "close() waits for a writer that never wakes"
     assert got == ["first"] and sink.error is None
 
@@ -159,14 +159,17 @@ def test_sink_error_reaches_the_producer():
 
 
 def test_workers_run_every_call_with_at_most_size_in_flight():
+    """The first two calls wait for each other (so two run at once); none ever runs third."""
     running, peak, done = [0], [0], []
     lock = threading.Lock()
+    both = threading.Barrier(2, timeout=600)
 
     def call(i):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-        time.sleep(0.01)
+        if i < 2:
+            both.wait()
         with lock:
             running[0] -= 1
             done.append(i)

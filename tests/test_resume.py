@@ -319,10 +319,10 @@ def test_four_commit_threads_killed_then_resumed(launcher, inputs, model_dirs, b
     shard reads and has its record, and the resume equals the uninterrupted run."""
     out = tmp_path / "out"
     args = job_args(model_dirs["gpt2"], inputs["path"], out, "input.id_column=doc_id")
-    # The commits do overlap: with each held before its rename, a third unit reaches that point
-    # while the first two wait there (one thread would have renamed them, 10 s later).
+    # The commits do overlap: with each held before its rename (for good), a third unit reaches
+    # that point while the first two wait there (one thread would wait there forever).
     held = {
-        "LOGIT_EXTRACT_PAUSE_AT": "before_rename=5",
+        "LOGIT_EXTRACT_HOLD_AT": f"before_rename={tmp_path / 'never'}",
         "LOGIT_EXTRACT_CRASH_AT": "before_rename:3",
     }
     killed = launcher.start(args, {"LOGIT_EXTRACT_COMMIT_WORKERS": "4", **held}).wait()

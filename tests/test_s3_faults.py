@@ -37,14 +37,16 @@ def _finished(s3, job, model_dirs, launcher, name: str) -> tuple[str, list[str]]
 def _wait_for_a_shard(s3, job, run: Run, prefix: str) -> None:
     import time
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600
     while not _keys(s3, job["bucket"], prefix):
         assert run.poll() is None, run.tail()
         assert time.monotonic() < deadline, run.tail()
         time.sleep(0.01)
 
 
-def test_s3_input_replaced_mid_run_fails_then_finishes_once_restored(s3, job, model_dirs, launcher):
+def test_s3_input_replaced_mid_run_fails_then_finishes_once_restored(
+    s3, job, model_dirs, launcher, tmp_path
+):
     """An input object replaced once the first shard is up: every later read asks for the ETag
     the job fingerprinted, so none reads the new object; one line, exit 2, no _SUCCESS. Once
     the object is restored the same command ends equal to the local run."""
@@ -58,12 +60,14 @@ def test_s3_input_replaced_mid_run_fails_then_finishes_once_restored(s3, job, mo
     original = client.get_object(Bucket=bucket, Key="moving/b.parquet")["Body"].read()
     out = f"s3://{bucket}/replaced"
     args = settings(model_dirs["gpt2"], f"s3://{bucket}/moving", out)
-    run = launcher.start(args, {**s3.env, "LOGIT_EXTRACT_PAUSE_AT": "shard_write=0.3"})
+    go = tmp_path / "go"  # the writer waits at unit 1's token shard (unit 0 wrote two) until go
+    run = launcher.start(args, {**s3.env, "LOGIT_EXTRACT_HOLD_AT": f"shard_write:3={go}"})
     _wait_for_a_shard(s3, job, run, "replaced/tokens/")
     edited = bytearray(original)
     at = len(edited) // 3
     edited[at : at + 4] = b"qqqq"  # the same size: only the ETag tells
     client.put_object(Bucket=bucket, Key="moving/b.parquet", Body=bytes(edited))
+    go.touch()
     run.wait().assert_one_error(
         2, f"input file s3://{bucket}/moving/b.parquet changed while the job ran"
     )

@@ -130,7 +130,7 @@ def test_store_errors_say_what_is_wrong_in_one_line(s3, bucket, monkeypatch):
         storage.location("s3://no-such-bucket-here/out").iterdir()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
     storage.filesystem.cache_clear()
-    lib_s3._clients.clear()
+    lib_s3.forget_clients()
     with pytest.raises(storage.StorageError, match="access key is not valid"):
         storage.location(f"s3://{bucket}/out").iterdir()
     with pytest.raises(storage.StorageError, match="access key is not valid"):

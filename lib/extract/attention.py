@@ -51,7 +51,7 @@ def _key_only(mask: torch.Tensor | None) -> bool:
     )
 
 
-def _extra_columns(query: torch.Tensor) -> int:
+def extra_columns(query: torch.Tensor) -> int:
     """Head dimensions to add: one carries the mask, the rest keep kernels eligible."""
     # CUDA's memory-efficient kernel needs head sizes in multiples of 8 in 16-bit dtypes; the
     # CPU kernel takes any, and each extra column costs (measured: +1 ran a d64 T5 5-7% faster).
@@ -163,7 +163,7 @@ def key_mask_sdpa_forward(
         output = attention_per_key_length(query, key, value, attention_mask, position_bias, scaling)
         if output is not None:
             return output, None
-    extra = _extra_columns(query)
+    extra = extra_columns(query)
     batch, heads, key_length, _ = key.shape
     keep = attention_mask[:, :, 0, :].expand(batch, heads, key_length)
     # Half the dtype's minimum: exp() of it is 0, and adding the bias cannot overflow.
@@ -302,7 +302,7 @@ def _folded(module: weakref.ref, *args, **kwargs) -> tuple:
     return folded_cross_attention(module(), *args, **kwargs)
 
 
-def _cross_attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
+def cross_attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder's T5-style cross-attention modules that folding applies to (bias-free q, k,
     v projections and no relative position bias of their own)."""
     found = []
@@ -324,7 +324,7 @@ def _cross_attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
 def use_folded_cross_attention(model: torch.nn.Module) -> bool:
     """Route a T5-family decoder's cross-attention through folded_cross_attention; return
     whether it was done. Checked like use_key_mask_attention, and undone on any difference."""
-    modules = _cross_attentions(model) if model.config.is_encoder_decoder else []
+    modules = cross_attentions(model) if model.config.is_encoder_decoder else []
     if not modules:
         return False
     try:

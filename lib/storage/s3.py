@@ -60,6 +60,11 @@ def client():
     return made
 
 
+def forget_clients() -> None:
+    """Drop the clients made so far: the next request reads the environment again."""
+    _clients.clear()
+
+
 def call(path: Located, method: str, **kwargs) -> dict:
     """One S3 request; its failure as a StorageError with a one-line cause."""
     bucket, key = bucket_key(path)
