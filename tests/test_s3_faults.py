@@ -6,6 +6,7 @@ one line with nothing wrong in the bucket, or in the local disk's rows."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -77,45 +78,60 @@ def test_s3_input_replaced_mid_run_fails_then_finishes_once_restored(
     same_as_local(out, job["local"])
 
 
-@pytest.mark.parametrize("record", ["with-etag", "without-etag"])
-def test_s3_shard_overwritten_after_success_is_recomputed(record, s3, job, model_dirs, launcher):
-    """A finished output whose shard is overwritten with bytes of the same size (10 flipped):
-    the rerun finds it as a local rerun would (by the ETag the job recorded; by every byte for
-    a record that has none) and recomputes exactly it."""
-    out, args = _finished(s3, job, model_dirs, launcher, f"overwritten-{record}")
-    bucket, client = job["bucket"], s3.client()
-    key = f"overwritten-{record}/tokens/part-00001.parquet"
-    if record == "without-etag":  # as a record written before ETags were kept
-        path = f"overwritten-{record}/_units/part-00001.json"
-        data = json.loads(client.get_object(Bucket=bucket, Key=path)["Body"].read())
-        assert all("etag" in entry for entry in data["files"])
-        for entry in data["files"]:
-            del entry["etag"]
-        client.put_object(Bucket=bucket, Key=path, Body=json.dumps(data).encode())
+def _flip(client, bucket: str, key: str) -> None:
+    """Overwrite an object with bytes of the same size, 10 of them flipped."""
     body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     middle = len(body) // 2
     body[middle : middle + 10] = bytes(b ^ 0xFF for b in body[middle : middle + 10])
     client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
-    rerun = launcher.start(args, s3.env).wait()
-    rerun.assert_ok()
-    assert "recomputed" in rerun.stdout and "tokens/part-00001.parquet" in rerun.stdout
-    same_as_local(out, job["local"])
 
 
-def test_s3_foreign_object_is_refused_never_deleted(s3, job, model_dirs, launcher):
+def test_s3_shard_overwritten_after_success_is_recomputed(s3, job, model_dirs, launcher):
+    """A finished output whose shard is overwritten with bytes of the same size (10 flipped):
+    the rerun finds it as a local rerun would, by the ETag the job recorded, and recomputes
+    exactly it; then the same for a shard whose record has no ETag (as a record of an upload
+    killed between publishing and recording), found by hashing every byte."""
+    out, args = _finished(s3, job, model_dirs, launcher, "overwritten")
+    bucket, client = job["bucket"], s3.client()
+    for unit, keep_etag in (("part-00001", True), ("part-00003", False)):
+        if not keep_etag:
+            path = f"overwritten/_units/{unit}.json"
+            data = json.loads(client.get_object(Bucket=bucket, Key=path)["Body"].read())
+            assert all("etag" in entry for entry in data["files"])
+            for entry in data["files"]:
+                del entry["etag"]
+            client.put_object(Bucket=bucket, Key=path, Body=json.dumps(data).encode())
+        _flip(client, bucket, f"overwritten/tokens/{unit}.parquet")
+        rerun = launcher.start(args, s3.env).wait()
+        rerun.assert_ok()
+        shards = f"tokens/{unit}.parquet, documents/{unit}.parquet"  # the unit's two shards
+        assert re.search(rf"recomputed\s+2 shards .*: {shards}\n", rerun.stdout), rerun.stdout
+        same_as_local(out, job["local"])
+
+
+@pytest.fixture(scope="module")
+def finished(s3_server, job, model_dirs, launcher) -> tuple[str, list[str]]:
+    """One finished S3 output for the tests that leave it as they found it."""
+    out = f"s3://{job['bucket']}/finished"
+    args = settings(model_dirs["gpt2"], job["corpus"], out)
+    launcher.start(args, s3_server.env).wait().assert_ok()
+    return out, args
+
+
+def test_s3_foreign_object_is_refused_never_deleted(s3, job, finished, launcher):
     """An object the job did not write under OUT/tokens/: the rerun refuses in one line naming
     it, and the object stays."""
-    out, args = _finished(s3, job, model_dirs, launcher, "foreign")
+    out, args = finished
     bucket, client = job["bucket"], s3.client()
-    key = "foreign/tokens/part-00001 (copy).parquet"
+    key = "finished/tokens/part-00001 (copy).parquet"
     client.copy_object(
-        Bucket=bucket, Key=key, CopySource=f"{bucket}/foreign/tokens/part-00001.parquet"
+        Bucket=bucket, Key=key, CopySource=f"{bucket}/finished/tokens/part-00001.parquet"
     )
-    before = _keys(s3, bucket, "foreign/")
+    before = _keys(s3, bucket, "finished/")
     launcher.start(args, s3.env).wait().assert_one_error(
         2, "tokens/part-00001 (copy).parquet is not a shard of this job"
     )
-    assert _keys(s3, bucket, "foreign/") == before
+    assert _keys(s3, bucket, "finished/") == before
     client.delete_object(Bucket=bucket, Key=key)
     rerun = launcher.start(args, s3.env).wait()
     rerun.assert_ok()
@@ -133,10 +149,10 @@ def test_s3_output_dir_that_is_an_object_is_refused(s3, job, model_dirs, launche
     assert _keys(s3, bucket, "taken") == ["taken"]
 
 
-def test_s3_report_without_endpoint_or_credentials_is_one_line(s3, job, model_dirs, launcher):
+def test_s3_report_without_endpoint_or_credentials_is_one_line(s3, finished, launcher):
     """`jobs.report` with the endpoint down, without credentials, or with keys that may read
     but not write: one line naming the cause each, exit 1."""
-    out, _ = _finished(s3, job, model_dirs, launcher, "report")
+    out, _ = finished
     no_keys = {key: "" for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     cases = {
         "cannot reach the endpoint": {**s3.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
