@@ -21,8 +21,17 @@ $(VENV)/.installed: pyproject.toml
 data/sample/sample.json: $(VENV)/.installed lib/sample.py
 	$(PY) -m jobs.make_sample data/sample
 
+# NPROC=N runs N processes through `accelerate launch` (one per GPU; on a CPU-only machine N
+# gloo ranks, a test of the launch rather than a speed-up).
+NPROC ?= 1
+ifeq ($(NPROC),1)
+RUN_JOB = $(PY) -m jobs.extract
+else
+RUN_JOB = $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) -m jobs.extract
+endif
+
 extract: data/sample/sample.json
-	$(PY) -m jobs.extract --config $(CONFIG) $(ARGS)
+	$(RUN_JOB) --config $(CONFIG) $(ARGS)
 
 # The suite on TEST_WORKERS processes, a test file to each at a time (a module's fixtures are
 # built once), one torch thread each: on 2 cores 83 s, against 116 s on one process.

@@ -16,6 +16,7 @@ commands:
   extract   run the job: --config FILE [section.key=value ...]
   verify    check an output directory: OUT [--input [PATH]]
   report    draw the run report: OUT [--output FILE] [--png FILE]
+  export    write a plain-encoded copy of a compact or top-p output: OUT DEST
   bench     benchmark the job (make bench)
   sample    build the offline sample [DIR]
 
@@ -28,6 +29,7 @@ COMMANDS = {  # name -> the module with its `add_arguments(parser)` and `run(arg
     "extract": "lib.commands.extract",
     "verify": "lib.commands.verify",
     "report": "lib.commands.report",
+    "export": "lib.commands.export",
     "bench": "lib.bench.command",
     "sample": "lib.commands.sample",
 }

@@ -68,7 +68,7 @@ class OutputConfig:
     level: str = "tokens"  # token rows, one row per document, or both
     min_k_fraction: float = 0.2  # Min-K% Prob and Min-K%++: the share of lowest tokens averaged
     overwrite: bool = False
-    report: bool = True  # write OUT/report.html at the end of `python -m jobs.extract`
+    report: bool = True  # write OUT/_report.html at the end of the extract command
 
 
 @dataclass

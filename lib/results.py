@@ -31,6 +31,8 @@ from lib.extract.corpus import as_ids, find_input_files, is_string
 from lib.output import compact, layout
 from lib.storage import AnyPath
 
+# Top-k list columns of variable length (an export's: each row's kept entries) and their padding.
+_RAGGED = {"topk_ids": -1, "topk_logprobs": -np.inf}
 # Nullable columns and the value that stands for null in numpy.
 _NULL_FILL = {"token_id": -1, "token_rank": -1, "token_logprob": float("nan")}
 _LIST_COLUMNS = ("topk_ids", "topk_logits", "logits")
@@ -167,6 +169,22 @@ def _fixed_list_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def _ragged_to_numpy(
+    column: pa.ChunkedArray, fill: float, k: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k) from a list column of each row's kept entries, padded with `fill`, and the
+    counts; `k` defaults to the longest row."""
+    array = column.combine_chunks()
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    counts = np.diff(offsets).astype(np.int32)
+    width = int(counts.max(initial=0)) if k is None else k
+    values = array.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    out = np.full((len(counts), width), fill, dtype=values.dtype)
+    row = np.repeat(np.arange(len(counts)), counts)
+    out[row, np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], counts)] = values
+    return out, counts
+
+
 def table_to_arrays(
     table: pa.Table, id_order: np.ndarray | None = None, k: int | None = None
 ) -> dict[str, np.ndarray]:
@@ -181,6 +199,8 @@ def table_to_arrays(
             continue
         if name == "id":
             arrays[name] = _ids_to_numpy(column)
+        elif name in _RAGGED and not pa.types.is_fixed_size_list(column.type):
+            arrays[name], arrays["topk_count"] = _ragged_to_numpy(column, _RAGGED[name], k)
         elif name in _LIST_COLUMNS:
             arrays[name] = _fixed_list_to_numpy(column)
         elif name in _NULL_FILL:
@@ -197,7 +217,7 @@ def table_to_arrays(
     if "topk_logprob_deltas" in table.column_names:
         codes = table.column("topk_id_codes") if "topk_id_codes" in table.column_names else None
         arrays |= compact.decode(codes, table.column("topk_logprob_deltas"), id_order, k)
-    elif "topk_ids" in arrays:
+    elif "topk_ids" in arrays and "topk_count" not in arrays:
         arrays["topk_count"] = (arrays["topk_ids"] >= 0).sum(axis=1, dtype=np.int32)
         if "topk_logits" in arrays and "logsumexp" in arrays:
             arrays["topk_logprobs"] = topk_logprobs(arrays["topk_logits"], arrays["logsumexp"])
@@ -244,7 +264,8 @@ def load_arrays(out_dir: str | AnyPath, columns: list[str] | None = None) -> dic
     """All rows as numpy arrays: 1-D per scalar column, (N, k) or (N, V) per list column."""
     dataset = open_dataset(out_dir)
     if "topk_logprob_deltas" not in dataset.schema.names:
-        return table_to_arrays(positions_table(dataset.to_table(columns=columns)))
+        table = positions_table(dataset.to_table(columns=columns))
+        return table_to_arrays(table, k=_topk_width(out_dir))
     k, stored = _topk_width(out_dir), _stored_columns(columns)
     parts = [
         table_to_arrays(fragment.to_table(columns=stored), shard_id_order(fragment), k)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = 48  # 20 + 28 rows in two files
 SHARD_ROWS = 6  # 4 + 5 = 9 units, two of them ending a file early
 UNITS = 9
-NULL_ROW = 7  # a null text: skipped, so _skipped.parquet has a row
+NULL_ROW = 7  # a null text: skipped, so _skipped/skipped.parquet has a row
 
 
 def held(point: str, release: Path) -> dict[str, str]:

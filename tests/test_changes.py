@@ -230,17 +230,17 @@ def test_a_killed_report_leaves_a_warning_until_the_next_report(launcher, clean,
     killed = launcher.start([str(out)], {"LOGIT_EXTRACT_CRASH_AT": "write"}, module="jobs.report")
     assert killed.wait().code < 0
     [left] = list((out / "_tmp").iterdir())
-    assert left.name.startswith("report.html@")
+    assert left.name.startswith("_report.html@")
 
     check = launcher.start([str(out)], module="jobs.verify").wait()
     check.assert_exit(0)
     assert f"warning: {out}: temporary file _tmp/{left.name} was left by a writer" in check.stderr
     assert check.stdout.startswith(f"OK {out}")
 
-    live = out / "_tmp" / f"report.html@{Process.current().tag}.tmp"  # this test's own
+    live = out / "_tmp" / f"_report.html@{Process.current().tag}.tmp"  # this test's own
     live.write_bytes(b"<html")
     launcher.start([str(out)], module="jobs.report").wait().assert_exit(0)
-    assert list((out / "_tmp").iterdir()) == [live] and (out / "report.html").is_file()
+    assert list((out / "_tmp").iterdir()) == [live] and (out / "_report.html").is_file()
     check = launcher.start([str(out)], module="jobs.verify").wait()
     assert check.code == 1 and f"temporary file _tmp/{live.name} left behind" in check.stderr
     live.unlink()
@@ -254,7 +254,7 @@ def test_a_finished_rerun_removes_dead_writers_temporaries(
     nothing else)."""
     out = Path(shutil.copytree(clean.out, tmp_path / "out"))
     # this machine, a pid that lives but another start time: a writer that is gone
-    dead = out / "_tmp" / f"report.html@{Process.current().tag.rsplit('@', 1)[0]}@1.tmp"
+    dead = out / "_tmp" / f"_report.html@{Process.current().tag.rsplit('@', 1)[0]}@1.tmp"
     dead.write_bytes(b"<html")
     before = job_state(out)
     rerun = launcher.start(job_args(model, inputs, out)).wait()
@@ -294,7 +294,7 @@ def test_text_that_is_not_utf8_is_skipped_with_a_reason(model_dirs, tmp_path):
         return out
 
     out, reference = run(broken), run(nulled)
-    skipped = pq.read_table(out / "_skipped.parquet").to_pylist()
+    skipped = pq.read_table(out / "_skipped/skipped.parquet").to_pylist()
     assert skipped == [{"id": "r4", "reason": "invalid_utf8_text"}]
     rows = pq.read_table(out / "tokens").sort_by([("id", "ascending"), ("position", "ascending")])
     expected = pq.read_table(reference / "tokens").sort_by(

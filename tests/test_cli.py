@@ -100,7 +100,7 @@ def check_output_dir(out: Path, stdout: str) -> tuple[pd.DataFrame, dict]:
     totals = manifest["totals"]
     assert totals["input_rows"] == totals["scored_rows"] + totals["skipped_rows"]
     assert totals["output_rows"] == sum(s["rows"] for s in shards)
-    assert pq.read_table(out / "_skipped.parquet").num_rows == totals["skipped_rows"]
+    assert pq.read_table(out / "_skipped/skipped.parquet").num_rows == totals["skipped_rows"]
 
     fields = summary_fields(stdout)
     run = manifest["throughput"]
@@ -344,12 +344,12 @@ def test_one_command_lists_its_subcommands_and_maps_errors_to_exit_statuses(caps
 
     assert cli.main(["--help"]) == 0
     help_text = capsys.readouterr().out
-    for name in ("extract", "verify", "report", "bench", "sample"):
+    for name in ("extract", "verify", "report", "export", "bench", "sample"):
         assert f"\n  {name} " in help_text
     assert cli.main([]) == 2
     assert cli.main(["frob"]) == 2
     assert capsys.readouterr().err.endswith(
-        "error: unknown command 'frob'; commands are extract, verify, report, bench, sample\n"
+        "error: unknown command 'frob'; commands are extract, verify, report, export, bench, sample\n"
     )
     assert cli.main(["verify"]) == 2
     err = capsys.readouterr().err
@@ -373,3 +373,18 @@ def test_the_console_script_is_installed():
     assert found, "logit-extract is not installed (pip install -e .)"
     result = subprocess.run([found, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: logit-extract COMMAND" in result.stdout
+
+
+def test_make_extract_runs_n_processes_through_accelerate():
+    """`make extract NPROC=2` launches the job with the venv's accelerate, two processes."""
+    dry = subprocess.run(
+        ["make", "-n", "extract", "NPROC=2"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip().splitlines()[-1] == (
+        ".venv/bin/accelerate launch --multi_gpu --num_processes 2 -m jobs.extract "
+        "--config configs/default.yaml"
+    )
+    single = subprocess.run(["make", "-n", "extract"], cwd=ROOT, capture_output=True, text=True)
+    last = single.stdout.strip().splitlines()[-1]
+    assert last == ".venv/bin/python -m jobs.extract --config configs/default.yaml"

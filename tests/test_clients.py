@@ -219,3 +219,58 @@ def test_examples_in_every_task(runs, model_dirs, model, settings):
             strict=True,
         ):
             assert decoder == [0] + [t if t is not None else 0 for t in tokens[:-1]]
+
+
+def test_the_output_root_reads_as_the_token_rows(runs):
+    """With the report drawn, one plain call on OUT itself returns the token rows: every entry
+    at OUT but the data folder starts with `_`, and nothing at OUT ends in .parquet, so a glob
+    OUT/*.parquet finds no file (an error) instead of an empty one (0 rows, silently)."""
+    from lib.inspect import report
+
+    out = runs["positions"]
+    report.write_report(out)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("_")) == ["tokens"]
+    expected = runs["rows"]
+    _same_rows(pa.Table.from_pandas(pd.read_parquet(out), preserve_index=False), expected)
+    _same_rows(ds.dataset(out, format="parquet").to_table(), expected)
+    with pytest.raises(duckdb.IOException, match="No files found"):
+        duckdb.sql(f"SELECT count(*) FROM '{out}/*.parquet'").fetchall()
+    rows = duckdb.sql(f"SELECT count(*) FROM '{out}/tokens/*.parquet'").fetchall()[0][0]
+    assert rows == len(expected)
+
+
+def test_an_output_of_the_earlier_layout_still_reads_and_a_rerun_moves_it(
+    runs, model_dirs, tmp_path
+):
+    """report.html and _skipped.parquet at OUT, as outputs were written before: verify, the
+    report and the readers take it as it is; the next run of the job (or of the report) moves
+    both, and OUT reads as the token rows again."""
+    import shutil
+
+    from lib import results
+    from lib.inspect import report
+    from lib.inspect.verify import verify
+
+    old = tmp_path / "old"
+    shutil.copytree(runs["positions"], old)
+    report.write_report(old)
+    (old / "_report.html").rename(old / "report.html")
+    (old / "_skipped" / "skipped.parquet").rename(old / "_skipped.parquet")
+    (old / "_skipped").rmdir()
+    assert verify(old, check_input=True).problems == []
+    assert results.load_table(old).num_rows == len(runs["rows"])
+    manifest = results.read_manifest(old)
+    config = manifest["config"]
+    argv = [
+        f"model.path={model_dirs['gpt2']}",
+        f"input.path={config['input']['path']}",
+        f"output.dir={old}",
+        f"output.k={config['output']['k']}",
+        f"output.shard_rows={config['output']['shard_rows']}",
+        f"input.max_length={config['input']['max_length']}",
+    ]
+    assert extract.main(argv) == 0
+    assert not (old / "report.html").exists() and not (old / "_skipped.parquet").exists()
+    assert (old / "_skipped" / "skipped.parquet").is_file()
+    assert verify(old, check_input=True).problems == []
+    _same_rows(ds.dataset(old, format="parquet").to_table(), runs["rows"])

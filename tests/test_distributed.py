@@ -97,6 +97,6 @@ def _same_manifest_but_ranks(double, single) -> None:
     ]
     assert manifest["totals"] == reference["totals"]
     assert manifest["totals"]["skipped_rows"] == 2
-    skipped = pq.read_table(double / "_skipped.parquet").sort_by("id")
-    assert skipped.equals(pq.read_table(single / "_skipped.parquet").sort_by("id"))
+    skipped = pq.read_table(double / "_skipped/skipped.parquet").sort_by("id")
+    assert skipped.equals(pq.read_table(single / "_skipped/skipped.parquet").sort_by("id"))
     assert verify(double, check_input=True).problems == []

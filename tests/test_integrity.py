@@ -254,7 +254,7 @@ METADATA_CASES = {  # case -> (file, damage, shard the rerun must recompute)
     "record-emptied": ("_units/part-00003.json", _empty, "tokens/part-00003.parquet"),
     "record-garbled": ("_units/part-00003.json", _garble, "tokens/part-00003.parquet"),
     "success-deleted": ("_SUCCESS", _delete, None),
-    "skipped-deleted": ("_skipped.parquet", _delete, None),
+    "skipped-deleted": ("_skipped/skipped.parquet", _delete, None),
 }
 
 
@@ -289,7 +289,7 @@ def test_lost_bookkeeping_heals(case, metadata_reruns, clean):
 # LOGIT_EXTRACT_FAIL_AT=point:N -> shards committed before the failure. Each run reaches the
 # points in one order: _job.json's write, fsync and rename (1), then per unit the shard (write,
 # fsync of the closed temporary, rename) and its record (write, fsync, rename: the record
-# before the shard), then _skipped.parquet, _manifest.json and _SUCCESS.
+# before the shard), then _skipped/skipped.parquet, _manifest.json and _SUCCESS.
 DISK_FULL_CASES = {
     "write:1": 0,  # _job.json, before any shard
     "write:6": 2,  # the third shard's rows

@@ -72,7 +72,7 @@ def test_fresh_directory_gets_a_job_record_and_its_folders(tmp_path):
     assert (record["fingerprint"], record["run_id"], record["inputs"]) == ("fp1", "run1", FILES)
     assert prepared.recomputed == [] and prepared.healed == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [layout.JOB, layout.UNITS, layout.TOKENS, layout.TMP]
+        [layout.JOB, layout.UNITS, layout.TOKENS, layout.TMP, layout.SKIPPED_DIR]
     )
 
 

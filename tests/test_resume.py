@@ -143,7 +143,8 @@ def assert_same_as_baseline(out: Path, baseline: dict, inputs: dict) -> None:
     ids = set(table.column("id").to_pylist())
     assert ids == set(inputs["ids"]) - inputs["skipped"]
     assert (
-        set(pq.read_table(out / "_skipped.parquet").column("id").to_pylist()) == inputs["skipped"]
+        set(pq.read_table(out / "_skipped/skipped.parquet").column("id").to_pylist())
+        == inputs["skipped"]
     )
     keys = table.select(["id", "position"])
     assert (

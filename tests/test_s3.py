@@ -79,8 +79,8 @@ def same_as_local(out: str, local: str) -> None:
     assert [(s["file"], s["rows"], s["sha256"]) for s in manifest["shards"]] == [
         (s["file"], s["rows"], s["sha256"]) for s in reference["shards"]
     ]  # byte for byte the local shards
-    skipped = pq.read_table(storage.open_input(storage.location(out) / "_skipped.parquet"))
-    assert skipped.equals(pq.read_table(Path(local) / "_skipped.parquet"))
+    skipped = pq.read_table(storage.open_input(storage.location(out) / "_skipped/skipped.parquet"))
+    assert skipped.equals(pq.read_table(Path(local) / "_skipped/skipped.parquet"))
     assert verify(out, check_input=True).problems == []
 
 

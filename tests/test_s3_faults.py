@@ -167,7 +167,7 @@ def test_s3_report_without_endpoint_or_credentials_is_one_line(s3, finished, lau
     runs = {cause: launcher.start([out], env, module="jobs.report") for cause, env in cases.items()}
     for cause, run in runs.items():
         run.wait().assert_one_error(1, f"{out}", cause)
-    assert not (storage.location(out) / "report.html").exists()
+    assert not (storage.location(out) / "_report.html").exists()
 
 
 def s3_server_reader(s3) -> dict[str, str]:

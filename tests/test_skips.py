@@ -1,4 +1,4 @@
-"""Rows that cannot be scored are recorded in `_skipped.parquet` and the job goes on; every input
+"""Rows that cannot be scored are recorded in `_skipped/skipped.parquet` and the job goes on; every input
 id ends up scored or skipped, never both, never neither, and the manifest's totals add up."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def run(
     ]
     assert extract.main(argv) == 0
     scored = pd.read_parquet(out, columns=["id", "position"])
-    skipped = pq.read_table(out / "_skipped.parquet").to_pandas()
+    skipped = pq.read_table(out / "_skipped/skipped.parquet").to_pandas()
     manifest = json.loads((out / "_manifest.json").read_text())
     assert (out / "_SUCCESS").exists()
     return scored, skipped, manifest

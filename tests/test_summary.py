@@ -73,3 +73,19 @@ def test_generate_mode_has_no_accuracy_or_calibration(capsys):
     manifest.scores["top1_accuracy"] = 0.975
     print_summary(manifest, "out/x")
     assert _fields(capsys)["scores"].endswith(", top-1 97.5%, ECE 0.042")
+
+
+def test_a_top_p_that_kept_all_k_entries_at_most_positions_says_so(capsys):
+    """With output.top_p, positions that kept all k entries did not reach the mass: k decided
+    what was stored. Said when that is most positions, with the share; not otherwise."""
+    manifest = _manifest("targets", 1, 1, 3.2)
+    manifest.config.output.top_p, manifest.config.output.k = 0.95, 20
+    manifest.totals.topk_capped = 34  # of 40 token rows
+    print_summary(manifest, "out/x")
+    assert _fields(capsys)["top-p"] == (
+        "85% of positions kept all 20 entries without reaching top_p=0.95: output.k caps it "
+        "(raise output.k to store that mass)"
+    )
+    manifest.totals.topk_capped = 12
+    print_summary(manifest, "out/x")
+    assert "top-p" not in _fields(capsys)

@@ -18,7 +18,7 @@ from tests.conftest import write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 40
-NULLS = (5, 17)  # rows with a null text: recorded in _skipped.parquet
+NULLS = (5, 17)  # rows with a null text: recorded in _skipped/skipped.parquet
 
 
 @pytest.fixture(scope="module")
@@ -223,26 +223,32 @@ def test_missing_and_unlisted_shards(damaged, job, capsys):
 
 def test_input_ids_neither_scored_nor_skipped(damaged, capsys):
     (damaged / "tokens" / "part-00004.parquet").unlink()
-    skipped = pq.read_table(damaged / "_skipped.parquet")
-    pq.write_table(skipped.slice(1), damaged / "_skipped.parquet")  # drops d5
+    skipped = pq.read_table(damaged / "_skipped/skipped.parquet")
+    pq.write_table(skipped.slice(1), damaged / "_skipped/skipped.parquet")  # drops d5
     status, problems, _ = check(damaged, "--input", capsys=capsys)
     assert status == 1
     assert (
-        f"{damaged}: 9 input ids are neither in the output nor in _skipped.parquet, "
+        f"{damaged}: 9 input ids are neither in the output nor in _skipped/skipped.parquet, "
         "e.g. 'd5', 'd32', 'd33'" in problems
     )
-    assert f"{damaged}: manifest totals.skipped_rows is 2, _skipped.parquet has 1 rows" in problems
+    assert (
+        f"{damaged}: manifest totals.skipped_rows is 2, _skipped/skipped.parquet has 1 rows"
+        in problems
+    )
 
 
 def test_input_ids_both_scored_and_skipped(damaged, capsys):
     skipped = pa.table({"id": ["d5", "d17", "d0"], "reason": ["null_text", "null_text", "bogus"]})
-    pq.write_table(skipped, damaged / "_skipped.parquet")
+    pq.write_table(skipped, damaged / "_skipped/skipped.parquet")
     status, problems, _ = check(damaged, capsys=capsys)
     assert status == 1
-    assert f"{damaged}: 1 ids are both in the output and in _skipped.parquet, e.g. 'd0'" in problems
+    assert (
+        f"{damaged}: 1 ids are both in the output and in _skipped/skipped.parquet, e.g. 'd0'"
+        in problems
+    )
     status, problems, _ = check(damaged, "--input", capsys=capsys)
     assert (
-        f"{damaged}: 1 input ids are both in the output and in _skipped.parquet, e.g. 'd0'"
+        f"{damaged}: 1 input ids are both in the output and in _skipped/skipped.parquet, e.g. 'd0'"
         in problems
     )
 
@@ -272,7 +278,10 @@ def test_output_ids_not_in_the_input(damaged, tmp_path, capsys):
         f"{damaged}: {ROWS - len(NULLS) - 2} ids in the output are not input ids, "
         "e.g. 'd2', 'd3', 'd4'" in problems
     )
-    assert f"{damaged}: 2 ids in _skipped.parquet are not input ids, e.g. 'd5', 'd17'" in problems
+    assert (
+        f"{damaged}: 2 ids in _skipped/skipped.parquet are not input ids, e.g. 'd5', 'd17'"
+        in problems
+    )
 
 
 def test_bad_manifest_and_missing_input(damaged, tmp_path, capsys):

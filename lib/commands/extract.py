@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_report(out_dir: str, rewrite: bool) -> None:
-    """OUT/report.html (see `logit-extract report`); a rerun that changed nothing keeps one drawn
+    """OUT/_report.html (see `logit-extract report`); a rerun that changed nothing keeps one drawn
     after the job finished. A finished job never fails for its report: a failure is a warning."""
     from lib import storage
     from lib.output import layout

@@ -1,7 +1,7 @@
 """Draw a run: `logit-extract report OUT [--output FILE] [--png FILE]`.
 
 Writes one self-contained HTML page (inline PNG figures, no scripts, no links) to
-OUT/report.html or FILE: the run's rows, lengths, batching, throughput, the model's
+OUT/_report.html or FILE: the run's rows, lengths, batching, throughput, the model's
 log-probabilities, ranks, stored top-k mass and calibration. A directory whose job has not
 finished is drawn from its committed shards and marked partial. `--png` also draws every
 figure into one image (the README's screenshot). Exit status: 0 written, 2 not an output
@@ -18,7 +18,7 @@ from lib.inspect import report
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """OUT, --output and --png."""
     parser.add_argument("out_dir", help="the job's output.dir")
-    parser.add_argument("--output", help="the HTML file to write (default: OUT/report.html)")
+    parser.add_argument("--output", help="the HTML file to write (default: OUT/_report.html)")
     parser.add_argument("--png", help="also draw every figure into this PNG file")
 
 

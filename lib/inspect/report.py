@@ -250,7 +250,7 @@ def _write(path: AnyPath, data: bytes, out_dir: AnyPath) -> None:
 def write_report(
     out_dir: str | AnyPath, output: str | AnyPath | None = None, png: str | AnyPath | None = None
 ) -> tuple[AnyPath, Report]:
-    """Write the HTML report (default OUT/report.html), and the one-image PNG if asked."""
+    """Write the HTML report (default OUT/_report.html), and the one-image PNG if asked."""
     out_dir = storage.location(out_dir)
     report = build(out_dir)
     try:  # a report killed mid-write left its temporary; a live writer's stays
@@ -259,6 +259,11 @@ def write_report(
         pass  # read-only access still draws the report elsewhere
     path = storage.location(output) if output is not None else out_dir / layout.REPORT
     _write(path, render_html(report).encode("utf-8"), out_dir)
+    if output is None:  # an older version's report.html would read as data at OUT
+        try:
+            (out_dir / layout.OLD_REPORT).unlink(missing_ok=True)
+        except OSError:
+            pass
     if png is not None:
         _write(storage.location(png), render_png(report), out_dir)
     return path, report

@@ -220,8 +220,8 @@ def _records(out_dir: AnyPath, fingerprint: str | None) -> list[UnitRecord]:
 
 
 def _skipped(out_dir: AnyPath, records: list[dict]) -> dict[str, int]:
-    """Skipped rows by reason: `_skipped.parquet` when the job finished, else the records."""
-    path = out_dir / layout.SKIPPED
+    """Skipped rows by reason: the skipped rows' file when the job finished, else the records."""
+    path = layout.skipped_path(out_dir)
     if path.is_file() and (out_dir / layout.SUCCESS).exists():
         try:
             parquet = pq.ParquetFile(storage.open_input(path))

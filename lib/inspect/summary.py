@@ -27,6 +27,21 @@ def _output_rows(manifest: Manifest) -> str:
     )
 
 
+def _capped(manifest: Manifest) -> str | None:
+    """With output.top_p: a line when most token rows kept all k entries (the mass they hold
+    stays below top_p, and output.k, not top_p, decided what was stored)."""
+    output, totals = manifest.config.output, manifest.totals
+    if output.top_p >= 1 or totals.topk_capped is None or not totals.output_rows:
+        return None
+    share = totals.topk_capped / totals.output_rows
+    if share < 0.5:
+        return None
+    return (
+        f"{share:.0%} of positions kept all {output.k} entries without reaching "
+        f"top_p={output.top_p:g}: output.k caps it (raise output.k to store that mass)"
+    )
+
+
 def print_summary(manifest: Manifest, out_dir: str, *, already_complete: bool = False) -> None:
     """Rows, tokens, padding efficiency, throughput, wall time, the corpus scores and where
     the output is."""
@@ -66,6 +81,9 @@ def print_summary(manifest: Manifest, out_dir: str, *, already_complete: bool = 
         if not generate or scores["top1_accuracy"] < 1:
             text += f", top-1 {scores['top1_accuracy']:.1%}, ECE {scores['ece']:.3f}"
         lines.append(("scores", text))
+    capped = _capped(manifest)
+    if capped:
+        lines.append(("top-p", capped))
     if manifest.recomputed:
         names = ", ".join(manifest.recomputed)
         lines.append(

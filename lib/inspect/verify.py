@@ -265,7 +265,7 @@ def storage_figures(
 
 
 def _read_skipped(out_dir: AnyPath, problems: list[str]) -> pa.Array | None:
-    path = out_dir / layout.SKIPPED
+    path = layout.skipped_path(out_dir)
     if not path.exists():
         problems.append(f"{layout.SKIPPED} is missing")
         return None

@@ -7,11 +7,15 @@
     OUT/_units/part-00042.json      a committed unit's record: its shards' rows, bytes and
                                     sha256, counts, partial scores
     OUT/_tmp/                       temporaries, named after the process that writes them
-    OUT/_skipped.parquet, OUT/_manifest.json, OUT/_SUCCESS   written last, in that order
-    OUT/report.html                the run report (lib/inspect/report.py), after the job or on demand
+    OUT/_skipped/skipped.parquet, OUT/_manifest.json, OUT/_SUCCESS   written last, in order
+    OUT/_report.html                the run report (lib/inspect/report.py), after the job or
+                                    on demand
 
-Readers that skip names starting with `_` or `.` (pyarrow, pandas, Polars, DuckDB with a
-`tokens/*` glob, Hugging Face datasets) see only the shards.
+Everything at OUT that is not a data folder starts with `_`, which pyarrow and pandas skip, and
+nothing at OUT ends in `.parquet`: `pd.read_parquet(OUT)` and `pyarrow.dataset.dataset(OUT)`
+read the token rows (at output.level=tokens), and a glob `OUT/*.parquet` matches no file
+rather than the wrong one. Outputs written before the report and the skipped rows moved there
+(`report.html`, `_skipped.parquet` at OUT) still read; a run of the job moves them.
 
 OUT is a local path or an object-store URI (lib/storage): on an object store a shard is
 uploaded under its final name and appears only when its upload completes, so `_tmp` stays empty.
@@ -36,14 +40,18 @@ JOB = "_job.json"
 LOCK = "_lock.json"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
-SKIPPED = "_skipped.parquet"
-REPORT = "report.html"  # the name the report's contract gives; read token rows from OUT/tokens
+SKIPPED_DIR = "_skipped"
+SKIPPED = f"{SKIPPED_DIR}/skipped.parquet"
+REPORT = "_report.html"
+# where outputs written before kept them (read, and moved by the next run of the job)
+OLD_SKIPPED, OLD_REPORT = "_skipped.parquet", "report.html"
 EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
 # 1: shards at OUT itself; 2: shards in OUT/tokens with checksums; 3: entropy, documents,
 # scores, and a record's shards listed under "files"
 FORMAT_VERSION = 3
 _PARALLEL_READS = 32  # requests in flight when reading many records from an object store
-_OURS = {TOKENS, DOCUMENTS, UNITS, TMP, JOB, LOCK, MANIFEST, SUCCESS, SKIPPED, REPORT}
+_OURS = {TOKENS, DOCUMENTS, UNITS, TMP, JOB, LOCK, MANIFEST, SUCCESS, SKIPPED_DIR, REPORT}
+_OURS |= {OLD_SKIPPED, OLD_REPORT}
 
 _writer_tag: str | None = None
 
@@ -93,6 +101,22 @@ def temp_path(out_dir: AnyPath, final: AnyPath) -> AnyPath:
 def is_ours(name: str) -> bool:
     """Whether an entry of OUT is one this job writes (anything else is the user's)."""
     return name in _OURS
+
+
+def skipped_path(out_dir: AnyPath) -> AnyPath:
+    """The skipped rows' file: where this version writes it, else where an older one did."""
+    path = out_dir / SKIPPED
+    if path.exists() or not (out_dir / OLD_SKIPPED).exists():
+        return path
+    return out_dir / OLD_SKIPPED
+
+
+def report_path(out_dir: AnyPath) -> AnyPath:
+    """The run report: where this version writes it, else where an older one did."""
+    path = out_dir / REPORT
+    if path.exists() or not (out_dir / OLD_REPORT).exists():
+        return path
+    return out_dir / OLD_REPORT
 
 
 def shard_files(out_dir: AnyPath, folder: str = TOKENS) -> list[AnyPath]:

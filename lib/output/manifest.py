@@ -1,4 +1,4 @@
-"""The end of a job: `_skipped.parquet`, `_manifest.json`, then `_SUCCESS`, from the unit records."""
+"""The end of a job: the skipped rows, `_manifest.json`, then `_SUCCESS`, from the unit records."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from lib import faults
 from lib.config import JobConfig
-from lib.errors import UserError
+from lib.errors import UserError, output_error
 from lib.extract import corpus, scores
 from lib.output import layout
 from lib.output.records import Manifest, ShardEntry, Totals, UnitRecord
@@ -64,7 +64,12 @@ def _write_skipped(out_dir: AnyPath, skipped: list[list], id_type: pa.DataType) 
     table = pa.table({"id": pa.array(ids, type=id_type), "reason": pa.array(reasons, pa.string())})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    layout.write_atomic(out_dir / layout.SKIPPED, sink.getvalue().to_pybytes(), out_dir)
+    path = out_dir / layout.SKIPPED
+    try:
+        path.parent.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise output_error(path.parent, exc) from None
+    layout.write_atomic(path, sink.getvalue().to_pybytes(), out_dir)
 
 
 def _fields(schema: pa.Schema) -> list[dict]:
@@ -93,13 +98,16 @@ def _sum(records: list[UnitRecord], level: str, run_id: str) -> tuple[_Sums, Tot
     entries = [record.topk_entries for record in records]
     if entries and None not in entries:
         totals.topk_entries = sum(entries)
+    capped = [record.topk_capped for record in records]
+    if capped and None not in capped:
+        totals.topk_capped = sum(capped)
     return sums, totals
 
 
 def finalize(
     out_dir: AnyPath, units: list[corpus.WorkUnit], config: JobConfig, facts: RunFacts
 ) -> Manifest:
-    """After every rank is done (main process): write `_skipped.parquet` and build the manifest."""
+    """After every rank is done (main process): write the skipped rows and build the manifest."""
     fmt, level = config.output.format, config.output.level
     visible = layout.visible_shards(out_dir, level)
     found = layout.read_records(out_dir, [unit.name for unit in units])

@@ -96,6 +96,7 @@ class UnitRecord:
     scores: dict  # the unit's sums for the corpus scores (lib/extract/scores.py partial)
     skipped: list[list]  # [id, reason]
     topk_entries: int | None = None  # top-k entries stored (top-k token rows)
+    topk_capped: int | None = None  # with output.top_p: positions that kept all k entries
     files: list[ShardEntry] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -137,6 +138,7 @@ class UnitRecord:
             scores=_field(data, "scores", dict),
             skipped=_field(data, "skipped", list),
             topk_entries=_field(data, "topk_entries", int, optional=True),
+            topk_capped=_field(data, "topk_capped", int, optional=True),
             files=[ShardEntry.from_json(entry) for entry in _field(data, "files", list)],
         )
 
@@ -152,6 +154,7 @@ class Totals:
     output_rows: int  # token rows (document rows at output.level=documents)
     document_rows: int | None = None  # at output.level documents or both
     topk_entries: int | None = None  # top-k entries stored, over every token row
+    topk_capped: int | None = None  # with output.top_p: token rows that kept all k entries
 
     def to_json(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -165,6 +168,7 @@ class Totals:
             _field(data, "output_rows", int),
             _field(data, "document_rows", int, optional=True),
             _field(data, "topk_entries", int, optional=True),
+            _field(data, "topk_capped", int, optional=True),
         )
 
 
@@ -185,6 +189,7 @@ class Manifest:
     scores: dict  # the corpus scores (lib/extract/scores.py merge)
     throughput: dict  # this run's work and time
     recomputed: list[str]  # shards that failed their checksum and were recomputed
+    exported_from: str | None = None  # an export's source output (`logit-extract export`)
 
     def to_json(self) -> dict:
         data = {
@@ -196,15 +201,19 @@ class Manifest:
         }
         if self.documents_schema is not None:
             data["documents_schema"] = self.documents_schema
-        return data | {
-            "format": self.format,
-            "world_size": self.world_size,
-            "shards": [entry.to_json() for entry in self.shards],
-            "totals": self.totals.to_json(),
-            "scores": self.scores,
-            "throughput": self.throughput,
-            "recomputed": self.recomputed,
-        }
+        return (
+            data
+            | {
+                "format": self.format,
+                "world_size": self.world_size,
+                "shards": [entry.to_json() for entry in self.shards],
+                "totals": self.totals.to_json(),
+                "scores": self.scores,
+                "throughput": self.throughput,
+                "recomputed": self.recomputed,
+            }
+            | ({"exported_from": self.exported_from} if self.exported_from else {})
+        )
 
     @classmethod
     def from_json(cls, data: object) -> Manifest:
@@ -231,4 +240,5 @@ class Manifest:
             scores=_field(data, "scores", dict),
             throughput=_field(data, "throughput", dict),
             recomputed=_field(data, "recomputed", list),
+            exported_from=_field(data, "exported_from", str, optional=True),
         )

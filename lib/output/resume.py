@@ -230,7 +230,7 @@ def finished(
     if not job or job.get("fingerprint") != fp or not manifest or manifest.fingerprint != fp:
         return None
     if not (out_dir / layout.SKIPPED).is_file():
-        return None
+        return None  # (an output of an older version: the run moves its bookkeeping)
     visible = layout.visible_shards(out_dir, level)
     records = _records(out_dir, units, fmt, level, visible)
     if not all(
@@ -405,10 +405,12 @@ def prepare_output(
             if not layout.read_manifest(out_dir):
                 healed.append(layout.MANIFEST)
         # Not finished any more (or not yet): the manifest is rebuilt at the end.
-        for name in (layout.SUCCESS, layout.MANIFEST, layout.SKIPPED):
+        names = (layout.SUCCESS, layout.MANIFEST, layout.SKIPPED, layout.OLD_SKIPPED)
+        for name in (*names, layout.OLD_REPORT):
             (out_dir / name).unlink(missing_ok=True)
         layout.remove_dead_temporaries(out_dir)
-        for folder in (layout.UNITS, *layout.folders(config.output.level), layout.TMP):
+        folders = (layout.UNITS, *layout.folders(config.output.level), layout.SKIPPED_DIR)
+        for folder in (*folders, layout.TMP):
             (out_dir / folder).mkdir(exist_ok=True)
         fmt, level = config.output.format, config.output.level
         recomputed = _check_shards(out_dir, units, fmt, level, fp)

@@ -171,6 +171,8 @@ class UnitWriter:
             record = self._record(unit, end, scores.partial(arrays, columns))
             if self.outputs.topk:  # for bytes per entry (jobs.verify)
                 record.topk_entries = _topk_entries(arrays, self.k)
+                if "topk_count" in arrays:  # top_p: how often output.k cut the mass short
+                    record.topk_capped = int((arrays["topk_count"] >= self.k).sum())
             writer.commit(shards, record, self.committer.check_lease)
         except BaseException:
             state.abort()

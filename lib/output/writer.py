@@ -116,24 +116,42 @@ def commit(
     the shards visible under their names; `check_lease` raises if another job took the
     directory over. A failure discards every temporary. Returns the record."""
     first = shards[0]
-    try:
+    path = layout.record_path(first.out_dir, first.name)
+
+    def record_them() -> None:
         record.files = [shard._finish() for shard in shards]
         faults.point("before_rename")
         check_lease()
-        path = layout.record_path(first.out_dir, first.name)
         layout.write_json(path, record.to_json(), first.out_dir)
         faults.point("between_record_and_shard")
-        etags = [shard._publish() for shard in shards]
-        if any(etags):  # S3 names the object it now holds: a rerun compares that, not bytes
-            for entry, etag in zip(record.files, etags, strict=True):
-                entry.etag = etag
-            layout.write_json(path, record.to_json(), first.out_dir)
+
+    etags = _committed(shards, record_them)
+    if any(etags):  # S3 names the object it now holds: a rerun compares that, not bytes
+        for entry, etag in zip(record.files, etags, strict=True):
+            entry.etag = etag
+        layout.write_json(path, record.to_json(), first.out_dir)
+    return record
+
+
+def publish(shard: ShardWriter) -> ShardEntry:
+    """Close, fsync, hash and publish one shard that no unit record describes (an export)."""
+    entries: list[ShardEntry] = []
+    [etag] = _committed([shard], lambda: entries.append(shard._finish()))
+    entries[0].etag = etag
+    return entries[0]
+
+
+def _committed(shards: list[ShardWriter], before: Callable[[], None]) -> list[str | None]:
+    """Run `before` (closing the shards and recording them), then publish each shard; a
+    failure discards every temporary. Each shard's ETag on S3 (else None)."""
+    try:
+        before()
+        return [shard._publish() for shard in shards]
     except OSError as exc:
         for shard in shards:
             shard.abort()  # e.g. a full disk while closing: never rename a file that may be short
-        raise output_error(getattr(exc, "filename", None) or first._where, exc) from None
+        raise output_error(getattr(exc, "filename", None) or shards[0]._where, exc) from None
     except BaseException:
         for shard in shards:
             shard.abort()
         raise
-    return record

@@ -42,6 +42,17 @@ def open_input(path: AnyPath | str) -> str | pa.NativeFile:
         raise storage_error(exc, path) from None
 
 
+def open_stream(path: AnyPath | str):
+    """A file object reading `path` from its start (a context manager)."""
+    path = location(path)
+    if not is_remote(path):
+        return open(path, "rb")
+    try:
+        return path.fs.open_input_stream(path.key)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+
+
 def open_mapped(path: AnyPath | str) -> pa.NativeFile:
     """A random-access file for an Arrow IPC reader: a memory map locally (batches stay on
     disk, zero-copy), an open object otherwise."""
