@@ -1,8 +1,10 @@
-"""The README's Python examples run as written, on outputs of the job it describes.
+"""The examples of README.md and docs/*.md run as written, on outputs of the job they describe.
 
-Each ```python block of README.md is found by a phrase it contains and run in a folder where its
-paths (`out/default`, `out/scored`, `out/teacher`, `my-student`) lead to real outputs of tiny
-models. A block edited so that it no longer runs, or no longer computes what it says, fails here.
+Each ```python block of those pages is found by a phrase it contains and run in a folder where
+its paths (`out/default`, `out/scored`, `out/teacher`, `my-student`) lead to real outputs of
+tiny models. A block edited so that it no longer runs, or no longer computes what it says,
+fails here; so does a block that no test runs. Every shell line that runs the job loads as a
+config, and the verify and report lines run.
 """
 
 from __future__ import annotations
@@ -19,37 +21,49 @@ import pytest
 import torch
 
 from jobs import extract
-from lib import results, sample
+from lib import cli, results, sample
+from lib.output import layout
 from tests.conftest import write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TEXTS = {page.relative_to(ROOT).as_posix(): page.read_text() for page in PAGES}
+# (page, source) of every ```python block, in page order
+BLOCKS = [
+    (name, source)
+    for name, text in TEXTS.items()
+    for source in re.findall(r"```python\n(.*?)```", text, re.S)
+]
+SHELL = [
+    source for text in TEXTS.values() for source in re.findall(r"```bash\n(.*?)```", text, re.S)
+]
 
 
-def block(phrase: str) -> str:
-    """The one README block that contains `phrase`."""
-    found = [b for b in BLOCKS if phrase in b]
-    assert len(found) == 1, f"{len(found)} README python blocks contain {phrase!r}"
+def block(phrase: str) -> tuple[str, str]:
+    """The one python block (page, source) of the README and docs that contains `phrase`."""
+    found = [(name, source) for name, source in BLOCKS if phrase in source]
+    assert len(found) == 1, f"{len(found)} python blocks in README.md and docs/ contain {phrase!r}"
     return found[0]
 
 
-def run(source: str, namespace: dict) -> list:
+def run(found: tuple[str, str], namespace: dict) -> list:
     """Run a block like a notebook cell: returns the value of each bare expression, in order."""
+    name, source = found
     values = []
     for statement in ast.parse(source).body:
         if isinstance(statement, ast.Expr):
-            code = compile(ast.Expression(statement.value), "README.md", "eval")
+            code = compile(ast.Expression(statement.value), name, "eval")
             values.append(eval(code, namespace))
         else:
-            exec(compile(ast.Module([statement], []), "README.md", "exec"), namespace)
+            exec(compile(ast.Module([statement], []), name, "exec"), namespace)
     return values
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, model_dirs, peaked_dir) -> dict[str, Path]:
-    """The outputs the README's examples read: the default config's run (T5, targets), a causal
-    run with document scores, a second model's, and three teacher layouts (top-p on a model
-    whose distributions are peaked enough for it to trim rows)."""
+    """The outputs the examples read: the default config's run (T5, targets), a causal run with
+    document scores, a second model's, and three teacher layouts (top-p on a model whose
+    distributions are peaked enough for it to trim rows)."""
     root = tmp_path_factory.mktemp("readme")
     texts = sample.generate_texts(40, seed=51, mean_words=9)
     causal = write_rows(root / "texts.parquet", texts)
@@ -168,6 +182,9 @@ def test_document_score_examples(outputs, folder):
     assert 0 < len(namespace["keep"]) < len(docs)
     assert list(namespace["suspects"].columns) == ["id", "min_k_plus_plus", "n_tokens"]
     assert len(namespace["suspects"]) == 20
+    # the highest Min-K%++ scores: members of the training data score high (Zhang et al.)
+    top = docs.min_k_plus_plus.sort_values(ascending=False).iloc[:20]
+    assert sorted(namespace["suspects"].min_k_plus_plus) == sorted(top)
     assert namespace["arrays"]["perplexity"].dtype == np.float64
     assert differences["count"] == namespace["whole"].sum() > 30
 
@@ -195,38 +212,46 @@ def test_every_block_is_run_here():
     assert sorted(BLOCKS.index(block(p)) for p in phrases) == list(range(len(BLOCKS)))
 
 
-SHELL = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-
-
-def commands(program: str) -> list[list[str]]:
-    """The arguments of every README shell line that runs `program` (`jobs.report`, `make
-    extract`, ...), continuation lines joined, comments and a closing quote dropped."""
+def commands(*programs: str) -> list[list[str]]:
+    """The arguments of every shell line of the README and docs that runs one of `programs`
+    (`logit-extract verify`, `-m jobs.verify`, `make extract`, ...), continuation lines joined,
+    comments and a closing quote dropped."""
     found = []
     for text in SHELL:
         for line in text.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
-            if program in line and not line.startswith("#"):
-                found.append(shlex.split(line.split(program, 1)[1].rstrip("'")))
+            if line.startswith("#"):
+                continue
+            for program in programs:
+                if program in line:
+                    found.append(shlex.split(line.split(program, 1)[1].rstrip("'")))
+                    break
     return found
 
 
+def command_lines(name: str) -> list[list[str]]:
+    """The arguments of every line that runs the `logit-extract` command `name`, whether as
+    `logit-extract NAME` or as its alias `python -m jobs.NAME` (`accelerate launch -m ...`)."""
+    return commands(f"logit-extract {name}", f"-m jobs.{name}")
+
+
 def test_extract_command_lines_are_valid_configs(capsys):
-    """Every `jobs.extract` and `make extract` line in the README loads as a config (run from
-    the repository, where its configs/ paths lead)."""
-    lines = commands("-m jobs.extract")
+    """Every `logit-extract extract`, `jobs.extract` and `make extract` line of the README and
+    docs loads as a config (run from the repository, where its configs/ paths lead)."""
+    lines = command_lines("extract")
     for make_args in commands("make extract"):
         settings = dict(arg.split("=", 1) for arg in make_args)
         lines.append(
             ["--config", settings.get("CONFIG", "configs/default.yaml")]
             + shlex.split(settings.get("ARGS", ""))
         )
-    assert len(lines) >= 8  # quick start, make, cluster, Slurm and S3 lines
+    # quick start, your own data, make, configuration, one GPU, cluster, Slurm and S3 lines
+    assert len(lines) >= 14
     for args in lines:
-        assert extract.main([*args, "--print-config"]) == 0, (args, capsys.readouterr().err)
+        assert cli.main(["extract", *args, "--print-config"]) == 0, (args, capsys.readouterr().err)
 
 
 def test_bench_command_lines_parse():
-    from lib import cli
     from lib.bench import command
 
     lines = commands("make bench")
@@ -236,34 +261,35 @@ def test_bench_command_lines_parse():
     for args in lines:
         settings = dict(arg.split("=", 1) for arg in args)
         parser.parse_args(shlex.split(settings.get("ARGS", "")))
+    for args in command_lines("bench"):
+        parser.parse_args(args)
 
 
 def test_report_and_verify_command_lines_run(outputs, folder, capsys):
-    from jobs import report, verify
-
     base = folder(default=outputs["default"])
     (base / "data" / "sample").mkdir(parents=True)
     (base / "data" / "sample" / "corpus.parquet").symlink_to(outputs["corpus"])
     (base / "docs").mkdir()
-    lines = [args for args in commands("-m jobs.verify") if not args[0].startswith("s3://")]
-    assert len(lines) == 3
+    lines = [args for args in command_lines("verify") if not args[0].startswith("s3://")]
+    assert len(lines) == 4
     for args in lines:
-        assert verify.main(args) == 0, (args, capsys.readouterr())
-    lines = commands("-m jobs.report")
-    assert len(lines) == 3
+        assert cli.main(["verify", *args]) == 0, (args, capsys.readouterr())
+    lines = command_lines("report")
+    assert len(lines) == 4
     for args in lines:
-        assert report.main(args) == 0, (args, capsys.readouterr())
-    assert (base / "out" / "default" / "report.html").stat().st_size > 10_000
+        assert cli.main(["report", *args]) == 0, (args, capsys.readouterr())
+    assert (base / "out" / "default" / layout.REPORT).stat().st_size > 10_000
     assert (base / "run.html").stat().st_size > 10_000
     assert (base / "docs" / "report.png").stat().st_size > 10_000
 
 
-def test_error_examples_print_what_the_readme_shows(capsys):
-    """Each `$ python -m jobs.extract ...` example followed by its `error: ...` line."""
-    examples = re.findall(
-        r"^\$ python -m jobs\.extract (.*)\n(error: .*)$", (ROOT / "README.md").read_text(), re.M
+def test_error_examples_print_what_the_docs_show(capsys):
+    """Each `$ logit-extract extract ...` example followed by its `error: ...` line."""
+    pattern = (
+        r"^\$ (?:\.venv/bin/)?(?:logit-extract extract|python -m jobs\.extract) (.*)\n(error: .*)$"
     )
+    examples = [found for text in TEXTS.values() for found in re.findall(pattern, text, re.M)]
     assert examples
     for args, line in examples:
-        assert extract.main(shlex.split(args)) == 2
+        assert cli.main(["extract", *shlex.split(args)]) == 2
         assert capsys.readouterr().err.strip() == line
