@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The generated corpus and tiny T5 that the offline default reads (built once, about 5 s).
-data/sample/sample.json: $(VENV)/.installed lib/sample.py
+# The offline default's corpus (standard library docstrings the sample models never saw) and
+# the small T5 and GPT-2 trained on the others (lib/sample/train.py), built once in a second.
+data/sample/sample.json: $(VENV)/.installed $(wildcard lib/sample/*.py lib/sample/models/*/*)
 	$(PY) -m jobs.make_sample data/sample
 
 # NPROC=N runs N processes through `accelerate launch` (one per GPU; on a CPU-only machine N
@@ -27,7 +28,9 @@ NPROC ?= 1
 ifeq ($(NPROC),1)
 RUN_JOB = $(PY) -m jobs.extract
 else
-RUN_JOB = $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) -m jobs.extract
+# The job sets its own dtype (model.dtype): accelerate's mixed precision and dynamo stay off.
+RUN_JOB = $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 \
+	--mixed_precision no --dynamo_backend no -m jobs.extract
 endif
 
 extract: data/sample/sample.json
@@ -49,12 +52,12 @@ bench: $(VENV)/.installed
 	$(PY) -m jobs.bench $(ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check lib jobs tests
-	$(VENV)/bin/ruff format --check lib jobs tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: $(VENV)/.installed
-	$(VENV)/bin/ruff check --fix lib jobs tests
-	$(VENV)/bin/ruff format lib jobs tests
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) build data/sample out

@@ -1,4 +1,5 @@
-"""lib/sample.py: the generated corpus and the tiny models load like any Hugging Face checkpoint."""
+"""lib/sample: the generated corpus, the docstring corpus, and the tiny models, which load like
+any Hugging Face checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from lib import sample
+from lib.sample import default, docstrings
 
 
 @pytest.mark.parametrize("name", ["t5", "gpt2", "llama"])
@@ -102,3 +104,49 @@ def test_write_corpus(tmp_path):
     assert table.column("target").null_count == 0
     no_targets = sample.write_corpus(tmp_path / "d.parquet", rows=5, with_targets=False)
     assert pq.read_schema(no_targets).names == ["doc_id", "text"]
+
+
+def test_docstring_corpus_is_real_text_split_by_module():
+    docs = docstrings.collect()
+    assert docs == docstrings.collect()
+    assert len(docs) > 1000
+    assert len({(d.text, d.target) for d in docs}) == len(docs)  # each docstring once
+    assert all(d.text and len(d.target.split()) >= 2 for d in docs)
+    found = {d.name: d for d in docs}
+    loads = found["json.loads"]
+    assert loads.module == "json" and loads.text.startswith("json.loads(s, *")
+    assert loads.target.startswith("Deserialize")
+    # A module is wholly held out or wholly in training, about a fifth held out.
+    modules = docstrings.module_names()
+    held = [m for m in modules if docstrings.held_out(m)]
+    assert 0.1 < len(held) / len(modules) < 0.3
+    assert held == [m for m in modules if docstrings.held_out(m)]
+    rows = [d for d in docs if docstrings.held_out(d.module)]
+    assert 0.1 < len(rows) / len(docs) < 0.4
+
+
+def test_shipped_models_predict_held_out_text(tmp_path):
+    """The trained sample models are small, float16, and far better than chance on text they never
+    saw (the job's own figures on them are in test_cli)."""
+    info = sample.build_default_sample(tmp_path)
+    # A sample of another version (an older checkout's) is replaced, not kept.
+    (tmp_path / "sample.json").write_text('{"model": "old"}')
+    (Path(info["model"]) / "stale.bin").write_bytes(b"old")
+    assert sample.build_default_sample(tmp_path) == info
+    assert not (Path(info["model"]) / "stale.bin").exists()
+    table = pq.read_table(info["corpus"])
+    held = [d.name for d in docstrings.collect() if docstrings.held_out(d.module)]
+    assert table.column("doc_id").to_pylist() == held
+    size = sum(p.stat().st_size for p in default.MODELS.rglob("*") if p.is_file())
+    assert size < 3_000_000
+    path = Path(info["causal_model"])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert AutoConfig.from_pretrained(path).dtype == torch.float16
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(" ".join(table.column("text").to_pylist()[:20]), return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = model(ids[:, :512]).logits[0, :-1]
+    logprobs = logits.log_softmax(-1).gather(-1, ids[0, 1:512, None])[:, 0]
+    # Chance is a perplexity of len(tok) = 2,000 and a top-1 accuracy of 1/2,000.
+    assert float((-logprobs.mean()).exp()) < len(tok) / 8
+    assert float((logits.argmax(-1) == ids[0, 1:512]).float().mean()) > 0.08

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from lib.inspect.run_stats import (
     MASS_BINS,
@@ -65,7 +66,8 @@ def _num(value: float | None, digits: int = 3) -> str:
     """`digits` significant digits, or a whole number with thousands separators when larger."""
     if value is None or not math.isfinite(value):
         return "n/a"
-    return f"{value:,.0f}" if abs(value) >= 10**digits else f"{value:.{digits}g}"
+    # '#' keeps trailing zeros so that figures in one table line up (4.260, not 4.26).
+    return f"{value:,.0f}" if abs(value) >= 10**digits else f"{value:#.{digits}g}"
 
 
 def _empty(message: str) -> Draw:
@@ -85,6 +87,33 @@ def _missing(info: RunInfo, what: str) -> Draw:
     return _empty(f"the unit records carry no {what}\n(written by an older version of the job)")
 
 
+def counts_axis(ax: Axes, which: str = "y") -> None:
+    """A linear axis of counts ticks whole numbers only (no 0.5 rows)."""
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def log_axis(ax: Axes, which: str = "x") -> None:
+    """A log axis with readable labels: decades over a wide range, 1-2-5 steps over a narrow one."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
+    # Under two decades the decade ticks alone leave one label or none on the axis.
+    narrow = lo > 0 and hi / lo < 100
+    axis.set_major_locator(
+        LogLocator(base=10, subs=(1.0, 2.0, 5.0) if narrow else (1.0,), numticks=8)
+    )
+    axis.set_major_formatter(FuncFormatter(_plain_tick))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _plain_tick(value: float, _pos: int | None = None) -> str:
+    """A log-axis tick as a plain number: 0.01, 200, 5k, 2M."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
 def _bars(hist: Histogram, title: str, xlabel: str, transform=None, log_y: bool = False) -> Draw:
     """A drawing of a histogram's bins (edges through `transform`, e.g. 10**x)."""
 
@@ -97,8 +126,12 @@ def _bars(hist: Histogram, title: str, xlabel: str, transform=None, log_y: bool 
         ax.stairs(hist.counts[lo:hi], edges[lo : hi + 1], fill=True, color=_PALETTE[0])
         if transform is not None:
             ax.set_xscale("log")
+            log_axis(ax, "x")
         if log_y:
             ax.set_yscale("log")
+            log_axis(ax, "y")
+        else:
+            counts_axis(ax)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("count")
@@ -120,10 +153,15 @@ def run_panel(info: RunInfo) -> Panel:
                 [0], [n], left=left, color=_PALETTE[i % len(_PALETTE)], label=f"{label} ({n:,})"
             )
             left += n
+        # the legend goes under the bar, inside the axes: the figure's fixed margins would cut
+        # a legend beside it, as they cut its labels
+        ax.set_ylim(-1.6, 0.5)
         ax.set_yticks([])
+        ax.spines["left"].set_visible(False)
+        counts_axis(ax, "x")
         ax.set_xlabel("input rows")
         ax.set_title("input rows by outcome")
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        ax.legend(loc="lower center", ncol=min(3, len(parts)), frameon=False, fontsize=8)
 
     numbers = [
         ("input_rows", "input rows", _count(total.input_rows)),
@@ -194,6 +232,7 @@ def _lengths_draw(kinds: dict, max_length: int | None) -> Draw:
             ax.stairs(counts, edges, fill=i == 0, alpha=0.8, color=_PALETTE[i], label=kind)
         if max_length:
             ax.axvline(max_length, color="#b04a5a", ls="--", lw=1, label="input.max_length")
+        counts_axis(ax)
         ax.set_title("tokenized lengths of scored rows")
         ax.set_xlabel("tokens")
         ax.set_ylabel("rows")
@@ -235,6 +274,7 @@ def batching_panel(info: RunInfo) -> Panel:
             ax.plot(grid, max_tokens / grid, ls="--", color=_PALETTE[3], lw=1, label="max_tokens")
             ax.set_ylim(0, rows.max() * 1.1)
             ax.legend(frameon=False)
+        counts_axis(ax)
         ax.set_title("padded width against rows per batch")
         ax.set_xlabel("padded tokens per row")
         ax.set_ylabel("rows in batch")
@@ -263,6 +303,13 @@ def throughput_panel(info: RunInfo) -> Panel:
         ("unit_rate_median", "median unit, tokens/s", _num(float(np.median(rates)), 4)),
         ("unit_rate_max", "fastest unit, tokens/s", _num(float(rates.max()), 4)),
     ]
+    few = len(rates) < 4  # a line through one or two points says little: a bar per unit
+    draw = _unit_bars(lines, run.tokens_per_s) if few else _rate_lines(lines, run.tokens_per_s)
+    return Panel("throughput", "Throughput over the run", caption, numbers, [draw])
+
+
+def _rate_lines(lines: dict, overall: float) -> Draw:
+    """Tokens/s of each unit against its commit time, a line per rank (and run)."""
     runs = list(dict.fromkeys(run_id for _, run_id in lines))
 
     def draw(ax: Axes) -> None:
@@ -273,15 +320,38 @@ def throughput_panel(info: RunInfo) -> Panel:
             ax.plot(
                 points[:, 0], points[:, 1], marker="o", ms=3, ls=style, color=color, label=label
             )
-        if math.isfinite(run.tokens_per_s):
-            ax.axhline(run.tokens_per_s, color="#666", ls="--", lw=1, label="overall")
+        if math.isfinite(overall):
+            ax.axhline(overall, color="#666", ls="--", lw=1, label="overall")
         ax.set_ylim(bottom=0)
         ax.set_title("tokens/s per committed unit")
         ax.set_xlabel("seconds since the first unit started")
         ax.set_ylabel("tokens/s")
         ax.legend(frameon=False, fontsize=8)
 
-    return Panel("throughput", "Throughput over the run", caption, numbers, [draw])
+    return draw
+
+
+def _unit_bars(lines: dict, overall: float) -> Draw:
+    """Tokens/s of each unit as a bar of its own, labelled (a run of few units)."""
+    units = sorted(
+        (float(t), float(rate), rank) for (rank, _), points in lines.items() for t, rate in points
+    )
+
+    def draw(ax: Axes) -> None:
+        labels = [f"unit {i + 1}\n(rank {rank})" for i, (_, _, rank) in enumerate(units)]
+        rates = [rate for _, rate, _ in units]
+        bars = ax.bar(range(len(units)), rates, color=_PALETTE[0], width=0.5)
+        ax.bar_label(bars, labels=[f"{rate:,.0f}" for rate in rates], padding=2)
+        if math.isfinite(overall):
+            ax.axhline(overall, color="#666", ls="--", lw=1, label="overall")
+            ax.legend(frameon=False, fontsize=8, loc="lower right")
+        ax.set_xticks(range(len(units)), labels)
+        ax.set_xlim(-0.75, len(units) - 0.25)
+        ax.set_ylim(0, max(rates + [overall if math.isfinite(overall) else 0]) * 1.2)
+        ax.set_title("tokens/s per committed unit")
+        ax.set_ylabel("tokens/s")
+
+    return draw
 
 
 def _rank_labels(bins: int) -> list[str]:
@@ -343,6 +413,7 @@ def _rank_draw(counts: np.ndarray) -> Draw:
         ax.bar(np.arange(used), counts[:used], width=0.85, color=_PALETTE[0])
         ax.set_xticks(np.arange(used), _rank_labels(used), rotation=45 if used > 8 else 0)
         ax.set_yscale("log")
+        log_axis(ax, "y")
         ax.set_title("token rank")
         ax.set_xlabel("rank (bins from this value up to the next)")
         ax.set_ylabel("positions")
@@ -399,8 +470,9 @@ def calibration_panel(calibration: Calibration) -> Panel:
         ("calibration_source", "computed from", calibration.source),
     ]
     caption = (
-        "Top-1 probability against how often the top-1 token was the actual one, in 15 bins: "
-        "on the diagonal is calibrated, below it overconfident; ECE weighs the gaps by bin size."
+        "Bars: how often the top-1 token was the actual one, per bin of its probability; dots: "
+        "the bin's mean probability. Bars up to their dots (the diagonal) are calibrated, bars "
+        "below them overconfident; ECE weighs the gaps by bin size."
     )
     if not total:
         draws = [_empty("no position has an actual token")]
@@ -420,7 +492,10 @@ def calibration_panel(calibration: Calibration) -> Panel:
             edgecolor="white",
             label="accuracy",
         )
-        ax.plot(confidence[used], accuracy[used], "o", color=_PALETTE[1], ms=4, label="mean conf.")
+        # each bin's mean confidence over its own bar: the gap to the bar top is its error
+        centers = edges[:-1][used] + 0.5 / len(counts)
+        ax.vlines(centers, accuracy[used], confidence[used], color=_PALETTE[1], lw=1)
+        ax.plot(centers, confidence[used], "o", color=_PALETTE[1], ms=4, label="mean confidence")
         ax.set(
             xlim=(0, 1),
             ylim=(0, 1),
@@ -433,6 +508,7 @@ def calibration_panel(calibration: Calibration) -> Panel:
     def spread(ax: Axes) -> None:
         ax.stairs(counts, edges, fill=True, color=_PALETTE[2])
         ax.set_yscale("log")
+        log_axis(ax, "y")
         ax.set(title="positions per confidence bin", xlabel="top-1 probability", ylabel="positions")
 
     return Panel("calibration", "Calibration", caption, numbers, [reliability, spread])

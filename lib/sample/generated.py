@@ -1,13 +1,11 @@
-"""Offline sample data: a generated corpus and tiny random-weight models built from it.
+"""Generated text and tiny random-weight models built from it, for the tests and the benchmark.
 
 Nothing here is downloaded: the text is generated from a seeded syllable grammar, tokenizers
-are trained on that text, and models get random weights from a config. The default job,
-the tests and the benchmark all build what they need with these functions.
+are trained on that text, and models get random weights from a config.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -72,7 +70,11 @@ def write_corpus(
     return path
 
 
-def _train_sentencepiece(texts: list[str], model_prefix: Path, vocab_size: int) -> Path:
+def train_sentencepiece(
+    texts: list[str], model_prefix: Path, vocab_size: int, normalization: str = "nmt_nfkc"
+) -> Path:
+    """A unigram SentencePiece model trained on `texts` (T5's ids: pad 0, EOS 1, unk 2);
+    `normalization="identity"` leaves out NFKC's 240 KB table."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
@@ -88,6 +90,7 @@ def _train_sentencepiece(texts: list[str], model_prefix: Path, vocab_size: int) 
         hard_vocab_limit=False,
         minloglevel=2,
         num_threads=1,
+        normalization_rule_name=normalization,
     )
     return model_prefix.with_suffix(".model")
 
@@ -111,7 +114,7 @@ def build_t5(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _train_sentencepiece(texts, out_dir / "spiece", vocab_size)
+    train_sentencepiece(texts, out_dir / "spiece", vocab_size)
     # from_pretrained converts spiece.model into a fast tokenizer; the bare constructor does not.
     tokenizer = T5Tokenizer.from_pretrained(str(out_dir), extra_ids=0, legacy=False)
     config = T5Config(
@@ -149,18 +152,25 @@ def _train_bpe(texts: list[str], vocab_size: int, bos_eos: tuple[str, str]):
     return tok
 
 
-def _gpt2(
-    texts: list[str], vocab_size: int, d_model: int, num_layers: int, model_vocab: int | None
-):
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+def gpt2_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained on `texts`, as a GPT-2 tokenizer (`<|endoftext|>` both ends)."""
+    from transformers import PreTrainedTokenizerFast
 
     raw = _train_bpe(texts, vocab_size, ("<|endoftext|>", "<|endoftext|>"))
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         model_max_length=1024,
     )
+
+
+def _gpt2(
+    texts: list[str], vocab_size: int, d_model: int, num_layers: int, model_vocab: int | None
+):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = gpt2_tokenizer(texts, vocab_size)
     config = GPT2Config(
         vocab_size=model_vocab or len(tokenizer),
         n_embd=d_model,
@@ -272,23 +282,3 @@ def build_peaked_causal(
     model.lm_head.weight = torch.nn.Parameter(head)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
-
-
-def build_default_sample(root: str | Path, rows: int = 2000, seed: int = 0) -> dict[str, str]:
-    """Build the corpus and tiny T5 that `configs/default.yaml` reads, and a tiny GPT-2 to try
-    `configs/causal-lm.yaml` offline; skip what already exists."""
-    root = Path(root)
-    corpus = root / "corpus.parquet"
-    model_dir, causal_dir = root / "t5-tiny", root / "gpt2-tiny"
-    if not corpus.exists():
-        write_corpus(corpus, rows=rows, seed=seed)
-    texts = None
-    if not (model_dir / "config.json").exists():
-        texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
-        build_t5(model_dir, texts, d_model=128, num_layers=2, vocab_size=2000, seed=seed)
-    if not (causal_dir / "config.json").exists():
-        texts = texts or pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
-        build_causal(causal_dir, texts, "gpt2", d_model=128, vocab_size=2000, seed=seed)
-    info = {"corpus": str(corpus), "model": str(model_dir), "causal_model": str(causal_dir)}
-    (root / "sample.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
