@@ -15,6 +15,7 @@ import yaml
 from lib.errors import UserError
 
 REQUIRED = "???"  # placeholder for keys that have no default
+MAX_SAMPLES = 1024  # output.samples: sparse-logit distillation uses tens
 
 
 @dataclass
@@ -31,13 +32,22 @@ class ModelConfig:
 @dataclass
 class InputConfig:
     path: str = REQUIRED
-    text_column: str = "text"
+    text_column: str | None = "text"  # null with messages_column
     id_column: str | None = None
     target_column: str | None = None
     prefix: str = ""
     max_length: int = 512
     long_documents: str = "truncate"  # or windows: every token scored, in rolling windows
     window_context: int | None = None  # tokens of context a window carries; null: max_length // 2
+    # A column of conversations (lists of {role, content}, or JSON text of one), scored through
+    # the tokenizer's chat template instead of text_column; causal models only.
+    messages_column: str | None = None
+    chat_template: str | None = (
+        None  # a Jinja template, or a file holding one; null: the tokenizer's
+    )
+    score_roles: list[str] | None = (
+        None  # with messages: rows only where these roles' tokens are predicted
+    )
 
 
 @dataclass
@@ -69,6 +79,11 @@ class OutputConfig:
     min_k_fraction: float = 0.2  # Min-K% Prob and Min-K%++: the share of lowest tokens averaged
     overwrite: bool = False
     report: bool = True  # write OUT/_report.html at the end of the extract command
+    probes: list[str] = field(default_factory=list)  # one-token strings: probe_logprobs
+    temperatures: list[float] = field(default_factory=list)  # logsumexp_t, one per temperature
+    samples: int = 0  # sample_ids and sample_logprobs: ids drawn from the teacher per position
+    sample_temperature: float = 1.0  # the temperature the samples are drawn at
+    seed: int = 0  # the draws depend only on this, the row id and the position
 
 
 @dataclass
@@ -134,10 +149,12 @@ def describe_keys() -> str:
         for item in dataclasses.fields(section.default_factory()):
             key = f"{section.name}.{item.name}"
             default = item.default
+            if default is dataclasses.MISSING:
+                default = item.default_factory()
             if default == REQUIRED:
                 default = "required"
             elif not isinstance(default, str) or not default:
-                default = _show(default)
+                default = _show(default) if not isinstance(default, list) else "[]"
             choices = f" ({' | '.join(CHOICES[key])})" if key in CHOICES else ""
             if key == "batching.max_tokens":
                 choices = " (the device's: 4096 on a CPU, 16384 on an accelerator)"
@@ -148,6 +165,8 @@ def describe_keys() -> str:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
     return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -170,6 +189,10 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     for option in _options(tp):
         if option is type(None) and value is None:
             return None
+        if typing.get_origin(option) is list and value is not None:
+            (item,) = typing.get_args(option)
+            values = value if isinstance(value, list) else [value]  # `x=assistant`: one item
+            return [coerce(f"{key}[{i}]", v, item) for i, v in enumerate(values)]
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -178,7 +201,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-    raise UserError(f"config key {key}: expected {_type_name(tp)}, got {_show(value)}")
+    hint = " (quote it: YAML reads yes, no, on and off as booleans)" if tp is str else ""
+    raise UserError(f"config key {key}: expected {_type_name(tp)}, got {_show(value)}{hint}")
 
 
 def _suggest(name: str, choices: list[str], prefix: str = "") -> str:
@@ -207,7 +231,10 @@ def _set(config: JobConfig, key: str, value: Any, raw: str | None = None) -> Non
             f"{section_name} has {', '.join(hints)}"
         )
     tp = hints[name]
-    if raw is not None and value is not None and str in _options(tp):
+    if raw is not None and value is not None and list[str] in _options(tp):
+        # Items stay the text typed too: `output.probes=[yes, no]` is two strings, not booleans.
+        value = yaml.load(raw, Loader=yaml.BaseLoader)
+    elif raw is not None and value is not None and str in _options(tp):
         # A string key keeps the text typed on the command line: `input.prefix=yes` is "yes",
         # not true, and `input.prefix=say: ` keeps its space; quotes ('say: ') are YAML's.
         quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
@@ -264,8 +291,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    # A bare word that YAML reads as a date or similar stays the string the user typed.
-    if not isinstance(value, bool | int | float | str | type(None)):
+    # A bare word that YAML reads as a date or similar stays the string the user typed; a list
+    # ([" yes", " no"]) is a list.
+    if not isinstance(value, bool | int | float | str | type(None) | list):
         value = raw
     return key.strip(), value
 
@@ -320,6 +348,7 @@ def _refuse_repeated_keys(node: yaml.Node, where: str, seen: set[int]) -> None:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Load a YAML config, apply `section.key=value` overrides, and validate the result."""
     config = JobConfig()
+    explicit = set()
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -336,9 +365,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
             raise UserError(f"config file {path} cannot be read: {exc}") from None
         for key, value in _flatten(data, f"config file {path}").items():
             _set(config, key, value)
+            explicit.add(key)
     for text in overrides:
         key, value = parse_override(text)
         _set(config, key, value, raw=text.partition("=")[2])
+        explicit.add(key.strip())
+    if config.input.messages_column is not None and "input.text_column" not in explicit:
+        config.input.text_column = None  # a conversation is the text; the default column is not
     validate(config)
     return config
 
@@ -392,6 +425,8 @@ def validate(config: JobConfig) -> None:
             f"got {config.output.min_k_fraction}"
         )
     _validate_topk_storage(config.output)
+    _validate_messages(config.input)
+    _validate_teacher_columns(config.output)
     if config.decoder.mode == "targets" and not config.input.target_column:
         raise UserError("config key input.target_column is required when decoder.mode=targets")
 
@@ -430,3 +465,78 @@ def _validate_topk_storage(output: OutputConfig) -> None:
             "config key output.encoding: compact writes one row per position; "
             "use output.rows=positions or output.encoding=plain"
         )
+
+
+def _validate_messages(cfg: InputConfig) -> None:
+    """input.messages_column replaces the text column; the chat keys need it."""
+    if cfg.messages_column is None:
+        if cfg.text_column is None:
+            raise UserError(
+                "config key input.text_column is required: the column of texts to score "
+                "(or input.messages_column for conversations)"
+            )
+        for key, value in (("score_roles", cfg.score_roles), ("chat_template", cfg.chat_template)):
+            if value is not None:
+                raise UserError(
+                    f"config key input.{key} applies to conversations; set input.messages_column"
+                )
+        return
+    clashes = [
+        (key, value)
+        for key, value in (
+            ("input.text_column", cfg.text_column),
+            ("input.target_column", cfg.target_column),
+            ("input.prefix", cfg.prefix or None),
+        )
+        if value is not None
+    ]
+    if clashes:
+        key, value = clashes[0]
+        unset = f"{key}=''" if key == "input.prefix" else f"{key}=null"
+        raise UserError(
+            f"config key input.messages_column: a conversation is the whole scored sequence; "
+            f"drop {key} ({_show(value)}, or set {unset})"
+        )
+    if cfg.long_documents != "truncate":
+        raise UserError(
+            "config key input.messages_column: conversations are cut at input.max_length; "
+            "input.long_documents=windows scores plain texts"
+        )
+    if cfg.score_roles is not None and not cfg.score_roles:
+        raise UserError("config key input.score_roles: name at least one role, or null for all")
+
+
+def _validate_teacher_columns(output: OutputConfig) -> None:
+    """output.probes, output.temperatures and output.samples add columns to token rows."""
+    asked = [
+        key
+        for key, on in (
+            ("output.probes", output.probes),
+            ("output.temperatures", output.temperatures),
+            ("output.samples", output.samples),
+        )
+        if on
+    ]
+    if asked and output.level == "documents":
+        raise UserError(
+            f"config key {asked[0]}: adds columns to token rows; output.level=documents has none"
+        )
+    for probe in output.probes:
+        if not probe:
+            raise UserError("config key output.probes: a probe is an empty string")
+    if len(set(output.probes)) < len(output.probes):
+        raise UserError("config key output.probes: a probe is listed twice")
+    for value in output.temperatures:
+        if not 0 < value < float("inf"):
+            raise UserError(f"config key output.temperatures: must be above 0, got {value}")
+    if not 0 <= output.samples <= MAX_SAMPLES:
+        raise UserError(
+            f"config key output.samples: must be 0 to {MAX_SAMPLES}, got {output.samples}"
+        )
+    if not 0 < output.sample_temperature < float("inf"):
+        raise UserError(
+            "config key output.sample_temperature: must be above 0, "
+            f"got {output.sample_temperature}"
+        )
+    if not 0 <= output.seed < 2**63:
+        raise UserError(f"config key output.seed: must be 0 to 2**63 - 1, got {output.seed}")

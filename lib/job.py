@@ -24,7 +24,7 @@ import torch
 from lib import runtime
 from lib.config import JobConfig
 from lib.errors import Interrupted, UserError
-from lib.extract import batching, corpus, models, pins, reduce, stages
+from lib.extract import batching, chat, corpus, models, pins, reduce, stages
 from lib.extract.reduce import ReduceSpec
 from lib.output import claim, layout, manifest, resume, rows, units
 from lib.output.lease import Lease, started_at
@@ -71,10 +71,16 @@ def plan(config: JobConfig, out_dir: AnyPath, device: torch.device) -> Plan:
         corpus.check_unique_ids(inputs, config.input)
         id_type = corpus.id_type(inputs, config.input)
         lm = models.load_model(config.model, device)
+        if config.input.messages_column is not None:
+            template = chat.template_text(config.input.chat_template)
+            chat.check(lm.tokenizer, template, config.input.score_roles, lm.is_seq2seq)
+            if template is not None:  # every rank's tokenizer renders with it
+                lm.tokenizer.chat_template = template
         task = models.task_for(
             lm, config.decoder, has_targets=config.input.target_column is not None
         )
         models.check_config(lm, task, config)
+        probes = reduce.probe_ids(lm.tokenizer, config.output.probes)
     except BaseException:
         corpus.close(inputs)
         raise
@@ -99,7 +105,7 @@ def plan(config: JobConfig, out_dir: AnyPath, device: torch.device) -> Plan:
         device,
         task,
     )
-    return Plan(inputs, units, id_type, lm, task, outputs, reduce.spec_for(out))
+    return Plan(inputs, units, id_type, lm, task, outputs, reduce.spec_for(out, probes))
 
 
 # -- 3. the stages --------------------------------------------------------------------------------

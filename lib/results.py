@@ -35,7 +35,15 @@ from lib.storage import AnyPath
 _RAGGED = {"topk_ids": -1, "topk_logprobs": -np.inf}
 # Nullable columns and the value that stands for null in numpy.
 _NULL_FILL = {"token_id": -1, "token_rank": -1, "token_logprob": float("nan")}
-_LIST_COLUMNS = ("topk_ids", "topk_logits", "logits")
+_LIST_COLUMNS = (
+    "topk_ids",
+    "topk_logits",
+    "logits",
+    "probe_logprobs",
+    "logsumexp_t",
+    "sample_ids",
+    "sample_logprobs",
+)
 _COMPACT_COLUMNS = ("topk_id_codes", "topk_logprob_deltas")
 _DECODED = ("topk_ids", "topk_logprobs", "topk_count")  # what the compact columns read as
 
@@ -325,10 +333,12 @@ def to_torch(source: str | AnyPath | dict[str, np.ndarray]) -> dict:
     out = {}
     if "id" in arrays and arrays["id"].dtype.kind in "iu":
         out["id"] = torch.from_numpy(arrays["id"].astype(np.int64))
-    for name in ("position", "token_id", "token_rank", "topk_ids", "topk_count"):
+    for name in ("position", "token_id", "token_rank", "topk_ids", "topk_count", "sample_ids"):
         if name in arrays:
             out[name] = torch.from_numpy(arrays[name].astype(np.int64))
-    for name in ("token_logprob", "logsumexp", "entropy", "topk_logits", "topk_logprobs", "logits"):
+    floats = ("token_logprob", "logsumexp", "entropy", "topk_logits", "topk_logprobs", "logits")
+    teacher = ("probe_logprobs", "logsumexp_t", "sample_logprobs")
+    for name in floats + teacher:
         if name in arrays:
             out[name] = torch.from_numpy(arrays[name].astype(np.float32))
     if "has_token" in arrays:
@@ -386,6 +396,8 @@ def join_input(
         id_column = id_column or job_input.id_column
     if columns is None:
         columns = [job_input.text_column if job_input else "text"]
+        if job_input is not None and job_input.messages_column:
+            columns = [job_input.messages_column]
         if job_input is not None and job_input.target_column:
             columns.append(job_input.target_column)
     inputs = input_frame(input_path, id_column, columns)

@@ -13,6 +13,7 @@ import torch
 
 from lib import cli
 from lib.bench import baselines, command, encodings, runs, workloads
+from lib.bench.teacher import SETTINGS
 
 
 def test_case_corpora_have_their_length_mix():
@@ -57,6 +58,19 @@ def _finite(row: dict, *keys: str) -> None:
 
 
 @pytest.mark.slow
+def _check_teacher(rows: list[dict]) -> None:
+    """The teacher part: every setting, the baseline at 1, more samples more bytes."""
+    teacher = {row["setting"]: row for row in rows}
+    assert list(teacher) == [name for name, _ in SETTINGS]
+    assert teacher["none"]["time_vs_none"] == 1 and teacher["none"]["added_bytes_per_position"] == 0
+    for name in ("probes=2", "temperatures=2", "samples=12", "all"):
+        _positive(teacher[name], "seconds", "time_vs_none", "added_bytes_per_position")
+    assert (
+        teacher["samples=64"]["added_bytes_per_position"]
+        > teacher["samples=12"]["added_bytes_per_position"]
+    )
+
+
 def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
     out, work = tmp_path / "bench.json", tmp_path / "work"
     threads = torch.get_num_threads()
@@ -110,6 +124,7 @@ def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
     assert storage["plain float32"]["token_logprob_max_error_nats"] == 0
     assert 0 < storage["compact"]["token_logprob_max_error_nats"] <= 1 / 128 + 1e-6
     assert storage["compact top_p=0.95 min_k=2"]["entries_per_position"] < 64
+    _check_teacher(results["teacher"])
     for heading in ("pipeline_efficiency", "steady_speedup", "e2e_speedup", "host_ceiling:"):
         assert heading in stdout, heading
     assert "bytes per position, by column:" in stdout

@@ -128,7 +128,7 @@ def test_yaml_file_and_overrides_combine(tmp_path):
             "output.kk=3",
             "unknown config key 'output.kk' (did you mean output.k?); output has dir, "
             "logits, k, top_p, min_k, encoding, dtype, format, shard_rows, rows, level, "
-            "min_k_fraction, overwrite, report",
+            "min_k_fraction, overwrite, report, probes, temperatures, samples, sample_temperature, seed",
         ),
         (
             "modle.path=x",
@@ -142,7 +142,7 @@ def test_yaml_file_and_overrides_combine(tmp_path):
             "output.overwrite=maybe",
             "config key output.overwrite: expected true or false, got 'maybe'",
         ),
-        ("input.text_column=null", "config key input.text_column: expected a string, got null"),
+        ("output.temperatures=x", "config key output.temperatures[0]: expected a number, got 'x'"),
         ("output.logits=some", "config key output.logits: expected one of topk, full, got 'some'"),
         (
             "decoder.mode=beam",

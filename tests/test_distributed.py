@@ -1,5 +1,6 @@
 """Two CPU processes under `accelerate launch --multi_gpu` produce exactly the single-process rows
-(compact, top_p output: the same shards byte for byte, id orders included).
+(compact, top_p output with teacher columns: the same shards byte for byte, id orders and
+sampled ids included).
 
 `--multi_gpu` starts the ranks through torchrun; with no GPU, PartialState(cpu=True) joins them
 over gloo. (`--cpu` would start a single process unless MPI is installed.)
@@ -20,6 +21,7 @@ from lib import sample
 from lib.inspect.verify import verify
 from tests.conftest import write_rows
 from tests.launcher import accelerate_launch
+from tests.test_teacher import single_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +58,10 @@ def test_two_processes_equal_one(model_dirs, tmp_path):
         "output.top_p=0.9",
         "output.min_k=2",
         "runtime.threads=1",  # as each of the two ranks gets
+        # teacher columns: the draws depend on the row id and position, not on the rank
+        "output.samples=3",
+        "output.temperatures=[2.0]",
+        f"output.probes={json.dumps(single_tokens(model_dirs['t5'], 2))}",
     ]
 
     single = tmp_path / "single"

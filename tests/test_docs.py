@@ -71,7 +71,10 @@ def dataclass_defaults() -> dict[str, object]:
     defaults = {}
     for section in dataclasses.fields(config.JobConfig):
         for item in dataclasses.fields(section.default_factory()):
-            defaults[f"{section.name}.{item.name}"] = item.default
+            default = item.default
+            if default is dataclasses.MISSING:  # a list's default_factory
+                default = item.default_factory()
+            defaults[f"{section.name}.{item.name}"] = default
     return defaults
 
 

@@ -169,7 +169,7 @@ CLI_CASES = {
         [*base(m["gpt2"], d["ok"], o), "output.kk=3"],
         "error: unknown config key 'output.kk' (did you mean output.k?); output has dir, logits, "
         "k, top_p, min_k, encoding, dtype, format, shard_rows, rows, level, min_k_fraction, "
-        "overwrite, report",
+        "overwrite, report, probes, temperatures, samples, sample_temperature, seed",
     ),
     "wrong_type": lambda m, b, d, o: (
         [*base(m["gpt2"], d["ok"], o), "output.k=lots"],

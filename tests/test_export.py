@@ -15,7 +15,7 @@ from lib.inspect.verify import verify
 from tests.conftest import write_rows
 
 OUTPUTS = {
-    "compact": ["output.encoding=compact"],
+    "compact": ["output.encoding=compact", "output.samples=3", "output.temperatures=[2.0]"],
     "compact-top-p": ["output.encoding=compact", "output.top_p=0.9", "output.min_k=2"],
     "plain-top-p": ["output.top_p=0.9", "output.min_k=2", "output.level=both"],
     "plain-arrow": ["output.format=arrow", "output.dtype=float32"],
@@ -56,6 +56,10 @@ def test_the_export_reads_as_the_decoded_arrays(name, exported):
         np.testing.assert_array_equal(copy[key], source[key], err_msg=key)
     for key in ("token_logprob", "logsumexp", "entropy", "topk_logprobs"):
         np.testing.assert_array_equal(copy[key], source[key].astype(np.float32), err_msg=key)
+    for key in ("sample_ids", "sample_logprobs", "logsumexp_t"):  # teacher columns as stored
+        assert (key in copy) == (key in source) == (name == "compact"), key
+        if key in source:
+            np.testing.assert_array_equal(copy[key], source[key], err_msg=key)
     fmt = "arrow" if "arrow" in name else "parquet"
     table = results.open_dataset(dest).to_table()
     ids, logprobs = table.column("topk_ids").to_pylist(), table.column("topk_logprobs").to_pylist()

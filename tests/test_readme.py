@@ -24,6 +24,7 @@ from jobs import extract
 from lib import cli, results, sample
 from lib.output import layout
 from tests.conftest import write_rows
+from tests.test_teacher import single_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -83,11 +84,24 @@ def outputs(tmp_path_factory, model_dirs, peaked_dir) -> dict[str, Path]:
         "teacher": [f"model.path={model_dirs['gpt2']}", "output.k=8"],
         "teacher-top-p": [f"model.path={peaked_dir}", "output.top_p=0.95"],
         "teacher-examples": [f"model.path={model_dirs['gpt2']}", "output.rows=examples"],
+        "chat": [
+            f"model.path={model_dirs['gpt2']}",
+            "output.temperatures=[2.0]",
+            "output.samples=12",
+            "output.dtype=float32",
+        ],
+        "ask-llm": [
+            f"model.path={model_dirs['t5']}",
+            "decoder.mode=start",
+            f"output.probes={json.dumps(single_tokens(model_dirs['t5'], 2))}",
+        ],
     }
     paths = {"corpus": Path(corpus)}
     for name, args in runs.items():
         paths[name] = root / name
-        if name != "default":
+        if name == "ask-llm":
+            args = [*args, f"input.path={corpus}", "input.id_column=doc_id"]
+        elif name != "default":
             args = [*args, f"input.path={causal}", "input.max_length=64"]
         assert extract.main([*args, f"output.dir={paths[name]}"]) == 0
     return paths
@@ -149,7 +163,7 @@ def test_pandas_examples_compute_what_they_say(outputs, folder):
 
 
 @pytest.mark.parametrize(
-    "teacher,phrase", [("teacher", 'gather(1, t["topk_ids"])'), ("teacher-top-p", "kept =")]
+    "teacher,phrase", [("teacher", "kl = (teacher_logprobs"), ("teacher-top-p", "kept =")]
 )
 def test_top_k_kl_against_a_student(outputs, folder, teacher, phrase):
     folder(teacher=outputs[teacher])
@@ -171,6 +185,39 @@ def test_top_k_kl_against_a_student(outputs, folder, teacher, phrase):
     )
     if teacher == "teacher-top-p":
         assert not (t["topk_ids"] >= 0).all()  # top_p trims rows, so the mask matters
+
+
+def test_teacher_losses_at_a_temperature_and_from_samples(outputs, folder):
+    folder(chat=outputs["chat"])
+    t = results.to_torch(outputs["chat"])
+    manifest = json.loads((outputs["chat"] / "_manifest.json").read_text())
+    rows, vocab = len(t["logsumexp"]), manifest["model"]["vocab_size"]
+    torch.manual_seed(0)
+    namespace = {"student_logits": torch.randn(rows, vocab)}
+    run(block("kl_sampled"), namespace)
+    kl_topk, kl_sampled, loss = namespace["kl_topk"], namespace["kl_sampled"], namespace["loss"]
+    assert kl_topk.shape == kl_sampled.shape == loss.shape == (rows,)
+    # The top-k KL at T = 2, as a float64 loop over one row's entries.
+    row = 3
+    teacher = (t["topk_logits"][row].double() / 2 - t["logsumexp_t"][row, 0].double()).exp()
+    student = (namespace["student_logits"][row].double() / 2).log_softmax(-1)[t["topk_ids"][row]]
+    exact = float((teacher * (teacher.log() - student)).sum() * 4)
+    assert math.isclose(float(kl_topk[row]), exact, rel_tol=1e-4)
+    # Each sampled term is log p(x) - log q(x) at the drawn ids.
+    student = namespace["student_logits"][row].log_softmax(-1)[t["sample_ids"][row]]
+    assert math.isclose(
+        float(kl_sampled[row]), float((t["sample_logprobs"][row] - student).mean()), rel_tol=1e-5
+    )
+    assert (loss > 0).all()
+
+
+def test_ask_llm_score(outputs, folder):
+    folder(ask_llm=outputs["ask-llm"])
+    namespace: dict = {}
+    run(block("p_yes"), namespace)
+    p_yes = namespace["p_yes"]
+    assert p_yes.shape == (len(results.load_arrays(outputs["ask-llm"])["id"]),)
+    assert ((p_yes > 0) & (p_yes < 1)).all() and p_yes.std() > 0
 
 
 def test_document_score_examples(outputs, folder):
@@ -204,10 +251,12 @@ def test_every_block_is_run_here():
         "duckdb.sql(",
         "mean log-likelihood per example",
         "results.join_input",
-        'gather(1, t["topk_ids"])',
+        "kl = (teacher_logprobs",
         "kept =",
         "results.load_documents(",
         "to_hf_dataset(",
+        "kl_sampled",
+        "p_yes",
     ]
     assert sorted(BLOCKS.index(block(p)) for p in phrases) == list(range(len(BLOCKS)))
 

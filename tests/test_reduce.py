@@ -400,3 +400,48 @@ def test_top_p_one_keeps_no_count():
         logits, labels, ReduceSpec(K, output_dtype=torch.float32, full=True, top_p=0.5)
     )
     assert "topk_count" not in full
+
+
+@pytest.mark.parametrize("moments", [False, True], ids=["tokens", "documents"])
+def test_teacher_columns_through_reused_buffers_match_float64(moments):
+    """Probes, logsumexp at T (1 among them), and samples at T = 0.7 through the chunked path,
+    whose spare buffer the moments reuse afterwards; a masked entry is never drawn."""
+    torch.manual_seed(3)
+    head = CountingHead(16, VOCAB)
+    states, labels = torch.randn(40, 16), torch.randint(0, VOCAB, (40,))
+    spec = ReduceSpec(
+        K,
+        torch.float32,
+        moments=moments,
+        probes=(3, 50),
+        temperatures=(0.5, 1.0, 3.0),
+        samples=9,
+        sample_temperature=0.7,
+    )
+    assert spec.teacher and spec.teacher_buffer
+    keys = torch.arange(40, dtype=torch.int64) * 7919
+
+    def masked(chunk, out=None):
+        logits = head(chunk, out=out)
+        logits[:, 11] = -float("inf")
+        return logits
+
+    with torch.inference_mode():
+        got = reduce.reduce_states(
+            masked, states, labels, spec, vocab_size=VOCAB, chunk_bytes=3 * 4 * VOCAB, keys=keys
+        )
+        x = masked(states).double()
+    assert len(head.calls) > 10  # chunked, buffers reused
+    logp = x.log_softmax(-1)
+    torch.testing.assert_close(got["probe_logprobs"].double(), logp[:, [3, 50]], atol=1e-5, rtol=0)
+    expected = torch.stack([torch.logsumexp(x / t, -1) for t in (0.5, 1.0, 3.0)], 1)
+    torch.testing.assert_close(got["logsumexp_t"].double(), expected, atol=1e-5, rtol=0)
+    drawn = got["sample_ids"].long()
+    assert got["sample_ids"].dtype == torch.int32 and 11 not in drawn.tolist()
+    at_t = (x / 0.7).log_softmax(-1).gather(1, drawn)
+    torch.testing.assert_close(got["sample_logprobs"].double(), at_t, atol=1e-5, rtol=0)
+    plain = ReduceSpec(K, torch.float32, moments=moments)
+    with torch.inference_mode():
+        without = reduce.reduce_states(masked, states, labels, plain, vocab_size=VOCAB)
+    for name in without:  # the other statistics are the same with or without the teacher's
+        torch.testing.assert_close(got[name], without[name], atol=1e-5, rtol=0)

@@ -22,6 +22,7 @@ from jobs import report as report_cli
 from lib import results
 from lib.inspect import report, run_stats
 from lib.output import layout
+from tests.test_teacher import single_tokens
 
 COMMON = ["input.max_length=12", "output.shard_rows=17", "model.dtype=float32"]
 TOPK = ["input.id_column=doc_id", "output.k=5"]
@@ -51,7 +52,8 @@ def topk(tmp_path_factory, model_dirs, corpus) -> Path:
 def arrow_full(tmp_path_factory, model_dirs, corpus) -> tuple[Path, Path]:
     """A seq2seq `targets` job with full logits in Arrow files, and its report."""
     out = tmp_path_factory.mktemp("report") / "arrow-full"
-    assert extract.main(job(model_dirs["t5"], corpus, out, *ARROW_FULL)) == 0
+    probes = f"output.probes={json.dumps(single_tokens(model_dirs['t5'], 2))}"
+    assert extract.main(job(model_dirs["t5"], corpus, out, *ARROW_FULL, probes)) == 0
     assert not (out / layout.REPORT).exists()  # the test suite's jobs draw none by default
     page = out.parent / "page.html"
     assert report_cli.main([str(out), "--output", str(page)]) == 0
@@ -165,6 +167,15 @@ def test_report_of_arrow_full_seq2seq(arrow_full, capsys):
     assert '<section id="mass">' not in page  # full logits hold all the mass
     lengths = json.loads(next((out / layout.UNITS).glob("*.json")).read_text())["lengths"]
     assert "target" in lengths and "mean_target_length" in found
+    # The probes' probabilities, one histogram each, their means beside them.
+    assert '<section id="probes">' in page
+    stats = run_stats.scan_tokens(run_stats.read_run(out))
+    probes = np.exp(results.load_arrays(out)["probe_logprobs"])
+    assert list(stats.probes) == manifest["config"]["output"]["probes"]
+    for i, hist in enumerate(stats.probes.values()):
+        assert hist.n == len(probes)
+        assert hist.mean == pytest.approx(probes[:, i].mean(), abs=0.01)  # binned: 1/50 wide
+        assert found[f"probe_{i}"] == f"{hist.mean:#.3g}"
 
 
 def test_partial_output_is_drawn_from_committed_shards(topk, tmp_path):

@@ -1,7 +1,7 @@
 """Benchmark the job against the naive loop and the model's dense-batch speed: `make bench`
 (`logit-extract bench`).
 
-Five parts, on the same machine and models (each a module of lib/bench/):
+Six parts, on the same machine and models (each a module of lib/bench/):
 
 - efficiency (log-normal corpus, N = --rows): the job (lib.job.run_job) on N and 3N rows,
   so start-up cancels in the marginal rate, against (c) the model's dense throughput on
@@ -29,6 +29,9 @@ Five parts, on the same machine and models (each a module of lib/bench/):
   plain float32, compact, compact with top_p = 0.95 and min_k = 2. Bytes per position and per
   stored entry (and per column), the largest stored log-probability error, and the write
   (to_table, Parquet, fsync, sha256) and read (results.load_arrays) rates.
+- teacher: the causal model's job on 3N rows with each teacher column (2 probes, 2
+  temperatures, 12 and 64 samples, all) against the same job without: time and bytes per
+  position, paired runs, best of two.
 
     logit-extract bench                       # CPU preset: T5 start mode and GPT-2 causal
     logit-extract bench --cases lognormal     # one corpus case (all parts still run)
@@ -55,10 +58,11 @@ from lib.bench.cases import cases_part
 from lib.bench.efficiency import efficiency_part
 from lib.bench.encodings import STORAGE, STORAGE_K
 from lib.bench.runs import fresh_python, rss_child, show, took
+from lib.bench.teacher import teacher_part
 from lib.bench.workloads import CASES, PRESETS, QUICK, ModelSpec, case_sizes, case_texts
 from lib.extract import batching
 
-PARTS = ("efficiency", "cases", "ceiling", "startup", "storage")
+PARTS = ("efficiency", "cases", "ceiling", "startup", "storage", "teacher")
 
 
 def run_parts(specs: list[ModelSpec], root: Path, args) -> dict:
@@ -85,6 +89,8 @@ def run_parts(specs: list[ModelSpec], root: Path, args) -> dict:
             results["storage"] = encodings.storage(root, training_texts, args)
         for row in results["storage"]:
             show("storage", row)
+    if "teacher" in args.parts:
+        results["teacher"] = teacher_part(specs, root, training_texts, args)
     return results
 
 
@@ -98,6 +104,9 @@ def print_tables(results: dict) -> None:
         if results.get("cases"):
             rows = sorted(results["cases"], key=lambda row: list(CASES).index(row["case"]))
             print(pd.DataFrame(rows).set_index(["case", "model"]).to_string())
+    if results.get("teacher"):
+        with pd.option_context("display.width", 250, "display.max_columns", 30):
+            print(pd.DataFrame(results["teacher"]).set_index("setting").to_string())
     for part in ("host_ceiling", "startup"):
         if part in results:
             print(f"{part}: " + ", ".join(f"{k} {v}" for k, v in results[part].items()))

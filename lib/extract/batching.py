@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from lib.extract import chat as chat_tokens
+
 # Padded widths are multiples of 8 on an accelerator (tensor cores); a CPU gains nothing from
 # them, and rows of 5 tokens padded to 8 cost a third more compute (the tiny-rows bench case).
 PAD_MULTIPLE = 8
@@ -43,6 +45,7 @@ class Request:
     first: int = 0
     labels: list[int] = field(default_factory=list)
     offset: int = 0  # added to the output positions: a window's place in its document
+    positions: list[int] | None = None  # the scored positions, when not first.. (chat roles)
 
     @property
     def scored_length(self) -> int:
@@ -56,6 +59,7 @@ class TokenizedUnit:
     text_lengths: list[int] = field(default_factory=list)  # tokens of each scored row's text
     target_lengths: list[int] | None = None  # and of its target, where one is tokenized
     truncated_rows: list[int] = field(default_factory=list)  # the scored rows that were cut
+    n_bytes: np.ndarray | None = None  # per row: UTF-8 bytes of its scored text (conversations)
 
     @property
     def truncated(self) -> int:
@@ -194,6 +198,46 @@ def _windows_unit(
     return TokenizedUnit(requests, sorted(skipped), lengths)
 
 
+def _chat_unit(values: list, tokenizer, chat: ChatInput, max_length: int) -> TokenizedUnit:
+    """tokenize_unit for conversations (causal models): one request per templated row, scoring
+    every position or, with roles, those that predict a token of those roles' messages."""
+    requests, skipped, lengths, truncated = [], [], [], []
+    n_bytes = np.zeros(len(values), dtype=np.int64)
+    found = chat_tokens.tokenize(values, tokenizer, chat.template, chat.roles, max_length)
+    for row, item in enumerate(found):
+        if isinstance(item, str):
+            skipped.append((row, item))
+            continue
+        seq = item.ids
+        if not seq:
+            skipped.append((row, "empty_messages"))
+            continue
+        if item.scored is None:
+            request = Request(row, seq, None, 0, seq[1:] + [NO_TOKEN])
+        else:
+            # Position p predicts token p + 1: the rows are the positions before scored tokens.
+            positions = [t - 1 for t in item.scored if t >= 1]
+            if not positions:
+                skipped.append((row, "no_scored_role"))
+                continue
+            request = Request(row, seq, None, 0, [seq[p + 1] for p in positions], 0, positions)
+        requests.append(request)
+        lengths.append(len(seq))
+        n_bytes[row] = item.n_bytes
+        if item.truncated:
+            truncated.append(row)
+    return TokenizedUnit(requests, skipped, lengths, None, truncated, n_bytes)
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """How conversations are tokenized: the template (None: the tokenizer's) and the roles scored
+    (None: every position)."""
+
+    template: str | None
+    roles: list[str] | None
+
+
 def _requests(
     task: str,
     rows: list[int],
@@ -239,9 +283,13 @@ def tokenize_unit(
     decoder_start_token_id: int | None = None,
     *,
     window_context: int | None = None,
+    chat: ChatInput | None = None,
 ) -> TokenizedUnit:
     """Turn a unit's `text` (and `target`) columns into requests; unscorable rows are skipped.
-    With `window_context` (causal task only) long texts are scored whole, in windows."""
+    With `window_context` (causal task only) long texts are scored whole, in windows; with
+    `chat`, its `messages` column is (causal task only)."""
+    if chat is not None:
+        return _chat_unit(table.column("messages").to_pylist(), tokenizer, chat, max_length)
     texts = table.column("text").to_pylist()
     if window_context is not None:
         return _windows_unit(texts, tokenizer, prefix, max_length, window_context)
@@ -387,8 +435,18 @@ def collate(requests: list[Request], pad_id: int, multiple: int = PAD_MULTIPLE) 
     firsts = np.array([r.first for r in requests], dtype=np.int64)
     offsets = np.array([r.offset for r in requests], dtype=np.int64)
     batch_row = np.repeat(np.arange(len(requests)), counts)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    position = np.repeat(firsts, counts) + np.arange(counts.sum()) - starts  # in the window
+    if any(r.positions is not None for r in requests):
+        position = np.concatenate(
+            [
+                np.asarray(r.positions, dtype=np.int64)
+                if r.positions is not None
+                else r.first + np.arange(len(r.labels), dtype=np.int64)
+                for r in requests
+            ]
+        )
+    else:
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        position = np.repeat(firsts, counts) + np.arange(counts.sum()) - starts  # in the window
     labels = np.fromiter(
         itertools.chain.from_iterable(r.labels for r in requests),
         dtype=np.int64,

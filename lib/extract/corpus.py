@@ -134,12 +134,26 @@ def is_string(tp: pa.DataType) -> bool:
     return pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp)
 
 
+def is_messages(tp: pa.DataType) -> bool:
+    """Conversations: lists of structs with a string `role` and a `content`, or JSON text."""
+    if is_string(tp):
+        return True
+    if not (pa.types.is_list(tp) or pa.types.is_large_list(tp)):
+        return False
+    item = tp.value_type
+    if not pa.types.is_struct(item):
+        return False
+    names = [item.field(i).name for i in range(item.num_fields)]
+    return "content" in names and "role" in names and is_string(item.field("role").type)
+
+
 def _check_columns(path: str, schema: pa.Schema, cfg: InputConfig) -> None:
     names = schema.names
     wanted = [
         ("input.text_column", cfg.text_column),
         ("input.id_column", cfg.id_column),
         ("input.target_column", cfg.target_column),
+        ("input.messages_column", cfg.messages_column),
     ]
     for key, column in wanted:
         if column is not None and column not in names:
@@ -152,6 +166,12 @@ def _check_columns(path: str, schema: pa.Schema, cfg: InputConfig) -> None:
         if column is not None and not is_string(schema.field(column).type):
             tp = schema.field(column).type
             raise UserError(f"{key}: column {column!r} in {path} has type {tp}; expected strings")
+    if cfg.messages_column is not None and not is_messages(schema.field(cfg.messages_column).type):
+        tp = schema.field(cfg.messages_column).type
+        raise UserError(
+            f"input.messages_column: column {cfg.messages_column!r} in {path} has type {tp}; "
+            "expected lists of {role, content} structs, or JSON text of such lists"
+        )
     if cfg.id_column is not None:
         tp = schema.field(cfg.id_column).type
         if not (pa.types.is_integer(tp) or is_string(tp)):
@@ -342,7 +362,8 @@ class UnitRows:
 def read_unit(unit: WorkUnit, cfg: InputConfig) -> UnitRows:
     """Read the unit's rows (only the row groups that overlap it) through its file's pin, then
     check the file still holds the bytes the job started with."""
-    columns = [c for c in (cfg.id_column, cfg.text_column, cfg.target_column) if c is not None]
+    wanted = (cfg.id_column, cfg.text_column, cfg.target_column, cfg.messages_column)
+    columns = [c for c in wanted if c is not None]
     held = unit.pin if unit.pin is not None else pins.pin(unit.file)
     try:
         parquet = pq.ParquetFile(held.open())
@@ -372,10 +393,15 @@ def read_unit(unit: WorkUnit, cfg: InputConfig) -> UnitRows:
     else:
         ids = as_ids(table.column(cfg.id_column).combine_chunks(), unit.file, cfg.id_column)
     out = {"id": ids}
+    messages = cfg.messages_column
+    if messages is not None and not is_string(table.schema.field(messages).type):
+        out["messages"] = table.column(messages).combine_chunks()  # checked when tokenized
+        messages = None
     unreadable = []
     for name, column, reason in (
         ("text", cfg.text_column, "invalid_utf8_text"),
         ("target", cfg.target_column, "invalid_utf8_target"),
+        ("messages", messages, "invalid_utf8_messages"),
     ):
         if column is None:
             continue

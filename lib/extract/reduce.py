@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from lib.config import OutputConfig
+from lib.errors import UserError
+from lib.extract import sampling
 
 # Float32 logits held at once per chunk of positions. On a GPU the chunk bounds memory for
 # large vocabularies. On a CPU the head's matrix product wants many rows: on 2 cores with a
@@ -39,10 +41,41 @@ class ReduceSpec:
     moments: bool = False  # `logprob_std`, which Min-K%++ divides by (document rows)
     top_p: float = 1.0  # below 1: `topk_count`, the entries holding this mass (kept_counts)
     min_k: int = 1  # with top_p: keep at least this many
+    probes: tuple[int, ...] = ()  # token ids: `probe_logprobs`
+    temperatures: tuple[float, ...] = ()  # `logsumexp_t`, logsumexp(logits / T) per T
+    samples: int = 0  # `sample_ids` and `sample_logprobs` (lib.extract.sampling)
+    sample_temperature: float = 1.0
+    seed: int = 0  # of the draws
+
+    @property
+    def teacher(self) -> bool:
+        """Whether any of the teacher columns (probes, temperatures, samples) is asked for."""
+        return bool(self.probes or self.temperatures or self.samples)
+
+    @property
+    def teacher_buffer(self) -> bool:
+        """Whether the teacher columns need an (n, V) buffer: a temperature other than 1."""
+        other = [t for t in self.temperatures if t != 1]
+        return bool(other or (self.samples and self.sample_temperature != 1))
 
 
-def spec_for(output: OutputConfig) -> ReduceSpec:
-    """What the output section asks of the reduction."""
+def probe_ids(tokenizer, probes: list[str]) -> tuple[int, ...]:
+    """The token id of each probe string; each must be exactly one token of the tokenizer."""
+    ids = []
+    for probe in probes:
+        found = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        if len(found) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(found)
+            raise UserError(
+                f"config key output.probes: {probe!r} is {len(found)} tokens {pieces}, not one; "
+                "a probe must be exactly one token (mind a leading space: ' yes')"
+            )
+        ids.append(found[0])
+    return tuple(ids)
+
+
+def spec_for(output: OutputConfig, probes: tuple[int, ...] = ()) -> ReduceSpec:
+    """What the output section asks of the reduction (`probes`: output.probes' token ids)."""
     tokens = output.level != "documents"
     return ReduceSpec(
         k=output.k if tokens else 0,
@@ -54,6 +87,11 @@ def spec_for(output: OutputConfig) -> ReduceSpec:
         moments=output.level != "tokens",
         top_p=output.top_p,
         min_k=output.min_k,
+        probes=probes,
+        temperatures=tuple(output.temperatures),
+        samples=output.samples,
+        sample_temperature=output.sample_temperature,
+        seed=output.seed,
     )
 
 
@@ -113,13 +151,16 @@ def reduce_logits(
     scratch: torch.Tensor | None = None,
     spare: torch.Tensor | None = None,
     tokens: bool = True,
+    keys: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Statistics for (n, V) logits and their (n,) next-token labels (-1: no token).
 
+    `keys` are the positions' sampling keys (lib.extract.sampling), needed with `spec.samples`.
     `scratch`, an (n, V) float32 buffer, holds the probabilities; when it is given the caller
     reuses `logits`' storage too (the counts overwrite it), so full-mode logits are copied out.
     `tokens=False` (no position has a next token, as in seq2seq `start` mode) skips the token
-    statistics. `spec.moments` needs a third (n, V) buffer, `spare` (allocated when not given).
+    statistics. `spec.moments` and `spec.teacher_buffer` need a third (n, V) buffer, `spare`
+    (allocated when not given).
     """
     # long: one pass over the vocabulary per statistic, buffers reused in place; split, the
     # order of the in-place steps would be spread over several functions
@@ -151,6 +192,10 @@ def reduce_logits(
         out["topk_count"] = kept_counts(values, out["logsumexp"], spec.top_p, spec.min_k)
     out["top1_logprob"] = (top1_logit - lse).squeeze(1)
     out["token_logprob"] = (token_logit - lse).squeeze(1)
+    if spec.teacher:  # before the steps below reuse the logits' and probabilities' storage
+        if spare is None and spec.teacher_buffer:
+            spare = torch.empty_like(logits)
+        out |= teacher_columns(logits, probs, top1_logit, lse, spec, keys, spare)
     token_rank = None
     if moments:
         # Moments of x - x_top1 under p (log p is x shifted, so its variance is theirs): with
@@ -172,6 +217,61 @@ def reduce_logits(
         token_rank = _rank(logits, token_logit, probs, tokens, in_place=scratch is not None)
     out["token_rank"] = token_rank
     return out
+
+
+def teacher_columns(
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    top1_logit: torch.Tensor,
+    lse: torch.Tensor,
+    spec: ReduceSpec,
+    keys: torch.Tensor | None,
+    buffer: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Probe log-probabilities, logsumexp at each temperature, and sampled ids with their
+    log-probabilities, from float32 (n, V) logits, their probabilities, (n, 1) maximum and
+    logsumexp; `buffer` (n, V) holds the weights at another temperature."""
+    out = {}
+    if spec.probes:
+        index = torch.tensor(spec.probes, dtype=torch.int64, device=logits.device)
+        out["probe_logprobs"] = logits.index_select(1, index) - lse
+    if spec.temperatures:
+        out["logsumexp_t"] = torch.cat(
+            [_logsumexp_at(t, logits, top1_logit, lse, buffer) for t in spec.temperatures], dim=1
+        )
+    if spec.samples:
+        tau = spec.sample_temperature
+        # At T = 1 the softmax already computed is the distribution: no pass of its own.
+        weights = probs if tau == 1 else _weights_at(tau, logits, top1_logit, buffer)
+        ids, total = sampling.draw(weights, keys, spec.samples)
+        drawn = logits.gather(1, ids)
+        if tau == 1:
+            logprobs = drawn - lse
+        else:  # log of exp((x - max) / T) / total
+            logprobs = (drawn - top1_logit) / tau - total.log().float()
+        out["sample_ids"], out["sample_logprobs"] = ids.to(torch.int32), logprobs
+    return out
+
+
+def _weights_at(
+    t: float, logits: torch.Tensor, top1_logit: torch.Tensor, buffer: torch.Tensor
+) -> torch.Tensor:
+    """exp((x - max) / t) into `buffer`: unnormalized probabilities at temperature t, in two
+    passes (the largest is 1, so nothing that matters underflows)."""
+    return torch.add(top1_logit * (-1 / t), logits, alpha=1 / t, out=buffer).exp_()
+
+
+def _logsumexp_at(
+    t: float,
+    logits: torch.Tensor,
+    top1_logit: torch.Tensor,
+    lse: torch.Tensor,
+    buffer: torch.Tensor,
+) -> torch.Tensor:
+    """(n, 1) logsumexp(x / t) = max / t + log sum exp((x - max) / t); at t = 1, `lse`."""
+    if t == 1:
+        return lse
+    return top1_logit / t + _weights_at(t, logits, top1_logit, buffer).sum(-1, keepdim=True).log()
 
 
 def _rank(
@@ -213,6 +313,14 @@ def _masked(
     return mean, second
 
 
+def _buffers(spec: ReduceSpec, step: int, vocab_size: int) -> list[torch.Tensor]:
+    """(step, V) float32 buffers reused by every chunk on a CPU: the logits, the probabilities,
+    and a spare for the moments or another temperature. Each fresh (step, V) tensor is a malloc
+    of megabytes, and their churn fragmented glibc's heap into gigabytes of resident memory."""
+    count = 3 if spec.moments or spec.teacher_buffer else 2
+    return [torch.empty((step, vocab_size), dtype=torch.float32) for _ in range(count)]
+
+
 def reduce_states(
     head: Callable[..., torch.Tensor],
     states: torch.Tensor,
@@ -223,6 +331,7 @@ def reduce_states(
     chunk_bytes: int | None = None,
     logits_out: torch.Tensor | None = None,
     tokens: bool = True,
+    keys: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run `head` and `reduce_logits` over `states` in chunks of positions and concatenate.
 
@@ -237,17 +346,13 @@ def reduce_states(
     step = chunk_positions(vocab_size, chunk_bytes)
     if on_cpu:
         step = min(step, CPU_MAX_POSITIONS)
-    buffers = None
-    if on_cpu and states.shape[0] > step:
-        # Buffers reused by every chunk: on CPU each fresh (step, V) tensor is a malloc of
-        # megabytes, and their churn fragmented glibc's heap into gigabytes of resident memory.
-        count = 3 if spec.moments else 2  # logits, probabilities (and the moments' spare)
-        buffers = [torch.empty((step, vocab_size), dtype=torch.float32) for _ in range(count)]
+    buffers = _buffers(spec, step, vocab_size) if on_cpu and states.shape[0] > step else None
     parts = []
     for i in range(0, max(1, states.shape[0]), step):
         chunk, chunk_labels = states[i : i + step], labels[i : i + step]
+        chunk_keys = None if keys is None else keys[i : i + step]
         if buffers is None:
-            part = reduce_logits(head(chunk), chunk_labels, spec, tokens=tokens)
+            part = reduce_logits(head(chunk), chunk_labels, spec, tokens=tokens, keys=chunk_keys)
         else:
             logits_buffer, scratch, *spare = (b[: chunk.shape[0]] for b in buffers)
             logits = head(chunk, out=logits_buffer)
@@ -258,6 +363,7 @@ def reduce_states(
                 scratch=scratch,
                 spare=spare[0] if spare else None,
                 tokens=tokens,
+                keys=chunk_keys,
             )
         if logits_out is not None:
             logits_out[i : i + step].copy_(part.pop("logits"), non_blocking=True)

@@ -24,7 +24,7 @@ import torch
 from lib import faults
 from lib.config import InputConfig
 from lib.errors import HostMemoryError, UserError, out_of_host_memory
-from lib.extract import batching, corpus, models, reduce
+from lib.extract import batching, corpus, models, reduce, sampling
 from lib.extract.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,8 @@ def read_unit(
     started_at = time.time()
     rows = corpus.read_unit(work, cfg)
     table = rows.table
+    # The template is the tokenizer's, or input.chat_template set on it at plan time.
+    chat = None if cfg.messages_column is None else batching.ChatInput(None, cfg.score_roles)
     tokenized = batching.tokenize_unit(
         table,
         lm.tokenizer,
@@ -125,6 +127,7 @@ def read_unit(
         cfg.max_length,
         lm.decoder_start_token_id,
         window_context=window_context(cfg),
+        chat=chat,
     )
     lengths = {"text": batching.length_histogram(tokenized.text_lengths, cfg.max_length)}
     if tokenized.target_lengths is not None:
@@ -141,7 +144,9 @@ def read_unit(
         lengths=lengths,
         scored_rows=np.unique(np.array([r.row for r in tokenized.requests], dtype=np.int64)),
         truncated_rows=truncated_rows,
-        n_bytes=text_bytes(table, task, cfg.prefix),
+        n_bytes=tokenized.n_bytes
+        if tokenized.n_bytes is not None
+        else text_bytes(table, task, cfg.prefix),
         tokens=sum(len(r.ids) + len(r.decoder_ids or ()) for r in tokenized.requests),
     )
     return unit, tokenized.requests
@@ -226,6 +231,7 @@ class Forward:
         self.max_tokens, self.max_new_tokens = max_tokens, max_new_tokens
         self.multiple = batching.pad_multiple_for(lm.device)
         self.row_caps: dict[int, int] = {}  # padded length -> rows that fit after an OOM
+        self.row_keys: dict[int, torch.Tensor] = {}  # unit -> its rows' sampling keys
         self.first_batch_at: float | None = None  # unix time the first batch reached the model
 
     def __call__(self, loaded: Iterable[Loaded], progress: Progress) -> Iterator[Computed]:
@@ -237,6 +243,7 @@ class Forward:
                 sizes[index] = []
                 progress.unit_read(item.unit)
             if item.batch is None:
+                self.row_keys.pop(index, None)
                 yield Computed(item.unit, None, sizes.pop(index))
                 continue
             if self.first_batch_at is None:
@@ -246,10 +253,26 @@ class Forward:
                 progress.batch_done(size)
                 yield Computed(item.unit, reduced)
 
-    def reduce(self, batch: batching.Batch) -> tuple[Reduced, BatchSize]:
-        """The batch's results (their copies to the host started) and its size."""
+    def keys(self, unit: Unit) -> torch.Tensor:
+        """The sampling keys of a unit's rows, on the device (computed once per unit)."""
+        index = unit.work.index
+        if index not in self.row_keys:
+            keys = sampling.row_keys(unit.ids, self.spec.seed)
+            self.row_keys[index] = torch.from_numpy(keys).to(self.lm.device)
+        return self.row_keys[index]
+
+    def reduce(
+        self, batch: batching.Batch, row_keys: torch.Tensor | None = None
+    ) -> tuple[Reduced, BatchSize]:
+        """The batch's results (their copies to the host started) and its size; `row_keys` (its
+        unit's, see `keys`) are needed to draw samples."""
         lm, spec = self.lm, self.spec
         scored = models.score(lm, batch.to(lm.device), self.task, self.max_new_tokens)
+        keys = None
+        if spec.samples:
+            row = torch.as_tensor(scored.row, device=lm.device).long()
+            position = torch.as_tensor(scored.position, device=lm.device)
+            keys = sampling.position_keys(row_keys[row], position)
         logits_out = None
         if spec.full and lm.device.type == "cuda":  # stream full logits out chunk by chunk
             logits_out = torch.empty(
@@ -263,6 +286,7 @@ class Forward:
             vocab_size=lm.vocab_size,
             logits_out=logits_out,
             tokens=scored.has_tokens,
+            keys=keys,
         )
         host = {name: to_host(value) for name, value in stats.items()}
         row, position = to_host(scored.row), to_host(scored.position)
@@ -285,7 +309,7 @@ class Forward:
         try:
             with torch.inference_mode():
                 faults.point("forward")
-                return [self.reduce(batch)]
+                return [self.reduce(batch, self.keys(unit) if self.spec.samples else None)]
         except torch.OutOfMemoryError:
             pass  # leave the except block so the failed batch's tensors can be freed
         except (MemoryError, RuntimeError) as exc:

@@ -402,7 +402,33 @@ def token_panels(stats: TokenStats) -> list[Panel]:
         panels.append(_entropy_panel(stats.entropy))
     if stats.mass is not None:
         panels.append(_mass_panel(stats.mass))
+    if stats.probes:
+        panels.append(_probes_panel(stats.probes))
     return panels
+
+
+def _probes_panel(probes: dict[str, Histogram]) -> Panel:
+    """The probability of each probe token (output.probes) at every row, one line each."""
+    numbers = [
+        (f"probe_{i}", f"mean p({name!r})", _num(hist.mean, 3))
+        for i, (name, hist) in enumerate(probes.items())
+    ]
+
+    def draw(ax: Axes) -> None:
+        for i, (name, hist) in enumerate(list(probes.items())[: len(_PALETTE)]):
+            ax.stairs(hist.counts, hist.edges, color=_PALETTE[i], label=repr(name), linewidth=1.4)
+        ax.set_yscale("log")
+        log_axis(ax, "y")
+        ax.legend(frameon=False)
+        ax.set_title("probe probabilities")
+        ax.set_xlabel("probability of the probe token")
+        ax.set_ylabel("rows")
+
+    caption = (
+        "The probability of each probe token (output.probes) at every row: a yes/no pair that "
+        "separates the rows piles up near 0 and 1; one that does not, in the middle."
+    )
+    return Panel("probes", "Probes", caption, numbers, [draw])
 
 
 def _rank_draw(counts: np.ndarray) -> Draw:

@@ -45,6 +45,7 @@ TOKEN_COLUMNS = (
     "topk_logits",
     "topk_logprob_deltas",  # compact rows' log-probabilities (lib/output/compact.py); no ids needed
     "logits",
+    "probe_logprobs",
 )
 
 
@@ -339,6 +340,7 @@ class TokenStats:
     entropy: Histogram | None = None  # the column, or computed from full logits
     calibration: Calibration = field(default_factory=Calibration)
     mode: str = "topk"
+    probes: dict[str, Histogram] = field(default_factory=dict)  # probe -> its probabilities
 
 
 def token_shards(out_dir: AnyPath, fmt: str | None) -> list[AnyPath]:
@@ -411,6 +413,12 @@ def scan_tokens(info: RunInfo) -> TokenStats | None:
         stats.mass = Histogram(MASS_BINS, 0.0, 1.0)
     if "entropy" in columns or "logits" in columns:
         stats.entropy = Histogram(lo=0.0)
+    if "probe_logprobs" in columns:
+        width = schema.field("probe_logprobs").type
+        width = (width.value_type if examples_type(width) else width).list_size
+        names = info.config.output.probes
+        names = names if len(names) == width else [f"probe {i}" for i in range(width)]
+        stats.probes = {name: Histogram(MASS_BINS, 0.0, 1.0) for name in names}
     max_length = info.config.input.max_length
     examples = pa.types.is_list(schema.field("logsumexp").type)  # output.rows=examples
     # Decoding (in a thread) and the arithmetic here both release the GIL: they overlap.
@@ -422,6 +430,11 @@ def scan_tokens(info: RunInfo) -> TokenStats | None:
     finally:
         reader.close()
     return stats
+
+
+def examples_type(tp: pa.DataType) -> bool:
+    """Whether a column type is example rows' list of per-position values."""
+    return pa.types.is_list(tp) or pa.types.is_large_list(tp)
 
 
 def _positions(column: pa.Array, examples: bool) -> pa.Array:
@@ -462,6 +475,10 @@ def add_batch(stats: TokenStats, columns: dict[str, pa.Array]) -> None:
             probs = np.exp(logprobs)
             stats.entropy.add(-(probs * logprobs).sum(axis=1))
     stats.calibration.add(np.exp(top1[has_token]), (rank == 0).astype(np.float64))
+    if stats.probes:
+        probes = np.exp(_matrix(columns["probe_logprobs"]))
+        for i, hist in enumerate(stats.probes.values()):
+            hist.add(probes[:, i])
 
 
 # -- the documents folder (output.level=documents|both) ------------------------------------------

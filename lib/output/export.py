@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from lib import results, storage
 from lib.errors import UserError, output_error
-from lib.output import compact, layout, writer
+from lib.output import compact, layout, rows, writer
 from lib.output.records import Manifest, ShardEntry
 from lib.storage import AnyPath
 
@@ -30,8 +30,9 @@ BATCH_ROWS = 65536  # positions decoded and written at a time
 _COPY_BLOCK = 8 << 20
 
 
-def export_schema(id_type: pa.DataType) -> pa.Schema:
-    """Token rows with the top-k as two list columns of each row's kept entries."""
+def export_schema(id_type: pa.DataType, teacher: list[pa.Field] = ()) -> pa.Schema:
+    """Token rows with the top-k as two list columns of each row's kept entries, then the
+    source's teacher columns (probes, temperatures, samples) as they are."""
     return pa.schema(
         [
             pa.field("id", id_type, nullable=False),
@@ -43,6 +44,7 @@ def export_schema(id_type: pa.DataType) -> pa.Schema:
             pa.field("entropy", pa.float32(), nullable=False),
             pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),
+            *teacher,
         ]
     )
 
@@ -89,6 +91,11 @@ def _table(arrays: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
             offsets, pa.array(arrays["topk_logprobs"][kept].astype(np.float32))
         ),
     }
+    for field in schema:
+        if field.name in rows.TEACHER_COLUMNS:
+            values = arrays[field.name]
+            flat = pa.array(values.reshape(-1), field.type.value_type)
+            columns[field.name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
     return pa.Table.from_pydict(columns, schema=schema)
 
 
@@ -144,7 +151,7 @@ def export(out_dir: str | AnyPath, dest_dir: str | AnyPath) -> Manifest:
     manifest = layout.read_manifest(source)
     _refuse(source, manifest, dest)
     id_type = pa.string() if "string" in manifest.schema[0]["type"] else pa.int64()
-    schema = export_schema(id_type)
+    schema = export_schema(id_type, rows.teacher_fields(manifest.config.output))
     try:
         dest.mkdir(parents=True, exist_ok=True)
         for folder in (layout.TOKENS, layout.DOCUMENTS, layout.SKIPPED_DIR, layout.TMP):

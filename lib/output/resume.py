@@ -20,7 +20,7 @@ from pathlib import Path
 from lib import storage
 from lib.config import JobConfig, from_record
 from lib.errors import UserError, output_error
-from lib.extract import pins
+from lib.extract import chat, pins
 from lib.extract.corpus import InputFile, WorkUnit
 from lib.output import compact, layout
 from lib.output.records import Manifest, UnitRecord
@@ -88,15 +88,52 @@ def _settings(config: JobConfig) -> dict[str, dict]:
     )
     return {
         "model": {"path": c["model"]["path"], "dtype": c["model"]["dtype"]},
-        "input": c["input"],
+        "input": _input_settings(config),
         "decoder": decoder,
         "output": {
             key: c["output"][key]
             for key in ("logits", "k", "dtype", "format", "shard_rows", "rows", "level")
         }
         | ({} if config.output.level == "tokens" else {"min_k": config.output.min_k_fraction})
-        | _topk_storage(config),
+        | _topk_storage(config)
+        | _teacher_columns(config),
     }
+
+
+# Input keys hashed only when set, so that outputs written before they existed keep their
+# fingerprints.
+_CONVERSATION_KEYS = ("messages_column", "chat_template", "score_roles")
+
+
+def _input_settings(config: JobConfig) -> dict:
+    """The input section as hashed: the conversation keys only where set, with the bytes of a
+    chat template file (a changed file renders other tokens)."""
+    c = config.to_dict()["input"]
+    keys = {key: value for key, value in c.items() if key not in _CONVERSATION_KEYS}
+    if config.input.messages_column is None:
+        return keys
+    keys |= {key: c[key] for key in _CONVERSATION_KEYS if c[key] is not None}
+    template = chat.template_text(config.input.chat_template)
+    if template is not None and template != config.input.chat_template:
+        keys["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()
+    return keys
+
+
+def _teacher_columns(config: JobConfig) -> dict:
+    """output.probes, temperatures and samples (with their temperature and seed) where set."""
+    out = config.output
+    keys = {}
+    if out.probes:
+        keys["probes"] = list(out.probes)
+    if out.temperatures:
+        keys["temperatures"] = list(out.temperatures)
+    if out.samples:
+        keys |= {
+            "samples": out.samples,
+            "sample_temperature": out.sample_temperature,
+            "seed": out.seed,
+        }
+    return keys
 
 
 def changed_settings(previous: dict, config: JobConfig) -> str | None:
@@ -114,12 +151,15 @@ def changed_settings(previous: dict, config: JobConfig) -> str | None:
                 was, is_ = before[section][key], now[section][key]
             elif key == "compact_version":  # the encoding key names the change
                 continue
-            else:  # hashed on one side only (it applies there): compare the config values
+            elif hasattr(getattr(config, section), name.split(".", 1)[1]):
+                # hashed on one side only (it applies there): compare the config values
                 field = name.split(".", 1)[1]
                 was, is_ = (
                     getattr(getattr(then, section), field),
                     getattr(getattr(config, section), field),
                 )
+            else:  # a derived value (a template file's hash): the hashed values
+                was, is_ = before[section].get(key), now[section].get(key)
             if was != is_:
                 changed.append(f"{name}: {json.dumps(was)}, now {json.dumps(is_)}")
     return "; ".join(changed) or None

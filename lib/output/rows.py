@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from lib.config import JobConfig
+from lib.config import JobConfig, OutputConfig
 from lib.extract.stages import Unit
 from lib.output import compact, layout
 from lib.output.writer import ShardWriter
@@ -34,6 +34,26 @@ SCORE_FIELDS = (
 )
 
 
+# The teacher columns (output.probes, output.temperatures, output.samples): fixed-size lists,
+# stored as computed in every encoding.
+TEACHER_COLUMNS = {
+    "probe_logprobs": pa.float32(),
+    "logsumexp_t": pa.float32(),
+    "sample_ids": pa.int32(),
+    "sample_logprobs": pa.float32(),
+}
+
+
+def teacher_fields(output: OutputConfig) -> list[pa.Field]:
+    """The teacher columns an output config asks for, each as wide as its list of values."""
+    widths = (len(output.probes), len(output.temperatures), output.samples, output.samples)
+    return [
+        pa.field(name, pa.list_(tp, width), nullable=False)
+        for (name, tp), width in zip(TEACHER_COLUMNS.items(), widths, strict=True)
+        if width
+    ]
+
+
 # -- schemas and tables ---------------------------------------------------------------------
 def output_schema(
     id_type: pa.DataType,
@@ -43,8 +63,10 @@ def output_schema(
     *,
     full: bool,
     encoding: str = "plain",
+    teacher: list[pa.Field] = (),
 ) -> pa.Schema:
-    """One row per scored position; top-k columns, or a `logits` column in full mode.
+    """One row per scored position; top-k columns, or a `logits` column in full mode, then the
+    `teacher` columns (`teacher_fields`).
 
     `encoding="compact"` stores the top-k as `lib.output.compact` codes, the token log-probability on
     a 1/64-nat grid and the entropy as float16."""
@@ -67,7 +89,7 @@ def output_schema(
     else:
         fields.append(pa.field("topk_ids", pa.list_(pa.int32(), k), nullable=False))
         fields.append(pa.field("topk_logits", pa.list_(value_type, k), nullable=False))
-    return pa.schema(fields)
+    return pa.schema([*fields, *teacher])
 
 
 def _fixed_list(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
@@ -126,6 +148,9 @@ def to_table(
             if beyond is not None:
                 values = np.where(beyond, np.asarray(fill, values.dtype), values)
             columns[name] = _fixed_list(values, schema.field(name).type.value_type)
+    for name in TEACHER_COLUMNS:
+        if name in schema.names:
+            columns[name] = _fixed_list(stats[name], schema.field(name).type.value_type)
     if metadata is not None:
         schema = schema.with_metadata(metadata)
     return pa.Table.from_pydict(columns, schema=schema)
@@ -329,7 +354,15 @@ def plan_outputs(
     """The output kinds a config asks for."""
     out = config.output
     full = out.logits == "full"
-    schema = output_schema(id_type, out.k, vocab_size, out.dtype, full=full, encoding=out.encoding)
+    schema = output_schema(
+        id_type,
+        out.k,
+        vocab_size,
+        out.dtype,
+        full=full,
+        encoding=out.encoding,
+        teacher=teacher_fields(out),
+    )
     shard_schema = examples_schema(schema, seq2seq) if out.rows == "examples" else schema
     kinds: list[Kind] = []
     if out.level != "documents":

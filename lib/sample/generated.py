@@ -136,7 +136,7 @@ def build_t5(
     return out_dir
 
 
-def _train_bpe(texts: list[str], vocab_size: int, bos_eos: tuple[str, str]):
+def _train_bpe(texts: list[str], vocab_size: int, specials: tuple[str, ...]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -144,7 +144,7 @@ def _train_bpe(texts: list[str], vocab_size: int, bos_eos: tuple[str, str]):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(dict.fromkeys(bos_eos)),
+        special_tokens=list(dict.fromkeys(specials)),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -184,19 +184,28 @@ def _gpt2(
 
 
 def _llama(
-    texts: list[str], vocab_size: int, d_model: int, num_layers: int, model_vocab: int | None
+    texts: list[str],
+    vocab_size: int,
+    d_model: int,
+    num_layers: int,
+    model_vocab: int | None,
+    chat_tokens: tuple[str, ...] = (),
 ):
     from tokenizers import processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    raw = _train_bpe(texts, vocab_size, ("<s>", "</s>"))
+    raw = _train_bpe(texts, vocab_size, ("<s>", "</s>", *chat_tokens))
     bos = raw.token_to_id("<s>")
     # Llama tokenizers prepend BOS, so truncation has a special token to keep.
     raw.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", model_max_length=2048
+        tokenizer_object=raw,
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=2048,
+        extra_special_tokens=list(chat_tokens),
     )
     config = LlamaConfig(
         vocab_size=model_vocab or len(tokenizer),
@@ -241,6 +250,37 @@ def build_causal(
     return out_dir
 
 
+# ChatML, as Qwen and many fine-tunes use it, after a BOS token as Llama's templates put one.
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_chat_causal(
+    out_dir: str | Path,
+    texts: list[str],
+    d_model: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 300,
+    seed: int = 0,
+) -> Path:
+    """A random-weight Llama whose tokenizer has ChatML's special tokens and template."""
+    import torch
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer, model = _llama(
+        texts, vocab_size, d_model, num_layers, None, ("<|im_start|>", "<|im_end|>")
+    )
+    tokenizer.chat_template = CHATML
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def build_peaked_causal(
     out_dir: str | Path,
     texts: list[str],
@@ -260,7 +300,7 @@ def build_peaked_causal(
     weights add `-zipf * log(1 + id)`, so low ids (a BPE vocabulary's early, frequent merges)
     are likelier everywhere. The defaults put the mean entropy near 1.2 nats, the top-1
     probability near 0.64, and a plain float16 k=64 output near the 254.5 bytes a position
-    (149 of ids, 94 of logits) that issue 12 measured on its model.
+    (149 of ids, 94 of logits) measured on a trained model's output.
     """
     import torch
 
