@@ -64,8 +64,7 @@ def run_job(model: str, corpus: Path, out: Path, *extra: str) -> int:
             "configs/causal-lm.yaml",
             f"model.path={model}",
             f"input.path={corpus}",
-            "input.text_column=null",
-            "input.messages_column=messages",
+            "input.messages_column=messages",  # the config's text column is the default's
             f"input.max_length={MAX_LENGTH}",
             f"output.dir={out}",
             "output.k=4",
