@@ -37,7 +37,7 @@ extract: data/sample/sample.json
 	$(RUN_JOB) --config $(CONFIG) $(ARGS)
 
 # The suite on TEST_WORKERS processes, a test file to each at a time (a module's fixtures are
-# built once), one torch thread each: on 2 cores 83 s, against 116 s on one process.
+# built once), one torch thread each: 90-110 s on 2 idle cores.
 TEST_WORKERS ?= 2
 PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 

@@ -49,7 +49,7 @@ MANIFEST_KEYS = {
 
 
 def contract_schema(id_type: pa.DataType, k: int, value_type: pa.DataType) -> pa.Schema:
-    """The row schema of issue 2, written out independently of lib/output/writer.py."""
+    """The token row schema, written out independently of lib/output/rows.py."""
     return pa.schema(
         [
             pa.field("id", id_type, nullable=False),

@@ -31,7 +31,8 @@ STORAGE_ENCODINGS = {
 }
 
 
-# Issue 12's target: all part-* bytes within this much per stored entry plus per position.
+# The compact encoding's design target: all part-* bytes within this much per stored entry plus
+# per position.
 TARGET_BYTES_PER_ENTRY, TARGET_BYTES_PER_POSITION = 2.0, 12.0
 
 
