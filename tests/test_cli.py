@@ -387,14 +387,22 @@ def test_the_console_script_is_installed():
 
 def test_make_extract_runs_n_processes_through_accelerate():
     """`make extract NPROC=2` launches the job with the venv's accelerate, two processes."""
-    dry = subprocess.run(
-        ["make", "-n", "extract", "NPROC=2"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.strip().splitlines()[-1] == (
+
+    def dry_run(*args: str) -> str:
+        # Under `make test` the variables of the outer make would print its directory lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        dry = subprocess.run(
+            ["make", "--no-print-directory", "-n", "extract", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert dry.returncode == 0, dry.stderr
+        return dry.stdout.strip().splitlines()[-1]
+
+    assert dry_run("NPROC=2") == (
         ".venv/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 "
         "--mixed_precision no --dynamo_backend no -m jobs.extract --config configs/default.yaml"
     )
-    single = subprocess.run(["make", "-n", "extract"], cwd=ROOT, capture_output=True, text=True)
-    last = single.stdout.strip().splitlines()[-1]
-    assert last == ".venv/bin/python -m jobs.extract --config configs/default.yaml"
+    assert dry_run() == ".venv/bin/python -m jobs.extract --config configs/default.yaml"
