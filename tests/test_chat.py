@@ -202,6 +202,45 @@ def test_spans_find_the_last_occurrence_inside_a_message(chat_model):
     assert found.n_bytes == len(rendered[start:].encode())
 
 
+@pytest.mark.parametrize("reply", ["d", "end", "im_end", "m", "user", "Ko?"])
+def test_a_reply_found_in_a_tag_or_a_header_keeps_its_rows(chat_model, reply):
+    """A short reply that also occurs in the closing tag, the header or the user's words: its
+    rows are its own content's tokens and the closing text, nothing else."""
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    messages = [
+        {"role": "user", "content": "Ko? Pick a, b, c or d, user"},
+        {"role": "assistant", "content": reply},
+    ]
+    (found,) = chat.tokenize([messages], tok, None, ["assistant"], 512)
+    ids, kinds = roles_by_piece(tok, messages)
+    assert found.ids == ids
+    assert found.scored == [t for t, kind in enumerate(kinds) if kind.startswith("assistant:c")]
+    assert found.n_bytes == len(f"{reply}<|im_end|>\n".encode())
+
+
+def test_a_template_that_ends_the_sequence_after_the_last_message(chat_model):
+    """A template whose rendering up to a message is not a prefix of the whole (the end-of-
+    sequence token comes after the last message only): each assistant message's rows are its
+    content and `<|im_end|>\n`, the last one's also `</s>`; a reply equal to its role's name
+    is found in the content, not in the header."""
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    template = generated.CHATML.replace(
+        "<|im_end|>\n{% endfor %}",
+        "<|im_end|>\n{% if loop.last %}{{ eos_token }}{% endif %}{% endfor %}",
+    )
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "assistant"},
+        {"role": "user", "content": "end"},
+        {"role": "assistant", "content": "bye"},
+    ]
+    (found,) = chat.tokenize([messages], tok, template, ["assistant"], 512)
+    ids, kinds = roles_by_piece(tok, messages)
+    assert found.ids == [*ids, tok.eos_token_id]
+    expected = [t for t, kind in enumerate(kinds) if kind.startswith("assistant:c")]
+    assert found.scored == [*expected, len(ids)]
+
+
 @pytest.mark.parametrize(
     "extra, model, message",
     [

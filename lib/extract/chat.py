@@ -5,8 +5,8 @@ The sequence is exactly `tokenizer.apply_chat_template(messages, tokenize=True)`
 text tokenized with the template's own special tokens and no others. With `roles`, a token is
 scored when it overlaps the content of a message of those roles, or the text the template
 closes that message with (up to where the rendering of the conversation up to that message
-ends: `<|im_end|>\\n` in ChatML, `<|eot_id|>` in Llama 3). The header before the content
-(`<|im_start|>assistant\\n`) is not scored.
+ends: `<|im_end|>\\n` in ChatML, `<|eot_id|>` in Llama 3). The content is found by rendering
+a marker in its place. The header before it (`<|im_start|>assistant\\n`) is not scored.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from lib.errors import UserError
 
 # A value of input.chat_template holding one of these is a template; anything else is a path.
 _TEMPLATE_MARKS = ("{{", "{%")
+# Rendered in place of a message's content to find where the template puts it: the text before
+# it is the real rendering's (the searched content may also occur in a header or a closing tag).
+_MARK = "\ue000"  # a private-use character: in no template and, in practice, in no message
 
 
 @dataclass
@@ -104,11 +107,70 @@ def _render(tokenizer, messages: list[dict], template: str | None) -> str | None
         return None
 
 
+def _marked(
+    tokenizer, messages: list[dict], i: int, template: str | None, rendered: str
+) -> tuple[int, str]:
+    """Where message i's content (or its stripped text, for templates that trim) begins in
+    `rendered`, found by rendering a marker in its place; (-1, "") when the content is not there
+    verbatim or the marker is not rendered exactly once."""
+    content = messages[i]["content"]
+    trial = _render(
+        tokenizer, [*messages[:i], {**messages[i], "content": _MARK}, *messages[i + 1 :]], template
+    )
+    if trial is None or trial.count(_MARK) != 1:
+        return -1, ""
+    at = trial.index(_MARK)
+    for text in (content, content.strip()):
+        if rendered.startswith(text, at):
+            return at, text
+    return -1, ""
+
+
+def _searched(rendered: str, content: str, cursor: int, closed_at: int | None) -> tuple[int, str]:
+    """Where the content (or its stripped text) occurs after `cursor`: the last occurrence
+    before `closed_at`, where the message's own rendering ends (a system prompt the template adds
+    may hold the same words earlier), else the first; (-1, "") when it does not."""
+    for text in (content, content.strip()):
+        if closed_at is None:
+            found = rendered.find(text, cursor)
+        else:
+            found = rendered.rfind(text, cursor, closed_at)
+        if found >= 0:
+            return found, text
+    return -1, ""
+
+
+def _closed(
+    tokenizer, prefix: str | None, rendered: str, end: int, tokens: list[int], offsets: list
+) -> int:
+    """Where the text that closes a message whose content ends at `end` ends: where the rendering
+    of the conversation up to that message ends, or, when that rendering is not a prefix of the
+    whole (a template that writes its end-of-sequence token only after the last message), the
+    end of the tokens the two renderings share."""
+    if prefix is None:
+        return end
+    if rendered.startswith(prefix):
+        return max(end, len(prefix))
+    if prefix[:end] != rendered[:end]:
+        return end
+    own = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    shared = 0
+    while shared < min(len(own), len(tokens)) and own[shared] == tokens[shared]:
+        shared += 1
+    return max(end, offsets[shared - 1][1]) if shared else end
+
+
 def _spans(
-    tokenizer, messages: list[dict], rendered: str, template: str | None, roles: set[str]
+    tokenizer,
+    messages: list[dict],
+    rendered: str,
+    template: str | None,
+    roles: set[str],
+    encoded: tuple[list[int], list],
 ) -> list[tuple[int, int]] | None:
     """Character spans of the scored messages' content and closing text; None when a scored
     message's content is not found verbatim in the rendering."""
+    tokens, offsets = encoded  # the rendering's tokens and their character offsets
     spans = []
     cursor = 0
     for i, message in enumerate(messages):
@@ -121,22 +183,16 @@ def _spans(
         # The rendering up to this message ends where the template closes it.
         prefix = _render(tokenizer, messages[: i + 1], template) if scored else None
         closes = prefix is not None and rendered.startswith(prefix)
-        found = -1
-        for text in (content, content.strip()):
-            # Within its own rendering the message is the last occurrence of its content (a
-            # system prompt the template adds may hold the same words earlier).
-            found = (
-                rendered.rfind(text, cursor, len(prefix)) if closes else rendered.find(text, cursor)
-            )
-            if found >= 0:
-                break
+        found, text = _marked(tokenizer, messages, i, template, rendered) if scored else (-1, "")
+        if found < 0:
+            found, text = _searched(rendered, content, cursor, len(prefix) if closes else None)
         if found < 0:
             if scored:
                 return None
             continue
         end = found + len(text)
         if scored:
-            spans.append((found, max(end, len(prefix)) if closes else end))
+            spans.append((found, _closed(tokenizer, prefix, rendered, end, tokens, offsets)))
         cursor = end
     return spans
 
@@ -189,11 +245,12 @@ def tokenize(
         if roles is None:
             out[row] = Conversation(kept, None, len(rendered.encode()), len(ids) > max_length)
             continue
-        spans = _spans(tokenizer, messages_of[i], rendered, template, wanted)
+        offsets = encoded["offset_mapping"][i]
+        spans = _spans(tokenizer, messages_of[i], rendered, template, wanted, (ids, offsets))
         if spans is None:
             out[row] = "unlocated_content"
             continue
-        scored = [t for t in _covered(encoded["offset_mapping"][i], spans) if t < len(kept)]
+        scored = [t for t in _covered(offsets, spans) if t < len(kept)]
         n_bytes = sum(len(rendered[a:b].encode()) for a, b in spans)
         out[row] = Conversation(kept, scored, n_bytes, len(ids) > max_length)
     return out
