@@ -10,7 +10,9 @@ import pytest
 
 from jobs import export as export_job
 from jobs import extract
+from jobs import report as report_job
 from lib import results
+from lib.inspect import run_stats
 from lib.inspect.verify import verify
 from tests.conftest import write_rows
 
@@ -95,6 +97,24 @@ def test_generic_clients_read_the_export_without_this_project(exported):
     order = np.lexsort((source["position"], source["id"]))[0]
     assert first == (source["topk_ids"][order, 0], source["topk_count"][order])
     assert pq.read_schema(next((dest / "tokens").iterdir())).field("topk_ids").type.value_type
+
+
+@pytest.mark.parametrize("name", ["compact", "plain-top-p"])
+def test_the_report_of_an_export_draws_what_its_source_draws(name, exported):
+    """The report reads the export's list columns: the same top-k mass, calibration and ranks
+    as from the source's columns."""
+    out, dest = exported[name]
+    source = run_stats.scan_tokens(run_stats.read_run(out))
+    copy = run_stats.scan_tokens(run_stats.read_run(dest))
+    assert copy.positions == source.positions > 0 and copy.top1 == source.top1
+    np.testing.assert_array_equal(copy.rank, source.rank)
+    assert copy.mass.n == source.mass.n
+    np.testing.assert_allclose(copy.mass.total, source.mass.total, rtol=1e-5)
+    np.testing.assert_allclose(copy.mass.counts, source.mass.counts, atol=1)
+    for field in ("counts", "confidence", "correct"):
+        expected = getattr(source.calibration, field)
+        np.testing.assert_allclose(getattr(copy.calibration, field), expected, rtol=1e-5)
+    assert report_job.main([str(dest)]) == 0
 
 
 def test_what_cannot_be_exported_is_one_line(exported, tmp_path, capsys, model_dirs, texts):

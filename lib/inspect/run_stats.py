@@ -44,6 +44,7 @@ TOKEN_COLUMNS = (
     "entropy",
     "topk_logits",
     "topk_logprob_deltas",  # compact rows' log-probabilities (lib/output/compact.py); no ids needed
+    "topk_logprobs",  # an export's plain copy of compact or top-p rows: lists of any length
     "logits",
     "probe_logprobs",
 )
@@ -409,7 +410,7 @@ def scan_tokens(info: RunInfo) -> TokenStats | None:
     schema = _schema(files[0])
     columns = [name for name in TOKEN_COLUMNS if name in schema.names]
     stats = TokenStats(mode="full" if "logits" in columns else "topk")
-    if "topk_logits" in columns or "topk_logprob_deltas" in columns:
+    if {"topk_logits", "topk_logprob_deltas", "topk_logprobs"} & set(columns):
         stats.mass = Histogram(MASS_BINS, 0.0, 1.0)
     if "entropy" in columns or "logits" in columns:
         stats.entropy = Histogram(lo=0.0)
@@ -448,6 +449,16 @@ def _matrix(column: pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
+def _mass_and_first(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Per position of a list column of log-probabilities (highest first, at least one each):
+    the probability the list holds and its first entry."""
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float64)
+    values = values[offsets[0] : offsets[-1]]
+    starts = offsets[:-1] - offsets[0]
+    return np.add.reduceat(np.exp(values), starts), values[starts]
+
+
 def add_batch(stats: TokenStats, columns: dict[str, pa.Array]) -> None:
     """Fold one batch of position columns into the statistics."""
     logsumexp = columns["logsumexp"].to_numpy(zero_copy_only=False).astype(np.float32)
@@ -461,7 +472,10 @@ def add_batch(stats: TokenStats, columns: dict[str, pa.Array]) -> None:
     stats.logprob.add(columns["token_logprob"].to_numpy(zero_copy_only=False)[has_token])
     if "entropy" in columns:
         stats.entropy.add(columns["entropy"].to_numpy(zero_copy_only=False))
-    if "topk_logits" in columns or "topk_logprob_deltas" in columns:
+    if "topk_logprobs" in columns:
+        mass, top1 = _mass_and_first(columns["topk_logprobs"])
+        stats.mass.add(np.minimum(mass, 1.0))
+    elif "topk_logits" in columns or "topk_logprob_deltas" in columns:
         if "topk_logits" in columns:
             logprobs = _matrix(columns["topk_logits"]).astype(np.float32) - logsumexp[:, None]
         else:
