@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from typing import Any
 import yaml
 
 from lib.errors import UserError
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 REQUIRED = "???"  # placeholder for keys that have no default
 MAX_SAMPLES = 1024  # output.samples: sparse-logit distillation uses tens
@@ -199,6 +202,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if option is str and isinstance(value, str):
             return value
     hint = " (quote it: YAML reads yes, no, on and off as booleans)" if tp is str else ""
@@ -528,14 +533,16 @@ def _validate_teacher_columns(output: OutputConfig) -> None:
         raise UserError("config key output.probes: a probe is listed twice")
     for value in output.temperatures:
         if not 0 < value < float("inf"):
-            raise UserError(f"config key output.temperatures: must be above 0, got {value}")
+            raise UserError(
+                f"config key output.temperatures: must be a finite number above 0, got {value}"
+            )
     if not 0 <= output.samples <= MAX_SAMPLES:
         raise UserError(
             f"config key output.samples: must be 0 to {MAX_SAMPLES}, got {output.samples}"
         )
     if not 0 < output.sample_temperature < float("inf"):
         raise UserError(
-            "config key output.sample_temperature: must be above 0, "
+            "config key output.sample_temperature: must be a finite number above 0, "
             f"got {output.sample_temperature}"
         )
     if not 0 <= output.seed < 2**63:

@@ -102,6 +102,21 @@ def test_coerce_accepts_int_for_float_but_not_bool_for_int():
         coerce("x.y", True, int)
     with pytest.raises(UserError, match="x.y: expected a number, got 'fast'"):
         coerce("x.y", "fast", float)
+    with pytest.raises(UserError, match="x.y: expected a number, got '1e'"):
+        coerce("x.y", "1e", float)
+
+
+REQUIRED = ["model.path=m", "input.path=d", "output.dir=o"]
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-3 as a string; a float key takes it as the number it looks like."""
+    assert coerce("x.y", "1e-3", float) == 0.001
+    assert coerce("x.y", "-2E+2", float | None) == -200.0
+    config = load_config(None, [*REQUIRED, "output.temperatures=[1e-30, 2e0]"])
+    assert config.output.temperatures == [1e-30, 2.0]
+    with pytest.raises(UserError, match="expected an integer, got '1e3'"):
+        load_config(None, [*REQUIRED, "output.samples=1e3"])
 
 
 def test_yaml_file_and_overrides_combine(tmp_path):

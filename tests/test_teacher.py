@@ -270,7 +270,8 @@ def test_teacher_keys_are_validated_and_change_the_fingerprint():
     }
     assert len(changed) == 7
     for bad, message in (
-        ("output.temperatures=[0]", "must be above 0"),
+        ("output.temperatures=[0]", "must be a finite number above 0, got 0.0"),
+        ("output.temperatures=[.inf]", "must be a finite number above 0, got inf"),
         ("output.samples=-1", "must be 0 to"),
         ("output.probes=[a, a]", "listed twice"),
         ("output.seed=-1", "must be 0 to"),
