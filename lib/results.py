@@ -70,7 +70,7 @@ def open_dataset(out_dir: str | AnyPath, folder: str = layout.TOKENS) -> ds.Data
     """The shards of a folder (token rows by default) as one pyarrow dataset, in shard order
     (the order `pd.read_parquet` uses)."""
     fmt = output_format(out_dir, folder)
-    shards = layout.shard_files(storage.location(out_dir), folder)
+    shards = layout.listed_shards(storage.location(out_dir), folder)
     files, filesystem = storage.dataset_files([p for p in shards if p.suffix == f".{fmt}"])
     if not files:
         raise UserError(f"{out_dir}: no {folder}/part-*.{fmt} shards")
@@ -142,7 +142,7 @@ def to_hf_dataset(out_dir: str | AnyPath, cache_dir: str | None = None):
     import datasets
 
     fmt = output_format(out_dir)
-    shards = [p for p in layout.shard_files(storage.location(out_dir)) if p.suffix == f".{fmt}"]
+    shards = [p for p in layout.listed_shards(storage.location(out_dir)) if p.suffix == f".{fmt}"]
     if not shards:
         raise UserError(f"{out_dir}: no shards to read")
     if storage.is_remote(shards[0]):

@@ -57,7 +57,6 @@ def _finite(row: dict, *keys: str) -> None:
         assert math.isfinite(row[key]), (row, key)
 
 
-@pytest.mark.slow
 def _check_teacher(rows: list[dict]) -> None:
     """The teacher part: every setting, the baseline at 1, more samples more bytes."""
     teacher = {row["setting"]: row for row in rows}
@@ -71,6 +70,7 @@ def _check_teacher(rows: list[dict]) -> None:
     )
 
 
+@pytest.mark.slow
 def test_bench_quick_reports_every_figure(tmp_path, capsys, launcher):
     out, work = tmp_path / "bench.json", tmp_path / "work"
     threads = torch.get_num_threads()

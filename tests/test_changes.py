@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from jobs import extract
-from lib import sample
+from lib import results, sample
 from lib.errors import out_of_host_memory
+from lib.inspect import run_stats
 from lib.inspect.verify import verify
 from lib.output.lease import Process
 from tests.integrity import (
@@ -30,9 +31,11 @@ from tests.integrity import (
     job_args,
     job_state,
     leftovers,
+    read_tokens,
     shards,
     wait_until,
     write_corpus,
+    zero_bytes,
 )
 from tests.launcher import Run
 
@@ -128,6 +131,33 @@ def test_an_input_rewritten_in_place_mid_run_fails_the_job_then_finishes_once_re
     assert_clean(out, clean)
 
 
+def test_an_input_edited_after_the_last_check_is_found_by_verify(launcher, model, clean, tmp_path):
+    """An edit that lands after the job's last look at its inputs (held just before _SUCCESS)
+    cannot fail that run, which read the old bytes: verify --input finds the text differs from
+    what the output read, the rerun refuses, and with the bytes back verify passes."""
+    corpus = Path(write_corpus(tmp_path / "corpus"))
+    path = corpus / "b.parquet"
+    original = path.read_bytes()
+    out = tmp_path / "out"
+    args = job_args(model, str(corpus), out)
+    go = tmp_path / "go"
+    job = launcher.start(args, held("before_success", go))
+    wait_until(lambda: (out / "_manifest.json").exists(), job, "the manifest")
+    edit_in_place(path)
+    go.touch()
+    job.wait().assert_ok()
+    assert read_tokens(out).equals(clean.table)  # the rows of the bytes it read
+
+    report = verify(out, check_input=True)
+    assert report.problems == [
+        f"input file {path} is not the one this output read (its bytes are not those the job "
+        "started with)"
+    ]
+    launcher.start(args).wait().assert_one_error(2, f"input file {path} changed since this output")
+    path.write_bytes(original)
+    assert verify(out, check_input=True).problems == []
+
+
 def test_an_input_added_mid_run_fails_the_job_then_finishes_once_removed(
     launcher, model, clean, tmp_path
 ):
@@ -144,6 +174,25 @@ def test_an_input_added_mid_run_fails_the_job_then_finishes_once_removed(
     go.touch()
     job.wait().assert_one_error(2, f"input file {added} appeared under input.path")
     added.unlink()
+    launcher.start(args).wait().assert_ok()
+    assert_clean(out, clean)
+
+
+# -- shards damaged after their commit, before _SUCCESS -------------------------------------------
+def test_a_shard_damaged_mid_run_keeps_success_away(launcher, model, inputs, clean, tmp_path):
+    """The first shard's bytes zeroed in place (same size) once it is committed: before
+    _SUCCESS the job hashes every shard against its record, exits 2 naming it, and the same
+    command recomputes it and ends identical to the clean run."""
+    out = tmp_path / "out"
+    args = job_args(model, inputs, out)
+    go = tmp_path / "go"
+    job = held_job(launcher, args, out, go)
+    zero_bytes(out / "tokens" / "part-00000.parquet")
+    go.touch()
+    job.wait().assert_one_error(
+        2, f"output.dir {out}: shard tokens/part-00000.parquet changed after it was committed"
+    )
+    assert not (out / "_SUCCESS").exists()
     launcher.start(args).wait().assert_ok()
     assert_clean(out, clean)
 
@@ -175,6 +224,10 @@ def test_foreign_files_in_a_finished_output_are_refused_not_read(
     for name in foreign:
         assert f"{name} is not listed in the manifest" in check.stderr
     assert ".crc" not in check.stderr
+    # The project's readers and the report read the job's shards only.
+    rows = len(read_tokens(clean.out))
+    assert len(results.load_arrays(out)["position"]) == rows
+    assert run_stats.scan_tokens(run_stats.read_run(out)).positions == rows
 
     for name in foreign:
         shutil.move(out / name, tmp_path / name.replace("/", "-"))
@@ -225,7 +278,7 @@ def test_a_foreign_file_dropped_mid_run_keeps_success_away(
 def test_a_killed_report_leaves_a_warning_until_the_next_report(launcher, clean, tmp_path):
     """`jobs.report` SIGKILLed while writing leaves its temporary: `jobs.verify` passes with a
     warning naming it (a dead writer's), the next `jobs.report` removes it; a live writer's
-    temporary still fails verification and is left alone."""
+    temporary is left alone, and verify warns about it."""
     out = Path(shutil.copytree(clean.out, tmp_path / "out"))
     killed = launcher.start([str(out)], {"LOGIT_EXTRACT_CRASH_AT": "write"}, module="jobs.report")
     assert killed.wait().code < 0
@@ -241,9 +294,17 @@ def test_a_killed_report_leaves_a_warning_until_the_next_report(launcher, clean,
     live.write_bytes(b"<html")
     launcher.start([str(out)], module="jobs.report").wait().assert_exit(0)
     assert list((out / "_tmp").iterdir()) == [live] and (out / "_report.html").is_file()
+    # Beside _SUCCESS no writer of data runs: a live writer's temporary, another machine's or a
+    # stray file is a warning too, never a failure that only deleting it by hand would end.
+    stray = [out / "_tmp" / "part-00003.parquet@node7@4242@1111.tmp", out / "_tmp" / "junk"]
+    for path in stray:
+        path.write_bytes(b"PAR1")
     check = launcher.start([str(out)], module="jobs.verify").wait()
-    assert check.code == 1 and f"temporary file _tmp/{live.name} left behind" in check.stderr
-    live.unlink()
+    check.assert_exit(0)
+    for path in (live, *stray):
+        assert f"temporary file _tmp/{path.name} is not part of the output" in check.stderr
+    for path in (live, *stray):
+        path.unlink()
     assert verify(out, check_input=True).warnings == []
 
 

@@ -114,7 +114,8 @@ def test_the_report_of_an_export_draws_what_its_source_draws(name, exported):
     for field in ("counts", "confidence", "correct"):
         expected = getattr(source.calibration, field)
         np.testing.assert_allclose(getattr(copy.calibration, field), expected, rtol=1e-5)
-    assert report_job.main([str(dest)]) == 0
+    if name == "compact":  # the page draws from these (once is enough: a second is a second)
+        assert report_job.main([str(dest)]) == 0
 
 
 def test_what_cannot_be_exported_is_one_line(exported, tmp_path, capsys, model_dirs, texts):

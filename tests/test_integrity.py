@@ -223,11 +223,12 @@ def test_damaged_shards_are_found_and_recomputed(launcher, model, inputs, clean,
     rerun = launcher.start(job_args(model, inputs, out)).wait()
     rerun.assert_ok()
     assert re.search(
-        r"recomputed\s+2 shards .*: tokens/part-00001.parquet, tokens/part-00004.parquet\n",
+        r"recomputed\s+2 shards damaged, missing or unrecorded: "
+        r"tokens/part-00001.parquet, tokens/part-00004.parquet\n",
         rerun.stdout,
     ), rerun.stdout
     for name in ("tokens/part-00001.parquet", "tokens/part-00004.parquet"):
-        assert f"WARNING lib.output.claim: shard {name} failed its checksum" in rerun.stderr
+        assert f"claim: shard {name} failed its checksum; recomputing its unit" in rerun.stderr
     assert {p: p.stat().st_ino for p in kept} == kept  # the sound shards were not rewritten
     assert_clean(out, clean)
 
@@ -278,8 +279,8 @@ def test_lost_bookkeeping_heals(case, metadata_reruns, clean):
     rerun.assert_ok()
     recomputed = METADATA_CASES[case][2]
     if recomputed:
-        assert re.search(rf"recomputed\s+1 shards .*: {recomputed}\n", rerun.stdout), rerun.stdout
-        assert f"WARNING lib.output.claim: shard {recomputed} failed its checksum" in rerun.stderr
+        assert re.search(rf"recomputed\s+1 shard .*: {recomputed}\n", rerun.stdout), rerun.stdout
+        assert f"claim: shard {recomputed} has no readable record; recomputing" in rerun.stderr
     else:
         assert "recomputed" not in rerun.stdout
     assert_clean(out, clean)

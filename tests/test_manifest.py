@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -34,8 +35,12 @@ def _scores(tokens: int, logprob: float, correct: int) -> dict:
     }
 
 
+SHARD = b"x" * 10  # every shard's bytes
+SHARD_SHA256 = hashlib.sha256(SHARD).hexdigest()
+
+
 def _record(unit: WorkUnit, run_id: str, skipped: list, tokens: int) -> UnitRecord:
-    entry = ShardEntry(layout.shard_name(unit.name, "parquet"), tokens, 10, "0" * 64)
+    entry = ShardEntry(layout.shard_name(unit.name, "parquet"), tokens, len(SHARD), SHARD_SHA256)
     return UnitRecord(
         fingerprint="fp",
         rank=unit.index % 2,
@@ -63,7 +68,7 @@ def out_dir(tmp_path):
         (tmp_path / folder).mkdir()
     records = [_record(UNITS[0], "old", [["d1", "null_text"]], 9), _record(UNITS[1], "now", [], 5)]
     for unit, record in zip(UNITS, records, strict=True):
-        layout.shard_path(tmp_path, unit.name, "parquet").write_bytes(b"x")
+        layout.shard_path(tmp_path, unit.name, "parquet").write_bytes(SHARD)
         layout.record_path(tmp_path, unit.name).write_text(json.dumps(record.to_json()))
     return tmp_path
 
@@ -114,6 +119,16 @@ def test_a_missing_record_is_one_line_saying_what_to_do(out_dir):
     layout.record_path(out_dir, "part-00001").unlink()
     with pytest.raises(UserError, match="part-00001 or its record is missing.*run the same"):
         _finalize(out_dir)
+
+
+@pytest.mark.parametrize("damage", [b"y" * 10, b"x" * 9])
+def test_a_shard_changed_after_its_commit_keeps_the_manifest_away(out_dir, damage):
+    """Bytes that are not those recorded (same size, or cut): one line naming the shard and
+    what to do, and no manifest."""
+    layout.shard_path(out_dir, "part-00001", "parquet").write_bytes(damage)
+    with pytest.raises(UserError, match=r"shard tokens/part-00001.parquet changed after it was "):
+        _finalize(out_dir)
+    assert not (out_dir / layout.MANIFEST).exists()
 
 
 def test_scores_merge_every_units_partial_sums(out_dir):

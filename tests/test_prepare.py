@@ -110,12 +110,33 @@ def test_damage_makes_a_finished_job_unfinished_and_is_repaired(tmp_path, damage
     prepared = _prepare(out)
     shard_damaged = damage in ("flip a byte", "truncate", "delete record", "empty record")
     assert prepared.recomputed == (["tokens/part-00001.parquet"] if shard_damaged else [])
+    why = (
+        "failed its checksum" if damage in ("flip a byte", "truncate") else "has no readable record"
+    )
+    assert prepared.problems == (
+        [f"shard tokens/part-00001.parquet {why}"] if shard_damaged else []
+    )
     # The proven shard stays; the unproven one is gone with its record; the end files too.
     assert _names(out) == sorted(
         [layout.JOB, "_units/part-00000.json", "tokens/part-00000.parquet"]
         + ([] if shard_damaged else ["_units/part-00001.json", "tokens/part-00001.parquet"])
     )
     assert resume.committed(out, UNITS, "parquet", "tokens") == ({0} if shard_damaged else {0, 1})
+
+
+def test_a_unit_with_a_missing_shard_names_the_missing_one(tmp_path):
+    """At output.level=both a unit whose token shard is gone: the problem names that shard, not
+    the document shard beside it, and both are recomputed."""
+    names = ["tokens/part-00003.parquet", "documents/part-00003.parquet"]
+    visible = {names[1]: tmp_path / "d.parquet"}
+    assert resume.unit_problem(names, "fp", visible, None) == (
+        "shard tokens/part-00003.parquet is missing"
+    )
+    assert resume.unit_problem(names, "fp", {}, None) == resume.ABSENT
+    visible = {name: tmp_path / name for name in names}
+    assert resume.unit_problem(names, "fp", visible, None) == (
+        "shard tokens/part-00003.parquet has no readable record"
+    )
 
 
 def test_shards_of_another_fingerprint_are_not_trusted(tmp_path):

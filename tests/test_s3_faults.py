@@ -27,14 +27,6 @@ def _keys(s3, bucket: str, prefix: str) -> list[str]:
     return sorted(item["Key"] for item in listing)
 
 
-def _finished(s3, job, model_dirs, launcher, name: str) -> tuple[str, list[str]]:
-    """A finished output of the module's job at s3://BUCKET/NAME, and its arguments."""
-    out = f"s3://{job['bucket']}/{name}"
-    args = settings(model_dirs["gpt2"], job["corpus"], out)
-    launcher.start(args, s3.env).wait().assert_ok()
-    return out, args
-
-
 def _wait_for_a_shard(s3, job, run: Run, prefix: str) -> None:
     import time
 
@@ -86,13 +78,27 @@ def _flip(client, bucket: str, key: str) -> None:
     client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
 
 
-def test_s3_shard_overwritten_after_success_is_recomputed(s3, job, model_dirs, launcher):
-    """A finished output whose shard is overwritten with bytes of the same size (10 flipped):
-    the rerun finds it as a local rerun would, by the ETag the job recorded, and recomputes
-    exactly it; then the same for a shard whose record has no ETag (as a record of an upload
-    killed between publishing and recording), found by hashing every byte."""
-    out, args = _finished(s3, job, model_dirs, launcher, "overwritten")
+def test_s3_shard_overwritten_is_recomputed(s3, job, model_dirs, launcher, tmp_path):
+    """A shard overwritten with bytes of the same size (10 flipped) while the job runs: the
+    listing's ETag differs from the one recorded, so no _SUCCESS, one line naming it; the same
+    command recomputes it. Then, in the finished output, a shard overwritten so: the rerun finds
+    it as a local rerun would, by the ETag the job recorded, and recomputes exactly it; then the
+    same for a shard whose record has no ETag (as a record of an upload killed between
+    publishing and recording), found by hashing every byte."""
     bucket, client = job["bucket"], s3.client()
+    out = f"s3://{bucket}/overwritten"
+    args = settings(model_dirs["gpt2"], job["corpus"], out)
+    go = tmp_path / "go"
+    run = launcher.start(args, {**s3.env, "LOGIT_EXTRACT_HOLD_AT": f"shard_write:3={go}"})
+    _wait_for_a_shard(s3, job, run, "overwritten/_units/")  # the shard and its record are up
+    _flip(client, bucket, "overwritten/tokens/part-00000.parquet")
+    go.touch()
+    run.wait().assert_one_error(
+        2, f"output.dir {out}: shard tokens/part-00000.parquet changed after it was committed"
+    )
+    assert not _keys(s3, bucket, "overwritten/_SUCCESS")
+    launcher.start(args, s3.env).wait().assert_ok()
+    same_as_local(out, job["local"])
     for unit, keep_etag in (("part-00001", True), ("part-00003", False)):
         if not keep_etag:
             path = f"overwritten/_units/{unit}.json"
@@ -106,6 +112,7 @@ def test_s3_shard_overwritten_after_success_is_recomputed(s3, job, model_dirs, l
         rerun.assert_ok()
         shards = f"tokens/{unit}.parquet, documents/{unit}.parquet"  # the unit's two shards
         assert re.search(rf"recomputed\s+2 shards .*: {shards}\n", rerun.stdout), rerun.stdout
+        assert f"shard tokens/{unit}.parquet failed its checksum; recomputing" in rerun.stderr
         same_as_local(out, job["local"])
 
 

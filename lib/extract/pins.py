@@ -271,15 +271,14 @@ def _on_disk(entry: dict) -> dict:
     return {"size": stat.st_size, "modified": stat.st_mtime}
 
 
-def recheck(files: list[dict], listed: list[str]) -> None:
-    """Raise unless input.path still lists exactly `files` (the job's `_job.json` inputs) and
-    each still holds the bytes they were fingerprinted with."""
+APPEARED = "it appeared under input.path"
+
+
+def differences(files: list[dict], listed: list[str]) -> list[tuple[str, str]]:
+    """Each input path that is not as `files` (the job's `_job.json` inputs) fingerprinted it,
+    with how: listed but not fingerprinted (APPEARED) first, then gone or changed."""
     paths = [entry["path"] for entry in files]
-    for path in sorted(set(listed) - set(paths)):
-        raise UserError(
-            f"input file {path} appeared under input.path while the job ran; move it away and "
-            "run the same command to finish, or start over with output.overwrite=true"
-        )
+    found = [(path, APPEARED) for path in sorted(set(listed) - set(paths))]
 
     def now(entry: dict) -> dict | None:
         try:
@@ -288,9 +287,22 @@ def recheck(files: list[dict], listed: list[str]) -> None:
             return None
 
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        found = list(pool.map(now, files))
-    for entry, proof in zip(files, found, strict=True):
+        proofs_now = list(pool.map(now, files))
+    for entry, proof in zip(files, proofs_now, strict=True):
         if proof is None or entry["path"] not in listed:
-            raise changed(entry["path"], "it is gone")
-        if any(entry.get(key) != value for key, value in proof.items()):
-            raise changed(entry["path"])
+            found.append((entry["path"], "it is gone"))
+        elif any(entry.get(key) != value for key, value in proof.items()):
+            found.append((entry["path"], "its bytes are not those the job started with"))
+    return found
+
+
+def recheck(files: list[dict], listed: list[str]) -> None:
+    """Raise unless input.path still lists exactly `files` (the job's `_job.json` inputs) and
+    each still holds the bytes they were fingerprinted with."""
+    for path, how in differences(files, listed)[:1]:
+        if how == APPEARED:
+            raise UserError(
+                f"input file {path} appeared under input.path while the job ran; move it away "
+                "and run the same command to finish, or start over with output.overwrite=true"
+            )
+        raise changed(path, how)

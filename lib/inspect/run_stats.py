@@ -344,9 +344,11 @@ class TokenStats:
     probes: dict[str, Histogram] = field(default_factory=dict)  # probe -> its probabilities
 
 
-def token_shards(out_dir: AnyPath, fmt: str | None) -> list[AnyPath]:
-    """The committed token shards of the output's format (by suffix where no format is known)."""
-    shards = layout.shard_files(out_dir)
+def token_shards(info: RunInfo) -> list[AnyPath]:
+    """The token shards the manifest lists, or (a partial output) the committed ones of the
+    output's format, by suffix where no format is known."""
+    fmt = info.fmt
+    shards = layout.listed_shards(info.out_dir)
     if fmt in layout.EXTENSIONS:
         return [p for p in shards if p.suffix == f".{layout.EXTENSIONS[fmt]}"]
     suffixes = {p.suffix for p in shards}
@@ -404,7 +406,7 @@ def _batch_rows(schema: pa.Schema, max_length: int) -> int:
 
 def scan_tokens(info: RunInfo) -> TokenStats | None:
     """One pass over the token shards, reading only the report's columns; None without shards."""
-    files = token_shards(info.out_dir, info.fmt)
+    files = token_shards(info)
     if not files:
         return None
     schema = _schema(files[0])
@@ -498,7 +500,7 @@ def add_batch(stats: TokenStats, columns: dict[str, pa.Array]) -> None:
 # -- the documents folder (output.level=documents|both) ------------------------------------------
 def scan_documents(out_dir: AnyPath) -> dict[str, Histogram] | None:
     """Histograms of the per-document scores (perplexity on a log10 scale); None without any."""
-    files = layout.shard_files(out_dir, layout.DOCUMENTS)
+    files = layout.listed_shards(out_dir, layout.DOCUMENTS)
     files = [p for p in files if p.suffix == files[0].suffix] if files else []
     if not files:
         return None

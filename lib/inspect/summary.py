@@ -85,12 +85,8 @@ def print_summary(manifest: Manifest, out_dir: str, *, already_complete: bool = 
     if capped:
         lines.append(("top-p", capped))
     if manifest.recomputed:
-        names = ", ".join(manifest.recomputed)
-        lines.append(
-            (
-                "recomputed",
-                f"{len(manifest.recomputed)} shards that failed their checksum: {names}",
-            )
-        )
+        names, count = ", ".join(manifest.recomputed), len(manifest.recomputed)
+        what = "shard" if count == 1 else "shards"
+        lines.append(("recomputed", f"{count} {what} damaged, missing or unrecorded: {names}"))
     lines.append(("output", out_dir))
     print("\n".join(f"  {label:<20}{value}" for label, value in lines))

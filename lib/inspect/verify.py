@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from lib import storage
 from lib.errors import UserError, first_line
-from lib.extract import corpus
+from lib.extract import corpus, pins
 from lib.output import layout
 from lib.output.records import Manifest, ShardEntry, Totals
 from lib.storage import AnyPath
@@ -418,6 +418,27 @@ def _read_input_ids(
     return None
 
 
+def _check_temporaries(
+    out_dir: AnyPath, finished: bool, problems: list[str], warnings: list[str]
+) -> None:
+    """A dead writer's temporary is a warning; so is any other beside `_SUCCESS` (a run that
+    writes shards removes `_SUCCESS` first); in an unfinished output it is a problem."""
+    for path in layout.temporaries(out_dir):
+        name = path.relative_to(out_dir)
+        if layout.temporary_writer_alive(path) is False:
+            warnings.append(
+                f"temporary file {name} was left by a writer that is gone; the next run of the "
+                "job or jobs.report removes it"
+            )
+        elif finished:
+            warnings.append(
+                f"temporary file {name} is not part of the output (its writer may still run: "
+                "a report, or a process on another machine); delete it once none does"
+            )
+        else:
+            problems.append(f"temporary file {name} left behind")
+
+
 def _read_manifest(out_dir: AnyPath, problems: list[str]) -> Manifest | None:
     if not (out_dir / layout.MANIFEST).exists():
         problems.append(f"{layout.MANIFEST} is missing")
@@ -451,17 +472,10 @@ def verify(
         return Report([f"{out_dir} is not readable: {storage.explain(exc)}"])
     problems: list[str] = []
     warnings: list[str] = []
-    if not (out_dir / layout.SUCCESS).exists():
+    finished = (out_dir / layout.SUCCESS).exists()
+    if not finished:
         problems.append(f"{layout.SUCCESS} is missing: the job has not finished")
-    for path in layout.temporaries(out_dir):
-        name = path.relative_to(out_dir)
-        if layout.temporary_writer_alive(path) is False:
-            warnings.append(
-                f"temporary file {name} was left by a writer that is gone; the next run of the "
-                "job or jobs.report removes it"
-            )
-        else:
-            problems.append(f"temporary file {name} left behind")
+    _check_temporaries(out_dir, finished, problems, warnings)
     manifest = _read_manifest(out_dir, problems)
     if manifest is None:
         return Report(problems, warnings)
@@ -489,4 +503,20 @@ def verify(
         if ids_in is not None:
             report.input_rows = len(ids_in)
             _check_input(ids_in, scored, skipped, manifest.totals, problems)
+        if ids_in is not None and input_path in (None, manifest.config.input.path):
+            _check_input_bytes(out_dir, manifest.config.input.path, problems)
     return report
+
+
+def _check_input_bytes(out_dir: AnyPath, path: str, problems: list[str]) -> None:
+    """The output's own input path still holds the bytes the job fingerprinted (its ids alone
+    would not tell an edited text)."""
+    job = layout.read_json(out_dir / layout.JOB) or {}
+    files = job.get("inputs")
+    if not isinstance(files, list) or not all(isinstance(f, dict) and "path" in f for f in files):
+        return  # no record of what was read: the ids are all there is to check
+    for file, how in pins.differences(files, corpus.find_input_files(path)):
+        if how == pins.APPEARED:
+            problems.append(f"input file {file} was not an input of this output")
+        else:
+            problems.append(f"input file {file} is not the one this output read ({how})")

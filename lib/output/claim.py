@@ -28,7 +28,7 @@ class Claim:
     run_id: str
     inputs: list[dict]  # the input files as fingerprinted (`_job.json`'s "inputs")
     stamps: list  # each input handle's stamp, which other ranks compare theirs with
-    recomputed: list[str]  # shards that failed their checksum
+    recomputed: list[str]  # shards of units found damaged, missing or unrecorded
     checksum_s: float  # hashing the inputs
     model_checksum_s: float  # hashing a local checkpoint's files
 
@@ -73,8 +73,8 @@ def claim(
     except BaseException:
         lease.release()
         raise
-    for name in prepared.recomputed:
-        log.warning("shard %s failed its checksum; recomputing it", name)
+    for problem in prepared.problems:
+        log.warning("%s; recomputing its unit", problem)
     stamps = [item.pin.shared() if item.pin else None for item in inputs]
     ours = Claim(fp, run_id, files, stamps, prepared.recomputed, checksum_s, model_checksum_s)
     return ours, lease

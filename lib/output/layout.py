@@ -24,6 +24,7 @@ uploaded under its final name and appears only when its upload completes, so `_t
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 from lib import storage
@@ -49,6 +50,7 @@ EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
 # 1: shards at OUT itself; 2: shards in OUT/tokens with checksums; 3: entropy, documents,
 # scores, and a record's shards listed under "files"
 FORMAT_VERSION = 3
+_SHARD = re.compile(rf"part-\d{{5,}}\.({'|'.join(EXTENSIONS.values())})")
 _PARALLEL_READS = 32  # requests in flight when reading many records from an object store
 _OURS = {TOKENS, DOCUMENTS, UNITS, TMP, JOB, LOCK, MANIFEST, SUCCESS, SKIPPED_DIR, REPORT}
 _OURS |= {OLD_SKIPPED, OLD_REPORT}
@@ -120,11 +122,21 @@ def report_path(out_dir: AnyPath) -> AnyPath:
 
 
 def shard_files(out_dir: AnyPath, folder: str = TOKENS) -> list[AnyPath]:
-    """The committed shards of a folder, in name order (the order readers use)."""
+    """The committed shards of a folder, in name order (the order readers use): files named as
+    the job names them, so a copy (`part-00001 (copy).parquet`) is never read as one."""
     path = out_dir / folder
     if not storage.is_remote(path) and not path.is_dir():
         return []
-    return sorted(p for p in storage.listing(path) if p.name.startswith("part-") and p.is_file())
+    return sorted(p for p in storage.listing(path) if _SHARD.fullmatch(p.name) and p.is_file())
+
+
+def listed_shards(out_dir: AnyPath, folder: str = TOKENS) -> list[AnyPath]:
+    """The shards the project's readers read: those the manifest of a finished output lists
+    (a file someone added is not one), else the committed ones in the folder."""
+    manifest = read_manifest(out_dir) if (out_dir / SUCCESS).exists() else None
+    if manifest is None:
+        return shard_files(out_dir, folder)
+    return [out_dir / e.file for e in manifest.shards if e.file.startswith(f"{folder}/")]
 
 
 def read_as_data(name: str) -> bool:

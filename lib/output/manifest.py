@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lib import faults
+from lib import faults, storage
 from lib.config import JobConfig
 from lib.errors import UserError, output_error
 from lib.extract import corpus, scores
 from lib.output import layout
 from lib.output.records import Manifest, ShardEntry, Totals, UnitRecord
 from lib.storage import AnyPath
+
+_HASH_THREADS = 4  # sha256 releases the GIL: shards hash side by side
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,27 @@ def _record(
             "finished; run the same command again to recompute it"
         )
     return record
+
+
+def _check_shards(out_dir: AnyPath, records: list[UnitRecord], visible: dict) -> None:
+    """Refuse `_SUCCESS` over a shard that no longer holds the bytes it was committed with
+    (damaged or replaced while the job ran); a rerun recomputes it."""
+    entries = [entry for record in records for entry in record.files]
+
+    def intact(entry: ShardEntry) -> bool:
+        path = visible[entry.file]
+        return storage.matches(path, size=entry.bytes, digest=entry.sha256, etag=entry.etag)
+
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        damaged = [
+            e.file for e, ok in zip(entries, pool.map(intact, entries), strict=True) if not ok
+        ]
+    if damaged:
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise UserError(
+            f"output.dir {out_dir}: shard {damaged[0]}{more} changed after it was committed (its "
+            "bytes no longer match its checksum); run the same command again to recompute it"
+        )
 
 
 def _write_skipped(out_dir: AnyPath, skipped: list[list], id_type: pa.DataType) -> None:
@@ -115,6 +140,9 @@ def finalize(
         _record(out_dir, unit, layout.shard_names(unit.name, fmt, level), visible, found[unit.name])
         for unit in units
     ]
+    check_started = time.perf_counter()
+    _check_shards(out_dir, records, visible)
+    check_s = time.perf_counter() - check_started
     sums, totals = _sum(records, level, facts.run_id)
     _write_skipped(out_dir, sums.skipped, facts.id_type)
     run, wall = sums.run, facts.wall
@@ -136,6 +164,7 @@ def finalize(
             "padding_efficiency": round(run["tokens"] / max(run["padded_tokens"], 1), 4),
             "tokens_per_s": round(run["tokens"] / max(wall, 1e-9), 1),
             "rows_per_s": round(run["rows"] / max(wall, 1e-9), 2),
+            "output_check_s": round(check_s, 6),
         },
         recomputed=facts.recomputed,
     )

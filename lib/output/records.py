@@ -188,7 +188,7 @@ class Manifest:
     totals: Totals
     scores: dict  # the corpus scores (lib/extract/scores.py merge)
     throughput: dict  # this run's work and time
-    recomputed: list[str]  # shards that failed their checksum and were recomputed
+    recomputed: list[str]  # shards of units found damaged, missing or unrecorded, recomputed
     exported_from: str | None = None  # an export's source output (`logit-extract export`)
 
     def to_json(self) -> dict:

@@ -229,23 +229,28 @@ def check_layout(input_path: str, out_dir: AnyPath, inputs: list[InputFile]) -> 
 
 
 # -- is the job already done? ------------------------------------------------------------------
-def _shard_ok(
+ABSENT = "absent"  # none of a unit's shards is there: nothing to prove, nothing to recompute
+
+
+def unit_problem(
     names: list[str], fp: str, visible: dict[str, AnyPath], record: UnitRecord | None
-) -> bool | None:
-    """True when a unit's shards (`names`, relative to OUT) are all proven by its `record`,
-    False when one is there but the set is not proven, None when none is there. `visible`: the
-    shards present (`layout.visible_shards`)."""
+) -> str | None:
+    """None when a unit's shards (`names`, relative to OUT) are all proven by its `record`;
+    else why not, or ABSENT when none is there. `visible`: the shards present
+    (`layout.visible_shards`)."""
     present = [name in visible for name in names]
     if not any(present):
-        return None
-    if record is None or record.fingerprint != fp or not all(present):
-        return False
-    if [entry.file for entry in record.files] != names:
-        return False
-    return all(
-        storage.matches(visible[e.file], size=e.bytes, digest=e.sha256, etag=e.etag)
-        for e in record.files
-    )
+        return ABSENT
+    if not all(present):
+        return f"shard {names[present.index(False)]} is missing"
+    if record is None:
+        return f"shard {names[0]} has no readable record"
+    if record.fingerprint != fp or [entry.file for entry in record.files] != names:
+        return f"shard {names[0]} has the record of another job"
+    for e in record.files:
+        if not storage.matches(visible[e.file], size=e.bytes, digest=e.sha256, etag=e.etag):
+            return f"shard {e.file} failed its checksum"
+    return None
 
 
 def _records(out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str, visible: dict):
@@ -273,11 +278,10 @@ def finished(
         return None  # (an output of an older version: the run moves its bookkeeping)
     visible = layout.visible_shards(out_dir, level)
     records = _records(out_dir, units, fmt, level, visible)
-    if not all(
-        _shard_ok(layout.shard_names(unit.name, fmt, level), fp, visible, records.get(unit.name))
-        for unit in units
-    ):
-        return None
+    for unit in units:
+        names = layout.shard_names(unit.name, fmt, level)
+        if unit_problem(names, fp, visible, records.get(unit.name)) is not None:
+            return None
     refuse_foreign(out_dir, units, fmt, level)
     return manifest
 
@@ -303,8 +307,9 @@ class Prepared:
     """What `prepare_output` found and did."""
 
     record: dict
-    recomputed: list[str] = field(default_factory=list)  # shards that failed their check
+    recomputed: list[str] = field(default_factory=list)  # shards of units whose check failed
     healed: list[str] = field(default_factory=list)  # bookkeeping files rebuilt
+    problems: list[str] = field(default_factory=list)  # why, a line per recomputed unit
 
 
 def _changed_inputs(previous: dict, files: list[dict]) -> str | None:
@@ -400,21 +405,22 @@ def _refuse_or_clear(
 
 def _check_shards(
     out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str, fp: str
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
     """Keep the shards their records prove, delete the rest of what the job wrote there (shards
-    and records of its units); returns the shards that failed their check."""
-    failed = []
+    and records of its units); returns the shards to recompute and why, a line per unit."""
+    failed, problems = [], []
     keep = set()
     visible = layout.visible_shards(out_dir, level)
     records = _records(out_dir, units, fmt, level, visible)
     for unit in units:
         names = layout.shard_names(unit.name, fmt, level)
-        ok = _shard_ok(names, fp, visible, records.get(unit.name))
-        if ok:
+        problem = unit_problem(names, fp, visible, records.get(unit.name))
+        if problem is None:
             keep.update(names)
             keep.add(layout.relative(out_dir, layout.record_path(out_dir, unit.name)))
-        elif ok is False:
-            failed += [name for name in names if name in visible]
+        elif problem != ABSENT:
+            failed += names
+            problems.append(problem)
     ours = {layout.relative(out_dir, layout.record_path(out_dir, unit.name)) for unit in units}
     ours |= {name for unit in units for name in layout.shard_names(unit.name, fmt, level)}
     for folder in (layout.TOKENS, layout.DOCUMENTS, layout.UNITS):
@@ -423,7 +429,7 @@ def _check_shards(
                 name = layout.relative(out_dir, path)
                 if name in ours and name not in keep:  # what it wrote, unproven
                     storage.remove(path)
-    return failed
+    return failed, problems
 
 
 def prepare_output(
@@ -453,7 +459,7 @@ def prepare_output(
         for folder in (*folders, layout.TMP):
             (out_dir / folder).mkdir(exist_ok=True)
         fmt, level = config.output.format, config.output.level
-        recomputed = _check_shards(out_dir, units, fmt, level, fp)
+        recomputed, problems = _check_shards(out_dir, units, fmt, level, fp)
         record = {
             "format_version": layout.FORMAT_VERSION,
             "fingerprint": fp,
@@ -468,7 +474,7 @@ def prepare_output(
         raise output_error(getattr(exc, "filename", None) or out_dir, exc) from None
     for name in healed:
         log.warning("output.dir %s: %s was missing or damaged; rebuilt it", out_dir, name)
-    return Prepared(record, recomputed, healed)
+    return Prepared(record, recomputed, healed, problems)
 
 
 def committed(out_dir: AnyPath, units: list[WorkUnit], fmt: str, level: str) -> set[int]:
