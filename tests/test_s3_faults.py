@@ -90,7 +90,7 @@ def test_s3_shard_overwritten_is_recomputed(s3, job, model_dirs, launcher, tmp_p
     args = settings(model_dirs["gpt2"], job["corpus"], out)
     go = tmp_path / "go"
     run = launcher.start(args, {**s3.env, "LOGIT_EXTRACT_HOLD_AT": f"shard_write:3={go}"})
-    _wait_for_a_shard(s3, job, run, "overwritten/_units/")  # the shard and its record are up
+    _wait_for_a_shard(s3, job, run, "overwritten/tokens/")  # its record was written before
     _flip(client, bucket, "overwritten/tokens/part-00000.parquet")
     go.touch()
     run.wait().assert_one_error(
