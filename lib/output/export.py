@@ -35,13 +35,7 @@ def export_schema(id_type: pa.DataType, teacher: list[pa.Field] = ()) -> pa.Sche
     source's teacher columns (probes, temperatures, samples) as they are."""
     return pa.schema(
         [
-            pa.field("id", id_type, nullable=False),
-            pa.field("position", pa.int32(), nullable=False),
-            pa.field("token_id", pa.int32()),
-            pa.field("token_logprob", pa.float32()),
-            pa.field("token_rank", pa.int32()),
-            pa.field("logsumexp", pa.float32(), nullable=False),
-            pa.field("entropy", pa.float32(), nullable=False),
+            *rows.position_fields(id_type, pa.float32()),
             pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),
             *teacher,

@@ -55,6 +55,19 @@ def teacher_fields(output: OutputConfig) -> list[pa.Field]:
 
 
 # -- schemas and tables ---------------------------------------------------------------------
+def position_fields(id_type: pa.DataType, entropy_type: pa.DataType) -> list[pa.Field]:
+    """The columns every token row starts with, before its top-k or logits."""
+    return [
+        pa.field("id", id_type, nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("token_id", pa.int32()),
+        pa.field("token_logprob", pa.float32()),
+        pa.field("token_rank", pa.int32()),
+        pa.field("logsumexp", pa.float32(), nullable=False),
+        pa.field("entropy", entropy_type, nullable=False),
+    ]
+
+
 def output_schema(
     id_type: pa.DataType,
     k: int,
@@ -71,16 +84,7 @@ def output_schema(
     `encoding="compact"` stores the top-k as `lib.output.compact` codes, the token log-probability on
     a 1/64-nat grid and the entropy as float16."""
     value_type = pa.float16() if logits_dtype == "float16" else pa.float32()
-    entropy_type = pa.float16() if encoding == "compact" else pa.float32()
-    fields = [
-        pa.field("id", id_type, nullable=False),
-        pa.field("position", pa.int32(), nullable=False),
-        pa.field("token_id", pa.int32()),
-        pa.field("token_logprob", pa.float32()),
-        pa.field("token_rank", pa.int32()),
-        pa.field("logsumexp", pa.float32(), nullable=False),
-        pa.field("entropy", entropy_type, nullable=False),
-    ]
+    fields = position_fields(id_type, pa.float16() if encoding == "compact" else pa.float32())
     if encoding == "compact":
         fields.append(pa.field("topk_id_codes", compact.CODE_TYPE, nullable=False))
         fields.append(pa.field("topk_logprob_deltas", compact.CODE_TYPE, nullable=False))
