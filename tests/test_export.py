@@ -116,6 +116,9 @@ def test_the_report_of_an_export_draws_what_its_source_draws(name, exported):
         np.testing.assert_allclose(getattr(copy.calibration, field), expected, rtol=1e-5)
     if name == "compact":  # the page draws from these (once is enough: a second is a second)
         assert report_job.main([str(dest)]) == 0
+        page = (dest / "_report.html").read_text()
+        assert f"a plain copy of {out}" in page  # not "0 committed units"
+        assert 'data-key="units"' not in page and "committed units" not in page
 
 
 def test_what_cannot_be_exported_is_one_line(exported, tmp_path, capsys, model_dirs, texts):

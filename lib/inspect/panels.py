@@ -82,6 +82,9 @@ def _empty(message: str) -> Draw:
 
 def _missing(info: RunInfo, what: str) -> Draw:
     """The drawing that stands for figures the unit records have no data for."""
+    source = info.manifest.exported_from if info.manifest is not None else None
+    if not info.records and source:
+        return _empty(f"an export keeps no unit records:\nsee the report of {source}")
     if not info.records:
         return _empty("no unit is committed yet")
     return _empty(f"the unit records carry no {what}\n(written by an older version of the job)")
@@ -178,9 +181,10 @@ def run_panel(info: RunInfo) -> Panel:
         ("wall_s", "wall time", f"{_num(run.wall_s, 4)} s"),
         ("tokens_per_s", "tokens/s", _num(run.tokens_per_s, 4)),
         ("processes", "processes", str(run.processes)),
-        ("units", "units committed", _count(len(info.records))),
     ]
-    if info.manifest and total.shard_tokens != run.tokens:  # a resumed run
+    if info.records or not info.manifest or not info.manifest.exported_from:
+        numbers.append(("units", "units committed", _count(len(info.records))))
+    if info.records and info.manifest and total.shard_tokens != run.tokens:  # a resumed run
         numbers.append(("shard_tokens", "tokens (all shards)", _count(total.shard_tokens)))
     caption = "Every input row is scored (complete or cut at input.max_length) or skipped."
     return Panel("run", "The run", caption, numbers, [draw], height=2.0)

@@ -145,6 +145,13 @@ def _header(info: RunInfo) -> str:
             f'<p class="status partial"><b>Partial output</b>: no {layout.SUCCESS}, so the job '
             f"has not finished (or was stopped); drawn from its {units}.</p>"
         )
+    elif info.manifest.exported_from:
+        source = html.escape(info.manifest.exported_from)
+        status = (
+            f'<p class="status complete"><b>Complete</b>: a plain copy of {source} '
+            "(<code>logit-extract export</code>); its per-unit figures are in that output's "
+            "report.</p>"
+        )
     else:
         status = (
             f'<p class="status complete"><b>Complete</b>: {units}, every row accounted for.</p>'
